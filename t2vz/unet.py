@@ -5,7 +5,15 @@ converted state dict loads with `strict=True`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CrossFrame, Transformer2D
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
 @dataclass
@@ -30,3 +38,165 @@ class UNetConfig:
                 f"attention_levels {self.attention_levels} and block_out_channels {self.block_out_channels} "
                 "must have one entry per resolution level"
             )
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal features of t (cos first, as in SD) → Linear → SiLU → Linear: t (b,) → (b, 4·c0)."""
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.channels = channels
+        self.linear_1 = nn.Linear(channels, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def sinusoidal(self, t: torch.Tensor) -> torch.Tensor:
+        """[cos(t·ω_i), sin(t·ω_i)] with ω_i = 10000^(−i/half), i < half (Vaswani et al. 2017, Sec. 3.5)."""
+        half = self.channels // 2
+        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        angles = t[:, None].float() * torch.exp(exponent)[None, :]
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(self.sinusoidal(t).to(dtype))))
+
+
+class DownBlock(nn.Module):
+    """One resolution level of the encoder: `layers` resnets (each followed by a transformer where the level has
+    attention), then a stride-2 downsampler except at the last level. Returns the output and the skips."""
+
+    def __init__(self, c_in: int, c_out: int, temb: int, cfg: UNetConfig, attention: bool, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(c_in if i == 0 else c_out, c_out, temb, cfg.norm_num_groups, cfg.norm_eps)
+            for i in range(cfg.layers_per_block)
+        )
+        self.attentions = nn.ModuleList(
+            Transformer2D(c_out, cfg.num_attention_heads, cfg.cross_attention_dim, cfg.norm_num_groups)
+            for _ in range(cfg.layers_per_block if attention else 0)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(c_out)] if downsample else [])
+
+    def forward(self, x, temb, context, cross_frame):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, cross_frame)
+            skips.append(x)
+        for down in self.downsamplers:
+            x = down(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """resnet → transformer → resnet at the lowest resolution."""
+
+    def __init__(self, c: int, temb: int, cfg: UNetConfig):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(c, c, temb, cfg.norm_num_groups, cfg.norm_eps) for _ in range(2)
+        )
+        self.attentions = nn.ModuleList(
+            [Transformer2D(c, cfg.num_attention_heads, cfg.cross_attention_dim, cfg.norm_num_groups)]
+        )
+
+    def forward(self, x, temb, context, cross_frame):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context, cross_frame)
+        return self.resnets[1](x, temb)
+
+
+class UpBlock(nn.Module):
+    """One resolution level of the decoder: `layers + 1` resnets, each fed the running features concatenated with
+    one skip from the encoder (last skip first), transformers where the level has attention, then ×2 upsampling
+    except at the last level."""
+
+    def __init__(self, c_in_skips: list[int], c_prev: int, c_out: int, temb: int, cfg: UNetConfig,
+                 attention: bool, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((c_prev if i == 0 else c_out) + c_skip, c_out, temb, cfg.norm_num_groups, cfg.norm_eps)
+            for i, c_skip in enumerate(c_in_skips)
+        )
+        self.attentions = nn.ModuleList(
+            Transformer2D(c_out, cfg.num_attention_heads, cfg.cross_attention_dim, cfg.norm_num_groups)
+            for _ in range(len(c_in_skips) if attention else 0)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(c_out)] if upsample else [])
+
+    def forward(self, x, skips, temb, context, cross_frame):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, context, cross_frame)
+        for up in self.upsamplers:
+            x = up(x)
+        return x
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t, c): predicts the noise in x_t (Ho et al. 2020, Eq. 11) given the text tokens c."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        channels = cfg.block_out_channels
+        levels = len(channels)
+        temb = 4 * channels[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+
+        self.down_blocks = nn.ModuleList()
+        skip_channels = [channels[0]]  # conv_in's output is the first skip
+        for i, c_out in enumerate(channels):
+            last = i == levels - 1
+            c_in = channels[max(i - 1, 0)]
+            self.down_blocks.append(DownBlock(c_in, c_out, temb, cfg, cfg.attention_levels[i], not last))
+            skip_channels += [c_out] * (cfg.layers_per_block + (0 if last else 1))
+
+        self.mid_block = MidBlock(channels[-1], temb, cfg)
+
+        self.up_blocks = nn.ModuleList()
+        c_prev = channels[-1]
+        for i, c_out in enumerate(reversed(channels)):
+            level = levels - 1 - i
+            c_skips = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
+            self.up_blocks.append(
+                UpBlock(c_skips, c_prev, c_out, temb, cfg, cfg.attention_levels[level], upsample=level > 0)
+            )
+            c_prev = c_out
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | int | float,
+        context: torch.Tensor,
+        cross_frame: CrossFrame | None = None,
+    ) -> torch.Tensor:
+        """x (n, c_in, h, w) noisy latents, t (n,) or a scalar timestep, context (n, 77, 768) → ε (n, c_out, h, w).
+
+        With `cross_frame`, n = videos · frames, frames folded video-major (`(b f) c h w`), and every `attn1`
+        becomes cross-frame attention (T2V-Zero Eq. 8). h and w must be divisible by 2^(levels − 1).
+        """
+        n, _, h, w = x.shape
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        if h % factor or w % factor:
+            raise ValueError(f"latent size {h}×{w} must be divisible by {factor} (image size by {8 * factor})")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t[None]
+        temb = self.time_embedding(t.expand(n), x.dtype)
+
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context, cross_frame)
+            skips += block_skips
+        x = self.mid_block(x, temb, context, cross_frame)
+        for block in self.up_blocks:
+            x = block(x, skips, temb, context, cross_frame)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

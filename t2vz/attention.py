@@ -1,0 +1,167 @@
+"""Attention and the transformer blocks of the SD 1.5 UNet (CompVis `SpatialTransformer` / diffusers
+`Transformer2DModel`), with Text2Video-Zero's cross-frame attention as a mode of self-attention.
+
+Axis letters: b batch, f frames, n tokens, c channels, h w spatial, d head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+CROSS_FRAME_MODES = ("first", "first+previous", "off")
+
+
+@dataclass(frozen=True)
+class CrossFrame:
+    """How self-attention (`attn1`) mixes the frames of a video (T2V-Zero Eq. 8).
+
+    The UNet sees frames folded into the batch, `(b f) n c`, video-major: rows [0, f) are video 0, and so on.
+    `num_frames` is given explicitly, never inferred from the batch size.
+      first           every frame attends to the first frame's keys and values (the paper)
+      first+previous  to the first and the previous frame's (Tune-A-Video's sparse-causal attention)
+      off             ordinary per-frame self-attention
+    """
+
+    num_frames: int
+    mode: str = "first"
+
+    def __post_init__(self):
+        if self.mode not in CROSS_FRAME_MODES:
+            raise ValueError(f"cross_frame mode {self.mode!r} is not one of {CROSS_FRAME_MODES}")
+        if int(self.num_frames) < 1:
+            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+
+
+class Attention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention` (Vaswani et al. 2017).
+
+    Self-attention when `context` is None, cross-attention to `context` (text tokens) otherwise.
+    """
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, bias: bool = False):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # key `to_out.0`, as in the checkpoints
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q kᵀ/√d) v over heads: (B, nq, c), (B, nk, c), (B, nk, c) → (B, nq, c)."""
+        q, k, v = (rearrange(t, "b n (heads d) -> b heads n d", heads=self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return rearrange(out, "b heads n d -> b n (heads d)")
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, cross_frame: CrossFrame | None = None
+    ) -> torch.Tensor:
+        """x (b, n, c), context (b, m, c_ctx) or None → (b, n, c). With `cross_frame`, b = videos · frames."""
+        if context is not None or cross_frame is None or cross_frame.mode == "off":
+            kv = x if context is None else context
+            return self.to_out[0](self.attend(self.to_q(x), self.to_k(kv), self.to_v(kv)))
+        if x.shape[0] % cross_frame.num_frames:
+            raise ValueError(
+                f"batch of {x.shape[0]} frames is not a whole number of videos of {cross_frame.num_frames} frames"
+            )
+        if cross_frame.mode == "first":
+            return self.to_out[0](self.first_frame_attention(x, cross_frame.num_frames))
+        return self.to_out[0](self.sparse_causal_attention(x, cross_frame.num_frames))
+
+    def first_frame_attention(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        """Cross-Frame-Attn(Qᵏ, K¹, V¹) = softmax(Qᵏ (K¹)ᵀ/√d) V¹ for every frame k (T2V-Zero Eq. 8).
+
+        K and V are projected from the first frame only; the queries of all f frames of one video are folded into
+        one sequence of f·n tokens that attends to the first frame's n tokens in a single SDPA call.
+        (b f) n c → (b f) n c.
+        """
+        x = rearrange(x, "(b f) n c -> b f n c", f=f)
+        q = rearrange(self.to_q(x), "b f n c -> b (f n) c")
+        anchor = x[:, 0]  # (b, n, c): the first frame
+        out = self.attend(q, self.to_k(anchor), self.to_v(anchor))
+        return rearrange(out, "b (f n) c -> (b f) n c", f=f)
+
+    def sparse_causal_attention(self, x: torch.Tensor, f: int) -> torch.Tensor:
+        """Frame k attends to [frame 1, frame k−1] (frame 1 to itself twice), Tune-A-Video's sparse-causal attention.
+
+        (b f) n c → (b f) n c.
+        """
+        k = rearrange(self.to_k(x), "(b f) n c -> b f n c", f=f)
+        v = rearrange(self.to_v(x), "(b f) n c -> b f n c", f=f)
+        previous = torch.clamp(torch.arange(f, device=x.device) - 1, min=0)
+        k = torch.cat([k[:, :1].expand_as(k), k[:, previous]], dim=2)  # (b, f, 2n, c)
+        v = torch.cat([v[:, :1].expand_as(v), v[:, previous]], dim=2)
+        k, v = (rearrange(t, "b f n c -> (b f) n c") for t in (k, v))
+        return self.attend(self.to_q(x), k, v)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection to 2·inner, the second half gates the first."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU → Linear, keys `net.0.proj` and `net.2` (net.1 is a dropout in the checkpoints' code)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention (`attn1`, where cross-frame attention lives), text cross-attention
+    (`attn2`), feed-forward; each with a residual connection. (b, n, c) → (b, n, c)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), cross_frame=cross_frame)
+        x = x + self.attn2(self.norm2(x), context=context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2D(nn.Module):
+    """GroupNorm → 1×1 conv → transformer block over the h·w tokens → 1×1 conv, plus the input (residual).
+
+    (b, c, h, w), context (b, n, c_ctx) → (b, c, h, w).
+    """
+
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None) -> torch.Tensor:
+        _, _, h, w = x.shape
+        residual = x
+        x = self.proj_in(self.norm(x))
+        x = rearrange(x, "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            x = block(x, context, cross_frame)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        return self.proj_out(x) + residual

@@ -1,0 +1,52 @@
+"""Reference (diffusers / transformers) models with random, perturbed weights, tiny or of the full SD 1.5 shapes,
+and the matching t2vz configs. Test-only: t2vz never imports diffusers."""
+from __future__ import annotations
+
+from conftest import perturb_
+
+from t2vz.unet import UNetConfig
+from t2vz.vae import VAEConfig
+
+TINY_UNET = UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), cross_attention_dim=32)
+SD15_UNET = UNetConfig()
+TINY_VAE = VAEConfig(block_out_channels=(32, 64))
+SD15_VAE = VAEConfig()
+TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                 layer_norm_eps=1e-5, projection_dim=32)
+SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                 layer_norm_eps=1e-5, projection_dim=768)
+
+
+def diffusers_unet(cfg: UNetConfig, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    model = UNet2DConditionModel(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.block_out_channels,
+        down_block_types=down, up_block_types=up, layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.num_attention_heads, cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+    )
+    return perturb_(model, seed).eval()
+
+
+def diffusers_vae(cfg: VAEConfig, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.block_out_channels)
+    model = AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
+        block_out_channels=cfg.block_out_channels, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=cfg.layers_per_block,
+        norm_num_groups=cfg.norm_num_groups, scaling_factor=cfg.scaling_factor,
+    )
+    return perturb_(model, seed).eval()
+
+
+def clip_text_model(cfg: dict, seed: int = 0):
+    from t2vz.text_encoder import build_clip_text_model
+
+    return perturb_(build_clip_text_model(cfg), seed, scale=0.02).eval()

@@ -1,0 +1,78 @@
+"""The attention module's modes: self/cross attention vs diffusers' Attention, and cross-frame attention
+(T2V-Zero Eq. 8) against its explicit formulation (K, V of the anchor frame repeated for every frame)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_parity, perturb_
+from einops import rearrange
+
+from t2vz.attention import Attention, CrossFrame
+
+
+def explicit(attn: Attention, x: torch.Tensor, f: int, anchors) -> torch.Tensor:
+    """Per frame k: softmax(Q^k [K^a for a in anchors(k)]ᵀ/√d) [V^a ...], computed frame by frame."""
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    out = []
+    for i in range(x.shape[0]):
+        video, frame = divmod(i, f)
+        rows = [video * f + a for a in anchors(frame)]
+        keys, values = torch.cat([k[r] for r in rows]), torch.cat([v[r] for r in rows])
+        heads = attn.heads
+        qh, kh, vh = (rearrange(t, "n (h d) -> h n d", h=heads) for t in (q[i], keys, values))
+        o = F.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1) @ vh
+        out.append(rearrange(o, "h n d -> n (h d)"))
+    return attn.to_out[0](torch.stack(out))
+
+
+@pytest.fixture
+def attn():
+    return perturb_(Attention(32, heads=4, dim_head=8)).eval()
+
+
+@torch.no_grad()
+def test_matches_diffusers_attention():
+    from diffusers.models.attention_processor import Attention as Reference
+
+    ref = perturb_(Reference(32, cross_attention_dim=24, heads=4, dim_head=8)).eval()
+    ours = Attention(32, heads=4, dim_head=8, context_dim=24).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, ctx = torch.randn(3, 10, 32), torch.randn(3, 7, 24)
+    assert_parity(ours(x, context=ctx), ref(x, encoder_hidden_states=ctx))
+
+
+@pytest.mark.parametrize("videos,f", [(1, 1), (1, 5), (3, 4)])
+@torch.no_grad()
+def test_first_frame_equals_explicit_repeat(attn, videos, f):
+    x = torch.randn(videos * f, 6, 32)
+    ours = attn(x, cross_frame=CrossFrame(f, "first"))
+    assert_parity(ours, explicit(attn, x, f, lambda k: [0]))
+    # frame 1 of each video is plain self-attention
+    assert_parity(ours[::f], attn(x[::f]))
+
+
+@torch.no_grad()
+def test_sparse_causal_equals_explicit(attn):
+    f = 4
+    x = torch.randn(2 * f, 6, 32)
+    ours = attn(x, cross_frame=CrossFrame(f, "first+previous"))
+    assert_parity(ours, explicit(attn, x, f, lambda k: [0, max(k - 1, 0)]))
+
+
+@torch.no_grad()
+def test_off_is_per_frame_self_attention(attn):
+    x = torch.randn(6, 5, 32)
+    per_frame = torch.cat([attn(x[i : i + 1]) for i in range(6)])
+    assert_parity(attn(x, cross_frame=CrossFrame(3, "off")), per_frame)
+    assert not torch.allclose(attn(x, cross_frame=CrossFrame(3, "first")), per_frame)
+
+
+def test_bad_modes():
+    with pytest.raises(ValueError, match="'last'"):
+        CrossFrame(4, "last")
+    with pytest.raises(ValueError, match="num_frames must be >= 1, got 0"):
+        CrossFrame(0)
+
+
+def test_batch_must_hold_whole_videos(attn):
+    with pytest.raises(ValueError, match="batch of 7 frames is not a whole number of videos of 4 frames"):
+        attn(torch.randn(7, 5, 32), cross_frame=CrossFrame(4))

@@ -6,7 +6,7 @@ Layout (every state dict uses the diffusers SD 1.5 key names, which are t2vz's a
       t2vz_model.json          format tag, the three model configs, where the weights came from
       unet.safetensors
       vae.safetensors
-      text_encoder.safetensors transformers' CLIPTextModel keys (text_model.*)
+      text_encoder.safetensors CLIP text transformer, keys as CLIP checkpoints store them (text_model.*)
       tokenizer/vocab.json     CLIP BPE vocabulary (49408 tokens) and merges
       tokenizer/merges.txt
       tokenizer/tokenizer_config.json
@@ -68,6 +68,7 @@ def write_model_folder(
             shutil.copyfile(src, tmp / "tokenizer" / fname)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        apply_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -80,6 +81,15 @@ def write_model_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def apply_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders; give the model folder the permissions a plain mkdir/open would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def read_model_config(path: str | os.PathLike) -> dict:

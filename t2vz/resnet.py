@@ -51,11 +51,14 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour ×2 then a 3×3 conv: (b, c, h, w) → (b, c, 2h, 2w)."""
+    """Nearest-neighbour ×2 (or to `size`, the matching skip's size when h, w were odd) then a 3×3 conv:
+    (b, c, h, w) → (b, c, 2h, 2w)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))

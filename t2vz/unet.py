@@ -131,7 +131,7 @@ class UpBlock(nn.Module):
             if self.attentions:
                 x = self.attentions[i](x, context, cross_frame)
         for up in self.upsamplers:
-            x = up(x)
+            x = up(x, size=skips[-1].shape[-2:])  # the next level's skip: 2h×2w, or 2h−1 where h was odd
         return x
 
 
@@ -180,12 +180,9 @@ class UNet(nn.Module):
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar timestep, context (n, 77, 768) → ε (n, c_out, h, w).
 
         With `cross_frame`, n = videos · frames, frames folded video-major (`(b f) c h w`), and every `attn1`
-        becomes cross-frame attention (T2V-Zero Eq. 8). h and w must be divisible by 2^(levels − 1).
+        becomes cross-frame attention (T2V-Zero Eq. 8). Any h, w: upsampling matches each skip's size.
         """
-        n, _, h, w = x.shape
-        factor = 2 ** (len(self.config.block_out_channels) - 1)
-        if h % factor or w % factor:
-            raise ValueError(f"latent size {h}×{w} must be divisible by {factor} (image size by {8 * factor})")
+        n = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t[None]

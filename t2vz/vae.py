@@ -166,6 +166,11 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.decoder = Decoder(config)
 
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each axis: 8 for SD 1.5."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
     def posterior(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (b, 3, H, W) in [−1, 1] → q(z | x) over latents (b, 4, H/8, W/8)."""
         return DiagonalGaussian(self.quant_conv(self.encoder(images)))

@@ -50,3 +50,39 @@ def clip_text_model(cfg: dict, seed: int = 0):
     from t2vz.text_encoder import build_clip_text_model
 
     return perturb_(build_clip_text_model(cfg), seed, scale=0.02).eval()
+
+
+def write_t2vz_folder(path, unet_cfg: UNetConfig, vae_cfg: VAEConfig, clip_cfg: dict, ref_unet, ref_vae, ref_clip):
+    """A t2vz model folder holding the reference models' weights (diffusers key names are t2vz's)."""
+    import dataclasses
+
+    from t2vz.model_folder import write_model_folder
+    from t2vz.text_encoder import canonical_clip_state_dict, shipped_tokenizer_dir
+
+    return write_model_folder(
+        path,
+        {"unet": ref_unet.state_dict(), "vae": ref_vae.state_dict(),
+         "text_encoder": canonical_clip_state_dict(ref_clip.state_dict())},
+        {"unet": dataclasses.asdict(unet_cfg), "vae": dataclasses.asdict(vae_cfg), "text_encoder": clip_cfg},
+        shipped_tokenizer_dir(),
+    )
+
+
+def sd15_ddim_scheduler():
+    """diffusers' DDIMScheduler with SD 1.5's scheduler_config.json settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+def stable_diffusion_pipeline(ref_unet, ref_vae, ref_clip):
+    from diffusers import StableDiffusionPipeline
+
+    from t2vz.text_encoder import load_tokenizer
+
+    pipe = StableDiffusionPipeline(vae=ref_vae, text_encoder=ref_clip, tokenizer=load_tokenizer(), unet=ref_unet,
+                                   scheduler=sd15_ddim_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -44,6 +44,7 @@ def test_sd15_vae_matches_diffusers():
     ref = diffusers_vae(SD15_VAE)
     ours = ours_from(ref, SD15_VAE)
     assert sum(p.numel() for p in ours.parameters()) == 83_653_863
+    assert ours.downsample_factor == 8
     images = torch.rand(1, 3, 64, 64) * 2 - 1
     assert_parity(ours.encode(images), ref.encode(images).latent_dist.mode())
     latents = torch.randn(1, 4, 8, 8)

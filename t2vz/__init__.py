@@ -1,0 +1,18 @@
+"""t2vz: Text2Video-Zero (Khachatryan et al., ICCV 2023) on a hand-written Stable Diffusion 1.5 in plain PyTorch.
+
+    import t2vz
+    sd = t2vz.load("models/sd15")                 # a folder written by `python -m weights_convert`
+    image = t2vz.text_to_image(sd, "a photo of a cat", generator=torch.Generator().manual_seed(0))
+"""
+from .attention import CrossFrame
+from .loading import StableDiffusion, load
+from .model_folder import ModelFolderError
+from .text_to_image import text_to_image
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+__version__ = "0.1.0"
+__all__ = [
+    "AutoencoderKL", "CrossFrame", "ModelFolderError", "StableDiffusion", "UNet", "UNetConfig", "VAEConfig",
+    "load", "text_to_image", "__version__",
+]

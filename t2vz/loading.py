@@ -1,0 +1,66 @@
+"""`t2vz.load`: a converted model folder → the SD 1.5 components, with strict key checks."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .model_folder import ModelFolderError, read_model_config, read_state_dict
+from .text_encoder import TextEncoder, build_clip_text_model, clip_state_dict_for, load_tokenizer
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+
+@dataclass
+class StableDiffusion:
+    """The components of a latent text-to-image diffusion model, as `t2vz.load` returns them."""
+
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    config: dict = field(default_factory=dict)
+
+    @property
+    def tokenizer(self):
+        return self.text_encoder.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+
+def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict(strict=True, assign=True) with an error that lists the offending keys by name."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
+             for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise ModelFolderError(f"{where} does not match its config; " + "; ".join(parts) + ". Re-run the conversion.")
+    module.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Read a t2vz model folder (written by `python -m weights_convert`) onto `device` in `dtype`, in eval mode."""
+    meta = read_model_config(path)
+    with torch.device("meta"):
+        unet = UNet(UNetConfig(**meta["unet"]))
+        vae = AutoencoderKL(VAEConfig(**meta["vae"]))
+    load_strict(unet, read_state_dict(path, "unet"), f"{path}/unet.safetensors")
+    load_strict(vae, read_state_dict(path, "vae"), f"{path}/vae.safetensors")
+    clip = build_clip_text_model(meta["text_encoder"])
+    clip_weights = clip_state_dict_for(clip, read_state_dict(path, "text_encoder"))
+    load_strict(clip, clip_weights, f"{path}/text_encoder.safetensors")
+    text_encoder = TextEncoder(clip, load_tokenizer(os.path.join(path, "tokenizer")))
+    for module in (unet, vae, text_encoder):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta)

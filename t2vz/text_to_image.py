@@ -1,0 +1,85 @@
+"""Text-to-image with Stable Diffusion 1.5: DDIM sampling (Song et al. 2021) with classifier-free guidance
+(Ho & Salimans 2022). It exercises the whole stack end to end; the video pipelines build on the same steps.
+
+Random stream, kept identical to diffusers' StableDiffusionPipeline for seed compatibility: x_T (1, 4, h, w) is the
+first draw from `generator` (a CPU generator draws on the CPU, whatever the device), then DDIM's noise when η > 0.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .loading import StableDiffusion
+from .schedulers import DDIM, draw_noise
+
+
+def check_size(height: int, width: int, multiple: int = 8) -> None:
+    """Image sizes must be whole multiples of the VAE's downsampling factor (8 for SD 1.5)."""
+    for name, value in (("height", height), ("width", width)):
+        if int(value) != value or value <= 0 or value % multiple:
+            raise ValueError(
+                f"{name}={value} must be a positive multiple of {multiple} (the VAE downsamples by {multiple})"
+            )
+
+
+def encode_prompts(sd: StableDiffusion, prompts: list[str], negative_prompts: list[str] | None,
+                   guidance_scale: float) -> torch.Tensor:
+    """Text conditioning for CFG: [uncond; text] stacked on the batch axis (b → 2b), or just text when s ≤ 1."""
+    text = sd.text_encoder(prompts)
+    if guidance_scale <= 1.0:
+        return text
+    uncond = sd.text_encoder(negative_prompts or [""] * len(prompts))
+    return torch.cat([uncond, text])
+
+
+def guided_eps(sd: StableDiffusion, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+               guidance_scale: float, **unet_kwargs) -> torch.Tensor:
+    """ε = ε_uncond + s·(ε_text − ε_uncond), both branches in one UNet batch: x (n, c, h, w) → (n, c, h, w)."""
+    if guidance_scale <= 1.0:
+        return sd.unet(x, t, context, **unet_kwargs)
+    eps_uncond, eps_text = sd.unet(torch.cat([x, x]), t, context, **unet_kwargs).chunk(2)
+    return eps_uncond + guidance_scale * (eps_text - eps_uncond)
+
+
+def decode_images(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (n, 4, h, w) → images (n, 3, 8h, 8w) in [0, 1]."""
+    images = sd.vae.decode(latents / sd.vae.config.scaling_factor)
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def text_to_image(
+    components: StableDiffusion,
+    prompt: str,
+    height: int = 512,
+    width: int = 512,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    generator: torch.Generator | None = None,
+    negative_prompt: str | None = None,
+    eta: float = 0.0,
+    latents: torch.Tensor | None = None,
+    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """prompt → image (H, W, 3) float in [0, 1]. `latents` (1, 4, H/8, W/8) scaled, replaces the drawn x_T;
+    `callback(i, t, x)` is called after every DDIM step."""
+    sd = components
+    factor = sd.vae.downsample_factor
+    check_size(height, width, factor)
+    scheduler = DDIM(num_inference_steps, eta=eta)
+    context = encode_prompts(sd, [prompt], [negative_prompt] if negative_prompt else None, guidance_scale)
+    shape = (1, sd.unet.config.in_channels, height // factor, width // factor)
+    if latents is None:
+        latents = draw_noise(shape, generator, sd.device, sd.dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {height}×{width}")
+    x = latents.to(device=sd.device, dtype=sd.dtype)
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False)):
+        eps = guided_eps(sd, x, t.to(sd.device), context, guidance_scale)
+        x, _ = scheduler.step(eps, t, x, generator=generator)
+        if callback is not None:
+            callback(i, int(t), x)
+    return decode_images(sd, x)[0].permute(1, 2, 0).float().cpu()

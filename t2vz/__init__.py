@@ -7,12 +7,13 @@
 from .attention import CrossFrame
 from .loading import StableDiffusion, load
 from .model_folder import ModelFolderError
+from .pipeline import TextToVideoZero
 from .text_to_image import text_to_image
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
 __version__ = "0.1.0"
 __all__ = [
-    "AutoencoderKL", "CrossFrame", "ModelFolderError", "StableDiffusion", "UNet", "UNetConfig", "VAEConfig",
+    "AutoencoderKL", "CrossFrame", "ModelFolderError", "StableDiffusion", "TextToVideoZero", "UNet", "UNetConfig", "VAEConfig",
     "load", "text_to_image", "__version__",
 ]

@@ -86,3 +86,16 @@ def stable_diffusion_pipeline(ref_unet, ref_vae, ref_clip):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def text_to_video_zero_pipeline(ref_unet, ref_vae, ref_clip):
+    """diffusers' (deprecated) TextToVideoZeroPipeline with the DDIM scheduler, on the reference models."""
+    from diffusers import TextToVideoZeroPipeline
+
+    from t2vz.text_encoder import load_tokenizer
+
+    pipe = TextToVideoZeroPipeline(vae=ref_vae, text_encoder=ref_clip, tokenizer=load_tokenizer(), unet=ref_unet,
+                                   scheduler=sd15_ddim_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

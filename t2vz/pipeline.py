@@ -1,0 +1,270 @@
+"""Text2Video-Zero (Khachatryan et al., ICCV 2023): text-to-video with a text-to-image model and no training.
+
+Algorithm 1 of the paper, one named function per step (see ../shared/METHOD.md):
+  1. `draw_first_frame_noise`    x_T¹ ~ N(0, I)
+  2. `ddim_denoise`              DDIM on frame 1 from T to T₁, then on to T₀             (DDIM Eq. 12)
+  3. `motion_path` + `warp_latents`  x̃_{T₀}ᵏ = W_k(x_{T₀}¹), δᵏ = λ·(k−1)·δ                (Sec. 3.3)
+  4. `ddpm_forward`              x_{T₁}ᵏ ~ q(x_{T₁} | x̃_{T₀}ᵏ) for k = 2..m               (DDPM Eq. 4)
+  5. `ddim_denoise` with `CrossFrame`  DDIM from T₁ to 0 on all frames, cross-frame attention (Eq. 8)
+  6. `decode_video`              VAE decode of every frame, [−1, 1] → [0, 1]
+
+Layouts: a video's latents are (b, c, f, h, w); the UNet sees frames folded into the batch, (b f) c h w, by
+`fold_frames` / `unfold_frames`. With classifier-free guidance the UNet batch is [uncond videos; text videos].
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange, repeat
+from tqdm.auto import tqdm
+
+from .attention import CROSS_FRAME_MODES, CrossFrame
+from .loading import StableDiffusion, load
+from .motion import translation_path, warp_latents
+from .schedulers import DDIM, DDPM, draw_noise
+from .text_to_image import check_size, encode_prompts, guided_eps
+
+DDPM_MARGINALS = ("exact", "reference")
+
+
+def fold_frames(video: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) → ((b f), c, h, w): frames into the batch, video-major."""
+    return rearrange(video, "b c f h w -> (b f) c h w")
+
+
+def unfold_frames(frames: torch.Tensor, f: int) -> torch.Tensor:
+    """((b f), c, h, w) → (b, c, f, h, w)."""
+    return rearrange(frames, "(b f) c h w -> b c f h w", f=f)
+
+
+def draw_first_frame_noise(shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:
+    """Step 1: x_T¹ ~ N(0, I) for every video, (b, c, h, w); the first draw from `generator`."""
+    return draw_noise(shape, generator, device, dtype)
+
+
+def motion_timesteps(timesteps: torch.Tensor, t0: int, t1: int) -> tuple[int, int]:
+    """(T₁, T₀) = (timesteps[−t1−1], timesteps[−t0−1]): t0 < t1 count steps from the end of the list, as in both
+    references, so Δt = t1 − t0 DDIM steps separate T₁ > T₀ (941 and 881 at 50 steps with t0=44, t1=47)."""
+    n = len(timesteps)
+    for name, value in (("t0", t0), ("t1", t1)):
+        if isinstance(value, bool) or int(value) != value or not 0 <= value <= n - 1:
+            raise ValueError(
+                f"{name}={value} is out of range for {n} DDIM steps: t0 and t1 count steps from the end of the "
+                f"timestep list and must lie in 0..{n - 1} (defaults t0=44, t1=47 need at least 48 steps)"
+            )
+    if t0 >= t1:
+        raise ValueError(f"t0={t0} must be smaller than t1={t1} (Δt = t1 − t0 DDIM steps, at least 1)")
+    return int(timesteps[-t1 - 1]), int(timesteps[-t0 - 1])
+
+
+def ddim_denoise(
+    sd: StableDiffusion,
+    x: torch.Tensor,
+    scheduler: DDIM,
+    timesteps: torch.Tensor,
+    context: torch.Tensor,
+    guidance_scale: float,
+    generator: torch.Generator | None = None,
+    cross_frame: CrossFrame | None = None,
+    step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    desc: str = "DDIM",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Steps 2 and 5: DDIM (Eq. 12) with classifier-free guidance over `timesteps`; x ((b f), c, h, w) at
+    timesteps[0] → x one DDIM step below timesteps[−1]. `step_callback(t, x)` may return a replacement x."""
+    for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
+        eps = guided_eps(sd, x, t.to(x.device), context, guidance_scale, cross_frame=cross_frame)
+        x, _ = scheduler.step(eps, t, x, generator=generator)
+        replaced = step_callback(int(t), x) if step_callback is not None else None
+        x = x if replaced is None else replaced
+    return x
+
+
+def motion_path(frame_ids: Sequence[int], motion_strength: float, direction: Sequence[float]) -> torch.Tensor:
+    """Step 3's motion: frame k (0-based id) translated by δᵏ = λ·k·δ, as 2×3 affine maps (f, 2, 3)."""
+    return translation_path(frame_ids, motion_strength, direction)
+
+
+def ddpm_forward(x_t0: torch.Tensor, T0: int, T1: int, generator, marginal: str = "exact") -> torch.Tensor:
+    """Step 4: x_{T₁} = √a·x_{T₀} + √(1−a)·ε with a = ᾱ_{T₁}/ᾱ_{T₀} ("exact") or ∏ α[T₀:T₁] ("reference"),
+    ε drawn from `generator` in x's shape: x_t0 ((b f), c, h, w) → same."""
+    noise = draw_noise(tuple(x_t0.shape), generator, x_t0.device, x_t0.dtype)
+    return DDPM().forward(x_t0, T0, T1, noise, marginal=marginal)
+
+
+def decode_video(sd: StableDiffusion, latents: torch.Tensor, f: int) -> torch.Tensor:
+    """Step 6: scaled latents ((b f), c, h, w) → frames (b, f, H, W, 3) in [0, 1], decoded one frame at a time
+    so that memory does not grow with the video's length."""
+    images = [sd.vae.decode(x[None] / sd.vae.config.scaling_factor) for x in latents]
+    images = (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+    return rearrange(images, "(b f) c h w -> b f h w c", f=f).float().cpu()
+
+
+@dataclass
+class FirstFrameTrajectory:
+    """The first frame's DDIM trajectory: its latents at T₁ and T₀, (b, c, h, w) each."""
+
+    x_T1: torch.Tensor
+    x_T0: torch.Tensor
+    T1: int
+    T0: int
+
+
+class TextToVideoZero:
+    """`pipe = TextToVideoZero.from_pretrained(path)`; `frames = pipe("a horse galloping on the street")`."""
+
+    def __init__(self, components: StableDiffusion):
+        self.sd = components
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "TextToVideoZero":
+        return cls(load(path, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_frames: int = 8,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None,
+        motion_strength: float = 12.0,
+        direction: Sequence[float] = (1.0, 1.0),
+        t0: int = 44,
+        t1: int = 47,
+        cross_frame: str = "first",
+        smooth_bg: bool = False,
+        alpha: float = 0.6,
+        ddpm_marginal: str = "exact",
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        chunk_size: int | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Generate videos: frames (F, H, W, 3) float in [0, 1] for one prompt and one video, else (B, F, H, W, 3)
+        with B = prompts × videos per prompt (prompt-major).
+
+        motion_strength λ is in pixels of a 512×512 reference grid (both references' convention); direction δ is
+        (δx, δy); t0 < t1 count DDIM steps from the end (Δt = t1 − t0). `latents` (B, 4, H/8, W/8) replaces the
+        drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM step. `chunk_size` bounds memory for long
+        videos: frames are denoised in chunks of at most chunk_size frames, each with frame 1 prepended.
+        """
+        if smooth_bg:
+            raise NotImplementedError("background smoothing is not implemented yet")  # TODO(issue 3, item 5)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        self.check_inputs(prompts, negatives, num_frames, height, width, motion_strength, direction, cross_frame,
+                          ddpm_marginal, num_videos_per_prompt, chunk_size)
+        sd, f = self.sd, int(num_frames)
+        prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
+        negatives = None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
+        b, factor = len(prompts), sd.vae.downsample_factor
+        scheduler = DDIM(num_inference_steps, eta=eta)
+        motion_timesteps(scheduler.timesteps, t0, t1)  # validate t0, t1 before any work
+        context = encode_prompts(sd, prompts, negatives, guidance_scale)
+
+        shape = (b, sd.unet.config.in_channels, height // factor, width // factor)
+        if latents is None:
+            x_T = draw_first_frame_noise(shape, generator, sd.device, sd.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        else:
+            x_T = latents.to(device=sd.device, dtype=sd.dtype)
+
+        counter = itertools.count()
+
+        def on_step(t: int, x: torch.Tensor) -> None:
+            if callback is not None:
+                callback(next(counter), t, x)
+
+        trajectory = self.first_frame_trajectory(x_T, scheduler, t0, t1, context, guidance_scale, generator,
+                                                 on_step, progress)
+        x_T1 = self.motion_dynamics(trajectory, list(range(f)), motion_strength, direction, generator,
+                                    ddpm_marginal)
+        final_timesteps = scheduler.timesteps[-t1 - 1 :]
+        chunks = self.chunks(f, chunk_size)
+        out = []
+        for i, ids in enumerate(chunks):
+            x = fold_frames(x_T1[:, :, ids])
+            ctx = repeat(context, "b n d -> (b f) n d", f=len(ids))
+            x = ddim_denoise(sd, x, scheduler, final_timesteps, ctx, guidance_scale, generator,
+                             CrossFrame(len(ids), cross_frame), on_step, "DDIM (all frames)", progress)
+            frames = decode_video(sd, x, len(ids))
+            out.append(frames if i == 0 else frames[:, 1:])  # drop frame 1, prepended to every later chunk
+        video = torch.cat(out, dim=1)
+        return video[0] if video.shape[0] == 1 else video
+
+    # ---------------------------------------------------------------------------------------------- the steps
+    def first_frame_trajectory(self, x_T, scheduler, t0, t1, context, guidance_scale, generator, callback,
+                               progress) -> FirstFrameTrajectory:
+        """Steps 1–2: DDIM on frame 1 alone, T → T₁ (keep x_{T₁}¹), then T₁ → T₀ (keep x_{T₀}¹)."""
+        T1, T0 = motion_timesteps(scheduler.timesteps, t0, t1)
+        ts = scheduler.timesteps
+        x_T1 = ddim_denoise(self.sd, x_T, scheduler, ts[: -t1 - 1], context, guidance_scale, generator,
+                            step_callback=callback, desc="DDIM (frame 1, T→T1)", progress=progress)
+        x_T0 = ddim_denoise(self.sd, x_T1, scheduler, ts[-t1 - 1 : -t0 - 1], context, guidance_scale, generator,
+                            step_callback=callback, desc="DDIM (frame 1, T1→T0)", progress=progress)
+        return FirstFrameTrajectory(x_T1=x_T1, x_T0=x_T0, T1=T1, T0=T0)
+
+    def motion_dynamics(self, trajectory: FirstFrameTrajectory, frame_ids: list[int], motion_strength: float,
+                        direction, generator, marginal: str) -> torch.Tensor:
+        """Steps 3–4: warp x_{T₀}¹ by δᵏ for frames 2..m, noise them forward to T₁, stack after x_{T₁}¹.
+        Returns video latents at T₁, (b, c, f, h, w)."""
+        b = trajectory.x_T0.shape[0]
+        later = frame_ids[1:]
+        if not later:
+            return trajectory.x_T1[:, :, None]
+        path = motion_path(later, motion_strength, direction)
+        x0 = repeat(trajectory.x_T0, "b c h w -> (b f) c h w", f=len(later))
+        warped = warp_latents(x0, path.repeat(b, 1, 1).to(x0.device))
+        x_T1_later = ddpm_forward(warped, trajectory.T0, trajectory.T1, generator, marginal)
+        x_T1_later = unfold_frames(x_T1_later, len(later))
+        return torch.cat([trajectory.x_T1[:, :, None], x_T1_later], dim=2)
+
+    @staticmethod
+    def chunks(f: int, chunk_size: int | None) -> list[list[int]]:
+        """Frame ids per denoising chunk: all at once, or [0] + up to chunk_size − 1 new frames per chunk."""
+        if chunk_size is None or chunk_size >= f:
+            return [list(range(f))]
+        new = list(range(1, f))
+        return [list(range(chunk_size))] + [
+            [0] + new[i : i + chunk_size - 1] for i in range(chunk_size - 1, len(new), chunk_size - 1)
+        ]
+
+    def check_inputs(self, prompts, negatives, num_frames, height, width, motion_strength, direction, cross_frame,
+                     ddpm_marginal, num_videos_per_prompt, chunk_size) -> None:
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1:
+            raise ValueError(f"num_frames={num_frames} must be an integer >= 1")
+        check_size(height, width, self.sd.vae.downsample_factor)
+        if not math.isfinite(float(motion_strength)):
+            raise ValueError(f"motion_strength (λ) must be a finite number, got {motion_strength}")
+        if len(direction) != 2 or not all(math.isfinite(float(d)) for d in direction):
+            raise ValueError(f"direction must be two finite numbers (δx, δy), got {tuple(direction)}")
+        if cross_frame not in CROSS_FRAME_MODES:
+            raise ValueError(f"cross_frame={cross_frame!r} is not one of {CROSS_FRAME_MODES}")
+        if ddpm_marginal not in DDPM_MARGINALS:
+            raise ValueError(f"ddpm_marginal={ddpm_marginal!r} is not one of {DDPM_MARGINALS}")
+        if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
+        if chunk_size is not None:
+            if int(chunk_size) != chunk_size or chunk_size < 2:
+                raise ValueError(f"chunk_size={chunk_size} must be an integer >= 2 (frame 1 plus new frames)")
+            if cross_frame == "first+previous" and chunk_size < num_frames:
+                raise ValueError("chunked generation needs cross_frame 'first' or 'off': with 'first+previous' "
+                                 "every frame depends on the one before, across chunk borders")

@@ -1,0 +1,66 @@
+"""python -m weights_convert SRC OUT: an SD 1.x checkpoint → a t2vz model folder (see the package docstring)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from t2vz.model_folder import ModelFolderError
+
+from .checkpoint_io import ConversionError
+from .convert import DTYPES, convert
+
+DESCRIPTION = """\
+Convert a Stable Diffusion 1.x checkpoint into a t2vz model folder (read by t2vz.load).
+
+SRC may be
+  - an original single-file checkpoint: .safetensors, or .ckpt/.pt/.pth holding plain tensors
+    (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*), fp32 or fp16,
+    with or without EMA weights (model_ema.*: used by default);
+  - a diffusers folder with unet/, vae/, text_encoder/ (and tokenizer/, scheduler/), weights as
+    .safetensors or .bin, fp32 or the .fp16 variant.
+SD 1.x text-to-image and InstructPix2Pix models convert; inpainting with --allow-inpainting.
+SD 2.x, SDXL and ControlNet files are refused with a message saying so.
+"""
+EXAMPLES = """\
+examples:
+  python -m weights_convert v1-5-pruned-emaonly.safetensors models/sd15
+  python -m weights_convert ./stable-diffusion-v1-5 models/sd15 --dtype fp16
+  python -m weights_convert instruct-pix2pix-00-22000.ckpt models/ip2p --overwrite
+"""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m weights_convert", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="checkpoint file or diffusers folder")
+    p.add_argument("out", metavar="OUT", help="model folder to write (written atomically)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="folder with CLIP's vocab.json and merges.txt (default: the diffusers folder's tokenizer/, "
+                        "else the one shipped with t2vz)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="dtype of the written weights (default fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-inpainting", action="store_true", help="convert inpainting models (9 input channels)")
+    p.add_argument("--no-ema", dest="prefer_ema", action="store_false",
+                   help="take a single file's live UNet weights instead of its EMA weights")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the conversion; returns 0, or 2 with one line on stderr when the checkpoint cannot be converted."""
+    args = parse_args(argv)
+    try:
+        report = convert(args.src, args.out, tokenizer=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite,
+                         allow_inpainting=args.allow_inpainting, prefer_ema=args.prefer_ema)
+    except (ConversionError, ModelFolderError) as e:
+        print(f"weights_convert: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions: the folder was not written
+        print(f"weights_convert: error: {e}; nothing was written", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

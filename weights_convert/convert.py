@@ -1,0 +1,130 @@
+"""`convert`: an SD 1.x checkpoint (single file or diffusers folder) → a t2vz model folder, written atomically."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from t2vz.model_folder import TOKENIZER_FILES, write_model_folder
+from t2vz.text_encoder import shipped_tokenizer_dir
+
+from .checkpoint_io import ConversionError
+from .clip_vocab import TOKENIZER_CONFIG
+from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
+from .ldm import read_single_file
+from .target import Source, config_dicts
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass
+class Report:
+    """What a conversion found and wrote; `str(report)` is the summary the CLI prints."""
+
+    source: Path
+    out: Path
+    layout: str
+    source_dtype: str
+    dtype: str
+    ema: bool
+    variant: str
+    parameters: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        millions = ", ".join(f"{name} {n / 1e6:.1f}M" for name, n in self.parameters.items())
+        lines = [
+            f"converted {self.source}",
+            f"  found    {self.layout} layout, {self.source_dtype} weights, variant {self.variant}",
+            *(f"  note     {n}" for n in self.notes),
+            f"  wrote    {self.out} ({self.dtype}; parameters: {millions})",
+        ]
+        return "\n".join(lines)
+
+
+def check_paths(src: Path, out: Path, overwrite: bool) -> None:
+    if not src.exists():
+        raise ConversionError(f"{src} does not exist; pass an SD 1.x .safetensors/.ckpt file or a diffusers folder")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"output folder {out} already exists; pass --overwrite to replace it")
+    s, o = src.resolve(), out.resolve()
+    if s == o or o in s.parents:
+        raise ConversionError(f"output folder {out} would replace the checkpoint {src}; choose another OUT")
+
+
+def read_source(src: Path, prefer_ema: bool, allow_inpainting: bool) -> Source:
+    if src.is_file():
+        return read_single_file(src, prefer_ema=prefer_ema, allow_inpainting=allow_inpainting)
+    if is_diffusers_folder(src):
+        return read_diffusers_folder(src, allow_inpainting=allow_inpainting)
+    raise ConversionError(
+        f"{src} is neither a checkpoint file nor a diffusers folder (which has unet/, vae/ and text_encoder/, "
+        "each with a config.json)"
+    )
+
+
+@contextlib.contextmanager
+def tokenizer_files(folder: Path, vocab_size: int):
+    """A folder with TOKENIZER_FILES: `folder` itself, or a temporary copy with SD's tokenizer_config.json added."""
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise ConversionError(f"tokenizer folder {folder} needs vocab.json and merges.txt (CLIP's BPE tokenizer)")
+    try:
+        tokens = len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{folder / 'vocab.json'} cannot be read ({e})") from None
+    if tokens > vocab_size:
+        raise ConversionError(f"{folder} has {tokens} tokens but the text encoder embeds {vocab_size}; "
+                              "pass the tokenizer that belongs to this model with --tokenizer")
+    if (folder / "tokenizer_config.json").is_file():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in TOKENIZER_FILES[:2]:
+            shutil.copyfile(folder / name, Path(tmp) / name)
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+        yield Path(tmp)
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    allow_inpainting: bool = False,
+    prefer_ema: bool = True,
+) -> Report:
+    """Convert `src` into the t2vz model folder `out`; raises ConversionError with what to do when it cannot.
+
+    tokenizer: a folder with CLIP's vocab.json and merges.txt; default the checkpoint's own (diffusers folder) or
+    the one that ships with t2vz. prefer_ema: take a single file's EMA UNet weights when it has them.
+    """
+    src, out = Path(src), Path(out)
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    check_paths(src, out, overwrite)
+    if tokenizer and not all((Path(tokenizer) / f).is_file() for f in ("vocab.json", "merges.txt")):
+        raise ConversionError(f"--tokenizer {tokenizer} needs vocab.json and merges.txt (CLIP's BPE tokenizer)")
+    source = read_source(src, prefer_ema, allow_inpainting)
+    source_dtype = source.dtype
+    to = DTYPES[dtype]
+    state_dicts = {c: {k: t.to(to) if t.is_floating_point() else t for k, t in sd.items()}
+                   for c, sd in source.state_dicts.items()}
+    source.state_dicts = None  # the file's tensors can go as soon as each is cast
+    config = config_dicts(source.configs["unet"], source.configs["vae"], source.configs["text_encoder"])
+    config["source"] = {"path": str(src.resolve()), "layout": source.layout, "ema": source.ema, "dtype": source_dtype}
+    config["variant"] = source.variant
+    config["dtype"] = str(to).removeprefix("torch.")
+    tok = Path(tokenizer) if tokenizer else source.tokenizer_dir or shipped_tokenizer_dir()
+    with tokenizer_files(Path(tok), source.configs["text_encoder"]["vocab_size"]) as tok_dir:
+        write_model_folder(out, state_dicts, config, tok_dir, overwrite=overwrite)
+    notes = list(source.notes)
+    notes.append(f"tokenizer from {tok}")
+    return Report(src, out, source.layout, source_dtype, config["dtype"], source.ema, source.variant,
+                  {c: sum(t.numel() for t in sd.values()) for c, sd in state_dicts.items()}, notes)

@@ -7,6 +7,7 @@ Algorithm 1 of the paper, one named function per step (see ../shared/METHOD.md):
   4. `ddpm_forward`              x_{T₁}ᵏ ~ q(x_{T₁} | x̃_{T₀}ᵏ) for k = 2..m               (DDPM Eq. 4)
   5. `ddim_denoise` with `CrossFrame`  DDIM from T₁ to 0 on all frames, cross-frame attention (Eq. 8)
   6. `decode_video`              VAE decode of every frame, [−1, 1] → [0, 1]
+Optional background smoothing (Sec. 3.3) lives in `smoothing.py`; long videos are denoised in chunks (`chunks`).
 
 Layouts: a video's latents are (b, c, f, h, w); the UNet sees frames folded into the batch, (b f) c h w, by
 `fold_frames` / `unfold_frames`. With classifier-free guidance the UNet batch is [uncond videos; text videos].
@@ -27,6 +28,9 @@ from .attention import CROSS_FRAME_MODES, CrossFrame
 from .loading import StableDiffusion, load
 from .motion import translation_path, warp_latents
 from .schedulers import DDIM, DDPM, draw_noise
+from .smoothing import (
+    SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
+)
 from .text_to_image import check_size, encode_prompts, guided_eps
 
 DDPM_MARGINALS = ("exact", "reference")
@@ -143,6 +147,10 @@ class TextToVideoZero:
         smooth_bg: bool = False,
         alpha: float = 0.6,
         ddpm_marginal: str = "exact",
+        smoothing: str = "paper",
+        masks: torch.Tensor | None = None,
+        mask_tokens: str | None = None,
+        motion: Callable[[Sequence[int]], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -157,16 +165,23 @@ class TextToVideoZero:
         motion_strength λ is in pixels of a 512×512 reference grid (both references' convention); direction δ is
         (δx, δy); t0 < t1 count DDIM steps from the end (Δt = t1 − t0). `latents` (B, 4, H/8, W/8) replaces the
         drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM step. `chunk_size` bounds memory for long
-        videos: frames are denoised in chunks of at most chunk_size frames, each with frame 1 prepended.
+        videos: frames are denoised in chunks of at most chunk_size frames, each with frame 1 prepended; with
+        η = 0 and cross_frame "first" or "off" the result equals unchunked generation.
+
+        `motion(frame_ids) -> (f, 2, 3)` replaces the translation by any path of `t2vz.motion` (zoom, rotation,
+        offsets). `smooth_bg` blends each frame's background towards the warped first frame with weight `alpha`,
+        every step (`smoothing="paper"`) or once at T₁ (`"authors"`); the foreground comes from `masks`
+        (F, H, W) or (B, F, H, W) in [0, 1], or else from the UNet's cross-attention to `mask_tokens` (words of
+        the prompt; all of its words when None), recorded in an extra denoising pass.
         """
-        if smooth_bg:
-            raise NotImplementedError("background smoothing is not implemented yet")  # TODO(issue 3, item 5)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         self.check_inputs(prompts, negatives, num_frames, height, width, motion_strength, direction, cross_frame,
                           ddpm_marginal, num_videos_per_prompt, chunk_size)
+        if smooth_bg and (smoothing not in SMOOTHING_FORMS or not 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"smoothing={smoothing!r} must be one of {SMOOTHING_FORMS} and alpha={alpha} in [0, 1]")
         sd, f = self.sd, int(num_frames)
         prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
         negatives = None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
@@ -191,20 +206,75 @@ class TextToVideoZero:
 
         trajectory = self.first_frame_trajectory(x_T, scheduler, t0, t1, context, guidance_scale, generator,
                                                  on_step, progress)
-        x_T1 = self.motion_dynamics(trajectory, list(range(f)), motion_strength, direction, generator,
-                                    ddpm_marginal)
-        final_timesteps = scheduler.timesteps[-t1 - 1 :]
+        path = (motion or (lambda ids: motion_path(ids, motion_strength, direction)))(list(range(f)))
+        if tuple(path.shape) != (f, 2, 3):
+            raise ValueError(f"motion(frame_ids) returned shape {tuple(path.shape)}, expected ({f}, 2, 3)")
+        x_T1 = self.motion_dynamics(trajectory, path, generator, ddpm_marginal)
         chunks = self.chunks(f, chunk_size)
+        denoise = dict(scheduler=scheduler, timesteps=scheduler.timesteps[-t1 - 1 :], context=context,
+                       guidance_scale=guidance_scale, generator=generator, cross_frame=cross_frame, progress=progress)
+        foreground = None
+        if smooth_bg:
+            h, w = shape[-2:]
+            if masks is not None:
+                foreground = resize_masks(masks.reshape(b, f, *masks.shape[-2:]), (h, w)).to(sd.device)
+            else:
+                positions = [token_positions(sd.tokenizer, p, mask_tokens) for p in prompts]
+                foreground = self.attention_masks(x_T1, chunks, positions, denoise)
+            if smoothing == "authors":
+                x_T1 = smooth_video(x_T1, foreground, path, alpha, form="authors")
+
         out = []
         for i, ids in enumerate(chunks):
-            x = fold_frames(x_T1[:, :, ids])
-            ctx = repeat(context, "b n d -> (b f) n d", f=len(ids))
-            x = ddim_denoise(sd, x, scheduler, final_timesteps, ctx, guidance_scale, generator,
-                             CrossFrame(len(ids), cross_frame), on_step, "DDIM (all frames)", progress)
+            blend = None
+            if smooth_bg and smoothing == "paper":
+                blend = self.per_step_smoothing(foreground[:, ids], path[ids], alpha, len(ids))
+            x = self.denoise_frames(x_T1[:, :, ids], **denoise, step_callback=self.chain(blend, on_step))
             frames = decode_video(sd, x, len(ids))
             out.append(frames if i == 0 else frames[:, 1:])  # drop frame 1, prepended to every later chunk
         video = torch.cat(out, dim=1)
         return video[0] if video.shape[0] == 1 else video
+
+    def denoise_frames(self, x_T1: torch.Tensor, scheduler, timesteps, context, guidance_scale, generator,
+                       cross_frame: str, progress: bool, step_callback=None) -> torch.Tensor:
+        """Step 5: DDIM from T₁ to 0 on all frames of a chunk with cross-frame attention: (b, c, f, h, w) at T₁ →
+        ((b f), c, h, w) at 0."""
+        f = x_T1.shape[2]
+        ctx = repeat(context, "b n d -> (b f) n d", f=f)
+        return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, ctx, guidance_scale, generator,
+                            CrossFrame(f, cross_frame), step_callback, "DDIM (all frames)", progress)
+
+    def attention_masks(self, x_T1, chunks, positions, denoise) -> torch.Tensor:
+        """Foreground masks (b, f, h, w) from a denoising pass that records cross-attention to the subject tokens."""
+        b, _, f, h, w = x_T1.shape
+        foreground = torch.zeros(b, f, h, w, device=x_T1.device)
+        for ids in chunks:
+            n = b * len(ids)
+            rows = slice(n, 2 * n) if denoise["guidance_scale"] > 1.0 else slice(0, n)
+            row_positions = [pos for pos in positions for _ in ids]
+            with CrossAttentionMaps(self.sd.unet, row_positions, (h, w), rows) as maps:
+                self.denoise_frames(x_T1[:, :, ids], **denoise)
+            foreground[:, ids] = masks_from_maps(rearrange(maps.mean(), "(b f) h w -> b f h w", b=b))
+        return foreground
+
+    @staticmethod
+    def per_step_smoothing(foreground, path, alpha: float, f: int):
+        """The paper's per-step blend as a DDIM step callback on ((b f), c, h, w) latents."""
+        def blend(t: int, x: torch.Tensor) -> torch.Tensor:
+            return fold_frames(smooth_video(unfold_frames(x, f), foreground, path, alpha, form="paper"))
+        return blend
+
+    @staticmethod
+    def chain(*callbacks):
+        """One step callback from several: each may replace x, later ones see the replacement."""
+        callbacks = [c for c in callbacks if c is not None]
+
+        def run(t: int, x: torch.Tensor) -> torch.Tensor:
+            for callback in callbacks:
+                replaced = callback(t, x)
+                x = x if replaced is None else replaced
+            return x
+        return run if callbacks else None
 
     # ---------------------------------------------------------------------------------------------- the steps
     def first_frame_trajectory(self, x_T, scheduler, t0, t1, context, guidance_scale, generator, callback,
@@ -218,19 +288,16 @@ class TextToVideoZero:
                             step_callback=callback, desc="DDIM (frame 1, T1→T0)", progress=progress)
         return FirstFrameTrajectory(x_T1=x_T1, x_T0=x_T0, T1=T1, T0=T0)
 
-    def motion_dynamics(self, trajectory: FirstFrameTrajectory, frame_ids: list[int], motion_strength: float,
-                        direction, generator, marginal: str) -> torch.Tensor:
-        """Steps 3–4: warp x_{T₀}¹ by δᵏ for frames 2..m, noise them forward to T₁, stack after x_{T₁}¹.
-        Returns video latents at T₁, (b, c, f, h, w)."""
-        b = trajectory.x_T0.shape[0]
-        later = frame_ids[1:]
-        if not later:
+    def motion_dynamics(self, trajectory: FirstFrameTrajectory, path: torch.Tensor, generator,
+                        marginal: str) -> torch.Tensor:
+        """Steps 3–4: warp x_{T₀}¹ by each later frame's motion (path (f, 2, 3), frame 1 unmoved), noise the warped
+        latents forward to T₁, stack after x_{T₁}¹. Returns video latents at T₁, (b, c, f, h, w)."""
+        b, f = trajectory.x_T0.shape[0], path.shape[0]
+        if f == 1:
             return trajectory.x_T1[:, :, None]
-        path = motion_path(later, motion_strength, direction)
-        x0 = repeat(trajectory.x_T0, "b c h w -> (b f) c h w", f=len(later))
-        warped = warp_latents(x0, path.repeat(b, 1, 1).to(x0.device))
-        x_T1_later = ddpm_forward(warped, trajectory.T0, trajectory.T1, generator, marginal)
-        x_T1_later = unfold_frames(x_T1_later, len(later))
+        x0 = repeat(trajectory.x_T0, "b c h w -> (b f) c h w", f=f - 1)
+        warped = warp_latents(x0, path[1:].repeat(b, 1, 1))
+        x_T1_later = unfold_frames(ddpm_forward(warped, trajectory.T0, trajectory.T1, generator, marginal), f - 1)
         return torch.cat([trajectory.x_T1[:, :, None], x_T1_later], dim=2)
 
     @staticmethod

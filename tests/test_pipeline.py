@@ -90,7 +90,7 @@ def test_chunked_equals_unchunked(tiny):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(height=36), "height=36 must be a positive multiple of 2"),
+        (dict(height=35), "height=35 must be a positive multiple of 2"),
         (dict(num_frames=0), "num_frames=0 must be an integer >= 1"),
         (dict(t0=5, t1=5), "t0=5 must be smaller than t1=5"),
         (dict(t0=2, t1=12), "t1=12 is out of range for 10 DDIM steps"),

@@ -49,14 +49,19 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], where: s
     module.load_state_dict(state_dict, strict=True, assign=True)
 
 
+def build_loaded(cls, config, state_dict: dict[str, torch.Tensor], where: str = "state dict") -> nn.Module:
+    """cls(config) built on the meta device (no init cost) and given `state_dict`'s tensors, strictly."""
+    with torch.device("meta"):
+        module = cls(config)
+    load_strict(module, state_dict, where)
+    return module
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Read a t2vz model folder (written by `python -m weights_convert`) onto `device` in `dtype`, in eval mode."""
     meta = read_model_config(path)
-    with torch.device("meta"):
-        unet = UNet(UNetConfig(**meta["unet"]))
-        vae = AutoencoderKL(VAEConfig(**meta["vae"]))
-    load_strict(unet, read_state_dict(path, "unet"), f"{path}/unet.safetensors")
-    load_strict(vae, read_state_dict(path, "vae"), f"{path}/vae.safetensors")
+    unet = build_loaded(UNet, UNetConfig(**meta["unet"]), read_state_dict(path, "unet"), f"{path}/unet.safetensors")
+    vae = build_loaded(AutoencoderKL, VAEConfig(**meta["vae"]), read_state_dict(path, "vae"), f"{path}/vae.safetensors")
     clip = build_clip_text_model(meta["text_encoder"])
     clip_weights = clip_state_dict_for(clip, read_state_dict(path, "text_encoder"))
     load_strict(clip, clip_weights, f"{path}/text_encoder.safetensors")

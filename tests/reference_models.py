@@ -76,26 +76,30 @@ def sd15_ddim_scheduler():
                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
-def stable_diffusion_pipeline(ref_unet, ref_vae, ref_clip):
-    from diffusers import StableDiffusionPipeline
+def reference_pipeline(cls_name: str, ref_unet, ref_vae, ref_clip):
+    """A diffusers pipeline (`StableDiffusionPipeline`, `TextToVideoZeroPipeline`) on the reference models, with
+    SD 1.5's DDIM scheduler and the shipped tokenizer, no safety checker."""
+    import diffusers
 
     from t2vz.text_encoder import load_tokenizer
 
-    pipe = StableDiffusionPipeline(vae=ref_vae, text_encoder=ref_clip, tokenizer=load_tokenizer(), unet=ref_unet,
-                                   scheduler=sd15_ddim_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = getattr(diffusers, cls_name)(vae=ref_vae, text_encoder=ref_clip, tokenizer=load_tokenizer(),
+                                        unet=ref_unet, scheduler=sd15_ddim_scheduler(), safety_checker=None,
+                                        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def stable_diffusion_pipeline(ref_unet, ref_vae, ref_clip):
+    return reference_pipeline("StableDiffusionPipeline", ref_unet, ref_vae, ref_clip)
 
 
 def text_to_video_zero_pipeline(ref_unet, ref_vae, ref_clip):
-    """diffusers' (deprecated) TextToVideoZeroPipeline with the DDIM scheduler, on the reference models."""
-    from diffusers import TextToVideoZeroPipeline
+    """diffusers' (deprecated) TextToVideoZeroPipeline with the DDIM scheduler."""
+    return reference_pipeline("TextToVideoZeroPipeline", ref_unet, ref_vae, ref_clip)
 
-    from t2vz.text_encoder import load_tokenizer
 
-    pipe = TextToVideoZeroPipeline(vae=ref_vae, text_encoder=ref_clip, tokenizer=load_tokenizer(), unet=ref_unet,
-                                   scheduler=sd15_ddim_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def tiny_reference_folder(path):
+    """Tiny perturbed reference models and a t2vz model folder holding their weights: (folder, (unet, vae, clip))."""
+    refs = diffusers_unet(TINY_UNET), diffusers_vae(TINY_VAE), clip_text_model(TINY_CLIP)
+    return write_t2vz_folder(path, TINY_UNET, TINY_VAE, TINY_CLIP, *refs), refs

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import assert_parity
 from reference_models import (
-    SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_VAE, clip_text_model, diffusers_unet, diffusers_vae,
-    text_to_video_zero_pipeline, write_t2vz_folder,
+    SD15_CLIP, SD15_UNET, SD15_VAE, clip_text_model, diffusers_unet, diffusers_vae, text_to_video_zero_pipeline,
+    tiny_reference_folder, write_t2vz_folder,
 )
 
 from t2vz import TextToVideoZero
@@ -15,8 +15,7 @@ from t2vz.model_folder import ModelFolderError
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    refs = diffusers_unet(TINY_UNET), diffusers_vae(TINY_VAE), clip_text_model(TINY_CLIP)
-    folder = write_t2vz_folder(tmp_path_factory.mktemp("m") / "tiny", TINY_UNET, TINY_VAE, TINY_CLIP, *refs)
+    folder, refs = tiny_reference_folder(tmp_path_factory.mktemp("m") / "tiny")
     return TextToVideoZero.from_pretrained(folder), text_to_video_zero_pipeline(*refs)
 
 

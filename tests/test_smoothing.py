@@ -3,8 +3,7 @@ pipeline with smoothing on."""
 import pytest
 import torch
 from conftest import assert_parity
-from reference_models import TINY_CLIP, TINY_UNET, TINY_VAE, clip_text_model, diffusers_unet, diffusers_vae
-from reference_models import write_t2vz_folder
+from reference_models import TINY_UNET, tiny_reference_folder
 
 from t2vz import TextToVideoZero
 from t2vz.motion import translation_path
@@ -61,9 +60,7 @@ def test_masks_from_maps_threshold():
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    refs = diffusers_unet(TINY_UNET), diffusers_vae(TINY_VAE), clip_text_model(TINY_CLIP)
-    return TextToVideoZero.from_pretrained(
-        write_t2vz_folder(tmp_path_factory.mktemp("m") / "tiny", TINY_UNET, TINY_VAE, TINY_CLIP, *refs))
+    return TextToVideoZero.from_pretrained(tiny_reference_folder(tmp_path_factory.mktemp("m") / "tiny")[0])
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import assert_parity
 from reference_models import (
-    SD15_CLIP, TINY_CLIP, TINY_UNET, TINY_VAE, clip_text_model, diffusers_unet, diffusers_vae,
-    stable_diffusion_pipeline, write_t2vz_folder,
+    SD15_CLIP, TINY_CLIP, TINY_VAE, clip_text_model, diffusers_unet, diffusers_vae, stable_diffusion_pipeline,
+    tiny_reference_folder, write_t2vz_folder,
 )
 
 import t2vz
@@ -15,8 +15,7 @@ from t2vz.unet import UNetConfig
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    refs = diffusers_unet(TINY_UNET), diffusers_vae(TINY_VAE), clip_text_model(TINY_CLIP)
-    folder = write_t2vz_folder(tmp_path_factory.mktemp("m") / "tiny", TINY_UNET, TINY_VAE, TINY_CLIP, *refs)
+    folder, refs = tiny_reference_folder(tmp_path_factory.mktemp("m") / "tiny")
     return t2vz.load(folder), stable_diffusion_pipeline(*refs)
 
 

@@ -4,14 +4,12 @@ import torch
 from conftest import assert_parity
 from reference_models import SD15_UNET, TINY_UNET, diffusers_unet
 
+from t2vz.loading import build_loaded
 from t2vz.unet import UNet, UNetConfig
 
 
 def ours_from(ref, cfg: UNetConfig) -> UNet:
-    with torch.device("meta"):
-        model = UNet(cfg)
-    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    return model.eval()
+    return build_loaded(UNet, cfg, ref.state_dict()).eval()  # shares the reference's tensors
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,12 @@ import torch
 from conftest import assert_parity
 from reference_models import SD15_VAE, TINY_VAE, diffusers_vae
 
+from t2vz.loading import build_loaded
 from t2vz.vae import AutoencoderKL, VAEConfig
 
 
 def ours_from(ref, cfg: VAEConfig) -> AutoencoderKL:
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg)
-    model.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    return model.eval()
+    return build_loaded(AutoencoderKL, cfg, ref.state_dict()).eval()  # shares the reference's tensors
 
 
 @pytest.fixture(scope="module")

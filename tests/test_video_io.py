@@ -6,7 +6,6 @@ import re
 
 import imageio.v3 as iio
 import imageio_ffmpeg
-import numpy as np
 import pytest
 import torch
 

@@ -21,7 +21,7 @@ from t2vz.vae import AutoencoderKL, VAEConfig
 SIZES = {
     "tiny": dict(
         unet=UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), cross_attention_dim=32),
-        vae=VAEConfig(block_out_channels=(32, 64)),
+        vae=VAEConfig(block_out_channels=(32, 32, 64, 64)),  # four levels: 8× downsampling, as in SD 1.5
         text_encoder=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                           layer_norm_eps=1e-5, projection_dim=32),

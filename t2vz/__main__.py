@@ -1,0 +1,38 @@
+"""`python -m t2vz prompt="a horse galloping on the street" model=MODEL_FOLDER`: one Hydra job = one video.
+
+Compose (`t2vz.config`, checked before any model loads) → build and run (`t2vz.run.generate_from_config`) → write
+the video, `config.yaml` and `run.json` into Hydra's output folder (outputs/DATE/TIME/, or hydra.run.dir=PATH).
+`python -m t2vz --help` lists the options; `-m key=a,b` sweeps. Bad input ends with one line,
+`t2vz: error: ...`, and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import to_generate_config
+from .run import USER_ERRORS, generate_from_config, write_run
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="generate")
+def main(cfg: DictConfig) -> str:
+    start = time.perf_counter()
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        config = to_generate_config(cfg)
+        frames = generate_from_config(config)
+        names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start)
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"t2vz: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    print(f"t2vz: wrote {', '.join(names)} to {run_dir}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The configuration of `python -m t2vz`: one dataclass per buildable thing, registered with Hydra's ConfigStore.
+
+Field names equal the arguments they feed: every field of `video`, `sampler` and `method` (and `output.progress`)
+is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`, `dtype` feed
+`TextToVideoZero.from_pretrained`; `seed` seeds the `torch.Generator`; `output` feeds `video_io.write_outputs`.
+
+    prompt  model  seed=0  device=auto  dtype=fp32
+    video:   num_frames=8  height=512  width=512  chunk_size=null  num_videos_per_prompt=1
+    sampler: num_inference_steps=50  guidance_scale=7.5  eta=0.0  negative_prompt=null
+    method:  motion_strength=12.0  direction=[1.0, 1.0]  t0=44  t1=47  ddpm_marginal=exact  cross_frame=first
+             smooth_bg=false  alpha=0.6  smoothing=paper  mask_tokens=null
+    output:  fps=4.0  formats=[mp4, gif]  stem=video  progress=true
+
+`video`, `sampler`, `method` and `output` are config groups with one option each, `default`; YAML files in
+`conf/` add options and experiments. Hydra checks key names and types at composition (`method.lamda=3` and
+`video.num_frames=abc` fail there); `__post_init__` checks values (`dtype=fp64`, `video.height=36`, t0 ≥ t1) and
+runs when `to_generate_config` turns the composed config into these dataclasses, before any model is loaded.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .attention import CROSS_FRAME_MODES
+from .cli import DTYPES
+from .pipeline import DDPM_MARGINALS
+from .smoothing import SMOOTHING_FORMS
+from .video_io import VIDEO_FORMATS
+
+# the enum-like options and their allowed values, from the modules that define them
+CHOICES = {"dtype": tuple(DTYPES), "method.ddpm_marginal": DDPM_MARGINALS, "method.cross_frame": CROSS_FRAME_MODES,
+           "method.smoothing": SMOOTHING_FORMS, "output.formats": VIDEO_FORMATS}
+SIZE_MULTIPLE = 8  # SD 1.5's VAE downsamples by 8; the pipeline re-checks against the loaded model's factor
+
+
+def check_choice(key: str, value: Any) -> None:
+    if value not in CHOICES[key]:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}")
+
+
+def check_int(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key}={value!r} must be an integer >= {low}")
+
+
+@dataclass
+class VideoConfig:
+    """What to generate: frames per video, frame size, videos per prompt, frames per denoising chunk."""
+
+    num_frames: int = 8
+    height: int = 512
+    width: int = 512
+    chunk_size: Optional[int] = None  # None: all frames at once; else at most this many (≥ 2) per chunk
+    num_videos_per_prompt: int = 1
+
+    def __post_init__(self):
+        check_int("video.num_frames", self.num_frames, 1)
+        for key, value in (("video.height", self.height), ("video.width", self.width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % SIZE_MULTIPLE:
+                raise ValueError(f"{key}={value!r} must be a positive multiple of {SIZE_MULTIPLE} "
+                                 f"(SD 1.5's VAE downsamples by {SIZE_MULTIPLE}), e.g. 512")
+        if self.chunk_size is not None:
+            check_int("video.chunk_size", self.chunk_size, 2)
+        check_int("video.num_videos_per_prompt", self.num_videos_per_prompt, 1)
+
+
+@dataclass
+class SamplerConfig:
+    """DDIM with classifier-free guidance."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    eta: float = 0.0
+    negative_prompt: Optional[str] = None
+
+    def __post_init__(self):
+        check_int("sampler.num_inference_steps", self.num_inference_steps, 2)
+        for key, value in (("sampler.guidance_scale", self.guidance_scale), ("sampler.eta", self.eta)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key}={value!r} must be a finite number >= 0")
+
+
+@dataclass
+class MethodConfig:
+    """Text2Video-Zero: motion dynamics in the latents (λ, δ, t0 < t1) and cross-frame attention (Sec. 3.2–3.3);
+    optional background smoothing with weight α inside the mask from the `mask_tokens` words (None: all words)."""
+
+    motion_strength: float = 12.0
+    direction: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    t0: int = 44
+    t1: int = 47
+    ddpm_marginal: str = "exact"
+    cross_frame: str = "first"
+    smooth_bg: bool = False
+    alpha: float = 0.6
+    smoothing: str = "paper"
+    mask_tokens: Optional[str] = None
+
+    def __post_init__(self):
+        if not math.isfinite(self.motion_strength):
+            raise ValueError(f"method.motion_strength={self.motion_strength!r} must be a finite number")
+        if len(self.direction) != 2 or not all(math.isfinite(d) for d in self.direction):
+            raise ValueError(f"method.direction={list(self.direction)!r} must be two finite numbers [dx, dy]")
+        check_int("method.t0", self.t0, 0)
+        check_int("method.t1", self.t1, 1)
+        if self.t0 >= self.t1:
+            raise ValueError(f"method.t0={self.t0} must be smaller than method.t1={self.t1} "
+                             f"(t1 - t0 DDIM steps of motion, at least 1; the paper uses t0=44 t1=47)")
+        check_choice("method.ddpm_marginal", self.ddpm_marginal)
+        check_choice("method.cross_frame", self.cross_frame)
+        check_choice("method.smoothing", self.smoothing)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"method.alpha={self.alpha!r} must lie in [0, 1]")
+
+
+@dataclass
+class OutputConfig:
+    """What `video_io.write_outputs` writes into the run folder: `{stem}.{format}` and `{stem}_sheet.png`."""
+
+    fps: float = 4.0
+    formats: list[str] = field(default_factory=lambda: ["mp4", "gif"])
+    stem: str = "video"
+    progress: bool = True  # tqdm bars while denoising
+
+    def __post_init__(self):
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"output.fps={self.fps!r} must be a positive number")
+        for fmt in self.formats:
+            check_choice("output.formats", fmt)
+        if not self.stem or any(c in self.stem for c in "/\\") or self.stem in (".", ".."):
+            raise ValueError(f"output.stem={self.stem!r} must be a plain file name stem such as 'video'")
+
+
+GROUPS = {"video": VideoConfig, "sampler": SamplerConfig, "method": MethodConfig, "output": OutputConfig}
+
+
+@dataclass
+class GenerateConfig:
+    """`python -m t2vz`: one prompt → one video (or `video.num_videos_per_prompt` videos) in Hydra's run folder."""
+
+    defaults: list[Any] = field(default_factory=lambda: [
+        "_self_", *({group: "default"} for group in GROUPS), {"hydra/job": "t2vz"}, {"override hydra/help": "t2vz"}])
+    prompt: str = MISSING
+    model: str = MISSING  # a t2vz model folder, written by `python -m weights_convert`
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "fp32"
+    video: VideoConfig = field(default_factory=VideoConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        check_choice("dtype", self.dtype)
+        if self.method.t1 > self.sampler.num_inference_steps - 1:
+            raise ValueError(
+                f"method.t1={self.method.t1} needs more than sampler.num_inference_steps="
+                f"{self.sampler.num_inference_steps} DDIM steps: t0 < t1 count steps from the end, so t1 must be "
+                f"at most {self.sampler.num_inference_steps - 1}; lower method.t0/method.t1 or raise the steps")
+
+
+def to_generate_config(cfg: DictConfig) -> GenerateConfig:
+    """The composed config → GenerateConfig, running every `__post_init__` check (ValueError on a bad value).
+    A missing `prompt` or `model` is a ValueError that says how to give it."""
+    for key in ("prompt", "model"):
+        if OmegaConf.is_missing(cfg, key):
+            example = '"a horse galloping on the street"' if key == "prompt" else "models/sd15"
+            raise ValueError(f"no {key} given; add {key}={example} to the command line")
+    return OmegaConf.to_object(cfg)
+
+
+# key → what it does: `--help` lists these with their defaults and, from CHOICES, their allowed values
+KEY_OPTIONS = {
+    "prompt": "required: the video's text",
+    "model": "required: a t2vz model folder (python -m weights_convert CHECKPOINT FOLDER)",
+    "seed": "seeds every random draw: same seed, same video",
+    "device": "auto: cuda if available, else cpu; or cpu, cuda, cuda:N",
+    "dtype": "weights and activations",
+    "video.num_frames": "frames per video",
+    "video.height": "pixels, a multiple of 8 (also video.width)",
+    "video.num_videos_per_prompt": "videos per run: video_0.mp4, video_1.mp4, ...",
+    "sampler.num_inference_steps": "DDIM steps",
+    "sampler.guidance_scale": "classifier-free guidance weight",
+    "method.motion_strength": "lambda: motion per frame, in pixels of a 512x512 frame",
+    "method.direction": "delta = [dx, dy], the motion's direction",
+    "method.t0": "motion is added between DDIM steps t0 < t1, counted from the end (also method.t1)",
+    "method.cross_frame": "what self-attention of every frame looks at",
+    "method.smooth_bg": "background smoothing (Sec. 3.3) with weight method.alpha",
+    "method.smoothing": "paper: every step; authors: once, at T1",
+    "method.mask_tokens": "words of the prompt that give the foreground mask (null: all)",
+    "output.formats": "video files; a contact sheet {stem}_sheet.png is always written",
+    "output.fps": "frames per second of the video files",
+}
+
+
+def override_syntax(value: Any) -> str:
+    """A value as it is written on the command line: null, false, [mp4,gif]."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_syntax(v) for v in value) + "]"
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return str(value)
+
+
+def help_template() -> str:
+    """The `--help` text: what the command does, key options with defaults, examples, where outputs go."""
+    defaults = OmegaConf.structured(GenerateConfig)
+    lines = []
+    for key, text in KEY_OPTIONS.items():
+        if OmegaConf.is_missing(defaults, key):
+            option = f"{key}=..."
+        else:
+            value = OmegaConf.select(defaults, key)
+            option = f"{key}={override_syntax(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value)}"
+        choices = f" ({' | '.join(map(str, CHOICES[key]))})" if key in CHOICES else ""
+        lines.append(f"  {option:<32} {text}{choices}")
+    options = "\n".join(lines)
+    return f"""\
+t2vz: Text2Video-Zero on Stable Diffusion 1.5 (Khachatryan et al., ICCV 2023): a short video from a text
+prompt with a text-to-image model, zero-shot: no training, no video data.
+
+Usage: python -m t2vz prompt="TEXT" model=MODEL_FOLDER [key=value ...]
+       python -m t2vz -m prompt="TEXT" model=MODEL_FOLDER key=a,b ...    (a sweep: one job per value)
+
+Key options, with their defaults (every key of the config below can be set with key=value):
+{options}
+
+Examples:
+  python -m t2vz prompt="a horse galloping on the street" model=models/sd15
+  python -m t2vz -m prompt="a panda surfing on a wave" model=models/sd15 method.motion_strength=0,12,24
+
+Outputs go to Hydra's run folder outputs/DATE/TIME/ (a sweep: multirun/DATE/TIME/JOB_NUMBER/; choose it with
+hydra.run.dir=PATH, or hydra.sweep.dir=PATH with -m): video.mp4, video.gif, video_sheet.png (video_0.*, video_1.*,
+... for several videos per prompt), config.yaml (the resolved config) and run.json (versions, device, dtype, seed,
+wall time, file names).
+
+== Configuration groups (group=option) ==
+$APP_CONFIG_GROUPS
+== Config, with the overrides given ==
+$CONFIG
+${{hydra.help.footer}}"""
+
+
+def register() -> ConfigStore:
+    """Store `generate`, its groups' `default` options, the `--help` text and the job name in the ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="generate", node=GenerateConfig)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name="default", node=node)
+    cs.store(group="hydra/help", name="t2vz", node={
+        "app_name": "t2vz",
+        "header": "",
+        "footer": "Powered by Hydra (https://hydra.cc); python -m t2vz --hydra-help shows Hydra's own options.\n",
+        "template": help_template(),
+    })
+    cs.store(group="hydra/job", name="t2vz", package="hydra.job", node={"name": "t2vz"})  # log file t2vz.log
+    return cs
+
+
+register()

@@ -1,0 +1,93 @@
+"""Build and run what a `GenerateConfig` describes, and write a run folder; `python -m t2vz` is a thin shell on this.
+
+    start = time.perf_counter()
+    config = GenerateConfig(prompt="a horse galloping on the street", model="models/sd15")   # checks its values
+    frames = generate_from_config(config)                  # (f, h, w, 3), or (b, f, h, w, 3) for a batch
+    write_run("out", frames, config, config_yaml, start)   # config_yaml: the composed config, as YAML
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .cli import DTYPES
+from .config import GenerateConfig
+from .model_folder import ModelFolderError
+from .pipeline import TextToVideoZero
+from .video_io import VideoIOError, atomic_path, write_outputs
+
+# Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
+USER_ERRORS = (ValueError, ModelFolderError, VideoIOError, OSError)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → cuda if available, else cpu; anything else must name a torch device that exists here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto")
+    return resolved
+
+
+def pipeline_kwargs(config: GenerateConfig) -> dict:
+    """The `video`, `sampler` and `method` fields and `output.progress` as keyword arguments of
+    `TextToVideoZero.__call__` (the config's field names are its argument names)."""
+    kwargs = {"progress": config.output.progress}
+    for group in (config.video, config.sampler, config.method):
+        kwargs.update({f.name: getattr(group, f.name) for f in dataclasses.fields(group)})
+    return kwargs
+
+
+def generate_from_config(config: GenerateConfig, pipe: TextToVideoZero | None = None) -> torch.Tensor:
+    """Load `config.model` (unless `pipe` is given) and generate: frames (f, h, w, 3) float in [0, 1], or
+    (b, f, h, w, 3) when `video.num_videos_per_prompt` > 1. The seed fixes every random draw."""
+    if pipe is None:
+        device = resolve_device(config.device)
+        pipe = TextToVideoZero.from_pretrained(config.model, device=device, dtype=DTYPES[config.dtype])
+    kwargs = pipeline_kwargs(config)
+    return pipe(config.prompt, generator=torch.Generator().manual_seed(config.seed), **kwargs)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically: a temporary file beside it, then one rename."""
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateConfig, config_yaml: str,
+              start: float) -> list[str]:
+    """Write a run folder: the video(s) (`{stem}.mp4`, `.gif`, `_sheet.png`; `{stem}_0.*`, `{stem}_1.*`, … for a
+    batch (b, f, h, w, 3)), `config.yaml` (`config_yaml`, the resolved config) and `run.json` (versions, device,
+    dtype, seed, seconds since `start`, a `time.perf_counter()`, and the video files' names). Every file is
+    written atomically. Returns the names of the files written, in that order."""
+    folder, out = Path(folder), config.output
+    videos = [frames] if frames.ndim == 4 else list(frames)
+    stems = [out.stem] if frames.ndim == 4 else [f"{out.stem}_{i}" for i in range(len(videos))]
+    names = []
+    for stem, video in zip(stems, videos):
+        paths = write_outputs(folder, video, stem=stem, fps=out.fps, formats=tuple(out.formats))
+        names += [p.name for p in paths.values()]
+    write_text(folder / "config.yaml", config_yaml)
+    info = {
+        "t2vz": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "device": str(resolve_device(config.device)), "dtype": config.dtype, "seed": config.seed,
+        "frames": list(frames.shape), "wall_s": round(time.perf_counter() - start, 3), "outputs": names,
+    }
+    write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
+    return names + ["config.yaml", "run.json"]

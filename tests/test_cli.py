@@ -1,0 +1,176 @@
+"""`python -m t2vz` (t2vz/__main__.py, t2vz/config.py, t2vz/run.py): the config composes and rejects typos at
+composition; real subprocess runs on a random tiny model (32×32, 3 frames, 10 DDIM steps) write the run folder,
+repeat themselves under one seed, sweep with -m, explain themselves with --help and end bad input in one line."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import t2vz
+from t2vz.config import GenerateConfig, to_generate_config
+from t2vz.pipeline import TextToVideoZero
+from t2vz.run import pipeline_kwargs
+from t2vz.video_io import read_video
+from weights_convert.random_model import write_random_model
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a horse galloping on the street"
+SMALL = ["video.height=32", "video.width=32", "video.num_frames=3", "sampler.num_inference_steps=10",
+         "method.t0=2", "method.t1=5", "output.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_random_model(str(tmp_path_factory.mktemp("model") / "tiny"), "tiny")
+
+
+def start_t2vz(*overrides: str, cwd: Path) -> subprocess.Popen:
+    # One thread: identical numerics in every run, and no OpenMP spin-waiting when runs share the CPU.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, "-m", "t2vz", *overrides], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_t2vz(*runs: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run `python -m t2vz OVERRIDES` once per list of overrides, all at once; wait for all."""
+    procs = [start_t2vz(*overrides, cwd=cwd) for overrides in runs]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def compose_generate(overrides: list[str]):
+    with initialize(version_base="1.3", config_path=None):
+        return compose("generate", overrides=overrides)
+
+
+def read_sheet(folder: Path) -> np.ndarray:
+    return iio.imread(folder / "video_sheet.png")
+
+
+# ------------------------------------------------------------------------------------------------ the config
+def test_config_composes_and_checks_keys_and_types():
+    cfg = compose_generate([f"prompt={PROMPT}", "model=models/sd15", "method.motion_strength=3",
+                            "method.direction=[0,1]", "video.chunk_size=4"])
+    config = to_generate_config(cfg)
+    assert isinstance(config, GenerateConfig)
+    assert (config.method.motion_strength, config.method.direction, config.video.chunk_size) == (3.0, [0.0, 1.0], 4)
+    assert config.sampler.num_inference_steps == 50 and config.output.formats == ["mp4", "gif"]
+    for bad in ("method.lamda=3", "video.num_frames=abc", "sampler.steps=10", "output.fps=fast"):
+        with pytest.raises(ConfigCompositionException):
+            compose_generate([f"prompt={PROMPT}", "model=m", bad])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dtype=fp64", "dtype='fp64' is not one of fp32, fp16, bf16"),
+    ("method.cross_frame=last", "method.cross_frame='last'"),
+    ("method.ddpm_marginal=approx", "method.ddpm_marginal='approx'"),
+    ("method.smoothing=blur", "method.smoothing='blur'"),
+    ("output.formats=[mp4,avi]", "output.formats='avi'"),
+    ("video.width=100", "video.width=100 must be a positive multiple of 8"),
+    ("method.t1=50", "method.t1=50 needs more than sampler.num_inference_steps=50"),
+])
+def test_bad_values_fail_before_any_model_loads(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        to_generate_config(compose_generate(["prompt=p", "model=m", override]))
+
+
+def test_every_option_is_a_pipeline_argument():
+    """STYLE item 7: field names equal the arguments they feed, so the mapping is by name with no table."""
+    params = inspect.signature(TextToVideoZero.__call__).parameters
+    config = GenerateConfig(prompt="p", model="m")
+    names = [f.name for group in (config.video, config.sampler, config.method) for f in dataclasses.fields(group)]
+    assert [n for n in names if n not in params] == []
+    assert set(pipeline_kwargs(config)) == {*names, "progress"}
+
+
+# ------------------------------------------------------------------------------------------ real runs
+@pytest.fixture(scope="module")
+def first_run(tiny_model, tmp_path_factory):
+    """One run with seed 0 and λ = 3 into hydra.run.dir; (its folder, the overrides given, the process)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    overrides = [f"prompt={PROMPT}", f"model={tiny_model}", *SMALL, "method.motion_strength=3", "seed=0"]
+    (proc,) = run_t2vz([*overrides, f"hydra.run.dir={tmp / 'run'}"], cwd=tmp)
+    return tmp / "run", overrides, proc
+
+
+def test_run_writes_videos_config_and_run_json(first_run):
+    run_dir, overrides, proc = first_run
+    assert proc.returncode == 0, proc.stderr
+    assert str(run_dir) in proc.stdout
+    names = ["video.mp4", "video.gif", "video_sheet.png"]
+    assert {*names, "config.yaml", "run.json"} <= {p.name for p in run_dir.iterdir()}
+    assert tuple(read_video(run_dir / "video.mp4").shape) == (3, 32, 32, 3)
+    assert read_sheet(run_dir).shape == (66, 66, 3)  # 2×2 tiles of 32 with a 2-pixel gap
+
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved == compose_generate(overrides)  # resolved config = the composed overrides, nothing else
+    assert saved.method.motion_strength == 3.0 and saved.video.num_frames == 3
+    assert saved.sampler.num_inference_steps == 10 and saved.prompt == PROMPT
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["t2vz"] == t2vz.__version__ and info["torch"] == torch.__version__
+    assert (info["device"], info["dtype"], info["seed"], info["frames"]) == ("cpu", "fp32", 0, [3, 32, 32, 3])
+    assert info["outputs"] == names and info["wall_s"] > 0
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == [".hydra"]  # no temporary files left
+
+
+def test_same_seed_same_video(first_run, tmp_path):
+    run_dir, overrides, _ = first_run
+    same, other = run_t2vz([*overrides, f"hydra.run.dir={tmp_path / 'same'}"],
+                           [*overrides, "seed=1", f"hydra.run.dir={tmp_path / 'other'}"], cwd=tmp_path)
+    assert same.returncode == 0 and other.returncode == 0, same.stderr + other.stderr
+    np.testing.assert_array_equal(read_sheet(tmp_path / "same"), read_sheet(run_dir))
+    assert not np.array_equal(read_sheet(tmp_path / "other"), read_sheet(run_dir))
+
+
+def test_help(tmp_path):
+    (proc,) = run_t2vz(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("prompt=", "model=", "method.motion_strength=12.0", "Examples:", "python -m t2vz prompt=",
+                 "python -m t2vz -m ", "outputs/DATE/TIME/", "fp32 | fp16 | bf16"):
+        assert text in proc.stdout, text
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tiny_model, tmp_path):
+    cases = {  # overrides → a piece of the message
+        f"model={tmp_path / 'no_model'}": "does not exist",
+        "video.height=36": "video.height=36",
+        "method.t0=5 method.t1=5": "method.t0=5 must be smaller than method.t1=5",
+        "dtype=fp64": "dtype='fp64'",
+    }
+    runs = [[f"prompt={PROMPT}", f"model={tiny_model}", *SMALL, *case.split(),
+             f"hydra.run.dir={tmp_path / str(i)}"] for i, case in enumerate(cases)]
+    for (case, message), proc in zip(cases.items(), run_t2vz(*runs, cwd=tmp_path)):
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("t2vz: error:")]
+        assert proc.returncode == 2, (case, proc.stderr)
+        assert len(errors) == 1 and message in errors[0], (case, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout, case
+        assert not (tmp_path / str(list(cases).index(case)) / "video.mp4").exists()
+
+
+def test_two_point_sweep(tiny_model, tmp_path):
+    (proc,) = run_t2vz(["-m", f"prompt={PROMPT}", f"model={tiny_model}", *SMALL, "method.motion_strength=0,64",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for job, strength in (("0", 0.0), ("1", 64.0)):
+        folder = tmp_path / "sweep" / job
+        assert (folder / "video.mp4").is_file() and (folder / "video_sheet.png").is_file()
+        assert OmegaConf.load(folder / "config.yaml").method.motion_strength == strength
+    assert not np.array_equal(read_sheet(tmp_path / "sweep" / "0"), read_sheet(tmp_path / "sweep" / "1"))

@@ -143,7 +143,8 @@ class GenerateConfig:
     """`python -m t2vz`: one prompt → one video (or `video.num_videos_per_prompt` videos) in Hydra's run folder."""
 
     defaults: list[Any] = field(default_factory=lambda: [
-        "_self_", *({group: "default"} for group in GROUPS), {"hydra/job": "t2vz"}, {"override hydra/help": "t2vz"}])
+        "_self_", *({group: "default"} for group in GROUPS), {"hydra/job": "t2vz"},
+        {"override hydra/callbacks": "t2vz"}, {"override hydra/help": "t2vz"}])
     prompt: str = MISSING
     model: str = MISSING  # a t2vz model folder, written by `python -m weights_convert`
     seed: int = 0
@@ -258,6 +259,8 @@ def register() -> ConfigStore:
         "template": help_template(),
     })
     cs.store(group="hydra/job", name="t2vz", package="hydra.job", node={"name": "t2vz"})  # log file t2vz.log
+    cs.store(group="hydra/callbacks", name="t2vz", package="hydra.callbacks",
+             node={"output_folder": {"_target_": "t2vz.run.OutputFolderCheck"}})
     return cs
 
 

@@ -11,10 +11,12 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 
 from . import __version__
 from .cli import DTYPES
@@ -91,3 +93,23 @@ def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateC
     }
     write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
     return names + ["config.yaml", "run.json"]
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback: an output folder that cannot be created ends the command with one line and exit code 2,
+    before Hydra's own attempt would print a traceback."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self.check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self.check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def check(folder: str) -> None:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"t2vz: error: cannot create the output folder {folder}: {e.strerror or e}; "
+                  "choose a writable hydra.run.dir (or hydra.sweep.dir for -m)", file=sys.stderr)
+            sys.exit(2)

@@ -154,15 +154,19 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_model, tmp_path):
         "video.height=36": "video.height=36",
         "method.t0=5 method.t1=5": "method.t0=5 must be smaller than method.t1=5",
         "dtype=fp64": "dtype='fp64'",
+        "hydra.run.dir=RUN/inside-a-file": "cannot create the output folder",  # RUN is a file, not a folder
     }
-    runs = [[f"prompt={PROMPT}", f"model={tiny_model}", *SMALL, *case.split(),
-             f"hydra.run.dir={tmp_path / str(i)}"] for i, case in enumerate(cases)]
+    unwritable = tmp_path / str(len(cases) - 1)  # the last case's RUN: a file where a folder should be
+    unwritable.write_text("")
+    runs = [[f"prompt={PROMPT}", f"model={tiny_model}", *SMALL, f"hydra.run.dir={tmp_path / str(i)}",
+             *case.replace("RUN", str(tmp_path / str(i))).split()] for i, case in enumerate(cases)]
     for (case, message), proc in zip(cases.items(), run_t2vz(*runs, cwd=tmp_path)):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("t2vz: error:")]
         assert proc.returncode == 2, (case, proc.stderr)
         assert len(errors) == 1 and message in errors[0], (case, proc.stderr)
         assert "Traceback" not in proc.stderr + proc.stdout, case
         assert not (tmp_path / str(list(cases).index(case)) / "video.mp4").exists()
+    assert unwritable.is_file()
 
 
 def test_two_point_sweep(tiny_model, tmp_path):

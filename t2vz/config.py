@@ -8,12 +8,12 @@ is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`
     video:   num_frames=8  height=512  width=512  chunk_size=null  num_videos_per_prompt=1
     sampler: num_inference_steps=50  guidance_scale=7.5  eta=0.0  negative_prompt=null
     method:  motion_strength=12.0  direction=[1.0, 1.0]  t0=44  t1=47  ddpm_marginal=exact  cross_frame=first
-             smooth_bg=false  alpha=0.6  smoothing=paper  mask_tokens=null
+             motion_dynamics=true  smooth_bg=false  alpha=0.6  smoothing=paper  mask_tokens=null
     output:  fps=4.0  formats=[mp4, gif]  stem=video  progress=true
 
 `video`, `sampler`, `method` and `output` are config groups with one option each, `default`; YAML files in
 `conf/` add options and experiments. Hydra checks key names and types at composition (`method.lamda=3` and
-`video.num_frames=abc` fail there); `__post_init__` checks values (`dtype=fp64`, `video.height=36`, t0 ≥ t1) and
+`video.num_frames=abc` fail there); `__post_init__` checks values (`dtype=fp64`, `video.height=36`, t0 > t1) and
 runs when `to_generate_config` turns the composed config into these dataclasses, before any model is loaded.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ class SamplerConfig:
 
 @dataclass
 class MethodConfig:
-    """Text2Video-Zero: motion dynamics in the latents (λ, δ, t0 < t1) and cross-frame attention (Sec. 3.2–3.3);
+    """Text2Video-Zero: motion dynamics in the latents (λ, δ, t0 ≤ t1) and cross-frame attention (Sec. 3.2–3.3);
     optional background smoothing with weight α inside the mask from the `mask_tokens` words (None: all words)."""
 
     motion_strength: float = 12.0
@@ -94,6 +94,7 @@ class MethodConfig:
     t0: int = 44
     t1: int = 47
     ddpm_marginal: str = "exact"
+    motion_dynamics: bool = True  # False: the paper's ablation, an independent x_T per frame
     cross_frame: str = "first"
     smooth_bg: bool = False
     alpha: float = 0.6
@@ -107,9 +108,9 @@ class MethodConfig:
             raise ValueError(f"method.direction={list(self.direction)!r} must be two finite numbers [dx, dy]")
         check_int("method.t0", self.t0, 0)
         check_int("method.t1", self.t1, 1)
-        if self.t0 >= self.t1:
-            raise ValueError(f"method.t0={self.t0} must be smaller than method.t1={self.t1} "
-                             f"(t1 - t0 DDIM steps of motion, at least 1; the paper uses t0=44 t1=47)")
+        if self.t0 > self.t1:
+            raise ValueError(f"method.t0={self.t0} must not exceed method.t1={self.t1} "
+                             f"(t1 - t0 DDIM steps of motion; the paper uses t0=44 t1=47)")
         check_choice("method.ddpm_marginal", self.ddpm_marginal)
         check_choice("method.cross_frame", self.cross_frame)
         check_choice("method.smoothing", self.smoothing)
@@ -190,6 +191,7 @@ KEY_OPTIONS = {
     "method.direction": "delta = [dx, dy], the motion's direction",
     "method.t0": "motion is added between DDIM steps t0 < t1, counted from the end (also method.t1)",
     "method.cross_frame": "what self-attention of every frame looks at",
+    "method.motion_dynamics": "false: independent noise per frame (the paper's ablation)",
     "method.smooth_bg": "background smoothing (Sec. 3.3) with weight method.alpha",
     "method.smoothing": "paper: every step; authors: once, at T1",
     "method.mask_tokens": "words of the prompt that give the foreground mask (null: all)",

@@ -52,8 +52,9 @@ def draw_first_frame_noise(shape: tuple[int, ...], generator, device, dtype) -> 
 
 
 def motion_timesteps(timesteps: torch.Tensor, t0: int, t1: int) -> tuple[int, int]:
-    """(T₁, T₀) = (timesteps[−t1−1], timesteps[−t0−1]): t0 < t1 count steps from the end of the list, as in both
-    references, so Δt = t1 − t0 DDIM steps separate T₁ > T₀ (941 and 881 at 50 steps with t0=44, t1=47)."""
+    """(T₁, T₀) = (timesteps[−t1−1], timesteps[−t0−1]): t0 ≤ t1 count steps from the end of the list, as in both
+    references, so Δt = t1 − t0 DDIM steps separate T₁ ≥ T₀ (941 and 881 at 50 steps with t0=44, t1=47).
+    Δt = 0 (an ablation point) warps x_{T₁}¹ itself and adds no noise, as both references do for t0 = t1."""
     n = len(timesteps)
     for name, value in (("t0", t0), ("t1", t1)):
         if isinstance(value, bool) or int(value) != value or not 0 <= value <= n - 1:
@@ -61,8 +62,8 @@ def motion_timesteps(timesteps: torch.Tensor, t0: int, t1: int) -> tuple[int, in
                 f"{name}={value} is out of range for {n} DDIM steps: t0 and t1 count steps from the end of the "
                 f"timestep list and must lie in 0..{n - 1} (defaults t0=44, t1=47 need at least 48 steps)"
             )
-    if t0 >= t1:
-        raise ValueError(f"t0={t0} must be smaller than t1={t1} (Δt = t1 − t0 DDIM steps, at least 1)")
+    if t0 > t1:
+        raise ValueError(f"t0={t0} must not exceed t1={t1} (Δt = t1 − t0 DDIM steps; 0 warps at T₁ itself)")
     return int(timesteps[-t1 - 1]), int(timesteps[-t0 - 1])
 
 
@@ -97,7 +98,9 @@ def motion_path(frame_ids: Sequence[int], motion_strength: float, direction: Seq
 def ddpm_forward(x_t0: torch.Tensor, T0: int, T1: int, generator, marginal: str = "exact") -> torch.Tensor:
     """Step 4: x_{T₁} = √a·x_{T₀} + √(1−a)·ε with a = ᾱ_{T₁}/ᾱ_{T₀} ("exact") or ∏ α[T₀:T₁] ("reference"),
     ε drawn from `generator` in x's shape: x_t0 ((b f), c, h, w) → same."""
-    noise = draw_noise(tuple(x_t0.shape), generator, x_t0.device, x_t0.dtype)
+    noise = draw_noise(tuple(x_t0.shape), generator, x_t0.device, x_t0.dtype)  # drawn even for Δt = 0, as the
+    if T0 == T1:                                                                # references do: same stream
+        return x_t0
     return DDPM().forward(x_t0, T0, T1, noise, marginal=marginal)
 
 
@@ -151,6 +154,7 @@ class TextToVideoZero:
         masks: torch.Tensor | None = None,
         mask_tokens: str | None = None,
         motion: Callable[[Sequence[int]], torch.Tensor] | None = None,
+        motion_dynamics: bool = True,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
@@ -168,6 +172,8 @@ class TextToVideoZero:
         videos: frames are denoised in chunks of at most chunk_size frames, each with frame 1 prepended; with
         η = 0 and cross_frame "first" or "off" the result equals unchunked generation.
 
+        `motion_dynamics=False` is the paper's ablation without Sec. 3.2: every frame starts from its own x_T and
+        all frames are denoised from T together (with cross-frame attention unless cross_frame="off").
         `motion(frame_ids) -> (f, 2, 3)` replaces the translation by any path of `t2vz.motion` (zoom, rotation,
         offsets). `smooth_bg` blends each frame's background towards the warped first frame with weight `alpha`,
         every step (`smoothing="paper"`) or once at T₁ (`"authors"`); the foreground comes from `masks`
@@ -204,14 +210,20 @@ class TextToVideoZero:
             if callback is not None:
                 callback(next(counter), t, x)
 
-        trajectory = self.first_frame_trajectory(x_T, scheduler, t0, t1, context, guidance_scale, generator,
-                                                 on_step, progress)
         path = (motion or (lambda ids: motion_path(ids, motion_strength, direction)))(list(range(f)))
         if tuple(path.shape) != (f, 2, 3):
             raise ValueError(f"motion(frame_ids) returned shape {tuple(path.shape)}, expected ({f}, 2, 3)")
-        x_T1 = self.motion_dynamics(trajectory, path, generator, ddpm_marginal)
+        if motion_dynamics:
+            trajectory = self.first_frame_trajectory(x_T, scheduler, t0, t1, context, guidance_scale, generator,
+                                                     on_step, progress)
+            x_T1 = self.motion_dynamics(trajectory, path, generator, ddpm_marginal)
+            start = scheduler.timesteps[-t1 - 1 :]
+        else:  # ablation: independent x_T per frame, all denoised from T
+            later = draw_noise((b * (f - 1), *shape[1:]), generator, sd.device, sd.dtype)
+            x_T1 = torch.cat([x_T[:, :, None], unfold_frames(later, f - 1)], dim=2) if f > 1 else x_T[:, :, None]
+            start = scheduler.timesteps
         chunks = self.chunks(f, chunk_size)
-        denoise = dict(scheduler=scheduler, timesteps=scheduler.timesteps[-t1 - 1 :], context=context,
+        denoise = dict(scheduler=scheduler, timesteps=start, context=context,
                        guidance_scale=guidance_scale, generator=generator, cross_frame=cross_frame, progress=progress)
         foreground = None
         if smooth_bg:

@@ -152,7 +152,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_model, tmp_path):
     cases = {  # overrides → a piece of the message
         f"model={tmp_path / 'no_model'}": "does not exist",
         "video.height=36": "video.height=36",
-        "method.t0=5 method.t1=5": "method.t0=5 must be smaller than method.t1=5",
+        "method.t0=6 method.t1=5": "method.t0=6 must not exceed method.t1=5",
         "dtype=fp64": "dtype='fp64'",
         "hydra.run.dir=RUN/inside-a-file": "cannot create the output folder",  # RUN is a file, not a folder
     }

@@ -32,8 +32,9 @@ def reference_frames(pipe, prompt, seed, num_frames, motion_strength=12.0, direc
         dict(),  # the reference's defaults: 50 steps, t0=44, t1=47, λ=12, δ=(1, 1), guidance 7.5
         dict(num_inference_steps=20, t0=10, t1=15, motion_strength=40.0, direction=(-1.0, 0.5), height=32, width=48),
         dict(num_inference_steps=12, t0=3, t1=4, motion_strength=7.0, guidance_scale=3.0, negative_prompt="blurry"),
+        dict(num_inference_steps=10, t0=3, t1=3, motion_strength=64.0),  # Δt = 0: warp at T1, no re-noising
     ],
-    ids=["defaults", "non-default-motion-non-square", "dt1-negative"],
+    ids=["defaults", "non-default-motion-non-square", "dt1-negative", "dt0"],
 )
 @torch.no_grad()
 def test_seed_compatible_with_diffusers(tiny, kwargs):
@@ -77,6 +78,21 @@ def test_several_prompts_and_videos_and_no_guidance(tiny):
 
 
 @torch.no_grad()
+def test_without_motion_dynamics_frame_one_is_the_text_to_image_result(tiny):
+    """motion_dynamics=False (the paper's ablation): independent x_T per frame, all denoised from T; frame 1
+    attends only to itself, so it is exactly the image text_to_image makes from the same x_T."""
+    from t2vz import text_to_image
+
+    pipe, _ = tiny
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    frames = pipe("a cat", num_frames=3, height=32, width=32, num_inference_steps=8, t0=1, t1=3, latents=x_T,
+                  motion_dynamics=False, generator=torch.Generator().manual_seed(9), progress=False)
+    image = text_to_image(pipe.sd, "a cat", 32, 32, 8, latents=x_T, progress=False)
+    assert_parity(frames[0], image)
+    assert not torch.allclose(frames[1], frames[2])
+
+
+@torch.no_grad()
 def test_chunked_equals_unchunked(tiny):
     pipe, _ = tiny
     common = dict(num_frames=7, height=32, width=32, num_inference_steps=8, t0=1, t1=3, progress=False)
@@ -91,7 +107,7 @@ def test_chunked_equals_unchunked(tiny):
     [
         (dict(height=35), "height=35 must be a positive multiple of 2"),
         (dict(num_frames=0), "num_frames=0 must be an integer >= 1"),
-        (dict(t0=5, t1=5), "t0=5 must be smaller than t1=5"),
+        (dict(t0=6, t1=5), "t0=6 must not exceed t1=5"),
         (dict(t0=2, t1=12), "t1=12 is out of range for 10 DDIM steps"),
         (dict(motion_strength=float("nan")), "motion_strength .* finite number, got nan"),
         (dict(cross_frame="all"), "cross_frame='all' is not one of"),

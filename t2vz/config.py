@@ -29,6 +29,7 @@ from .attention import CROSS_FRAME_MODES
 from .cli import DTYPES
 from .pipeline import DDPM_MARGINALS
 from .smoothing import SMOOTHING_FORMS
+from .tracking import LoggerConfig
 from .video_io import VIDEO_FORMATS
 
 # the enum-like options and their allowed values, from the modules that define them
@@ -165,6 +166,30 @@ class GenerateConfig:
                 f"at most {self.sampler.num_inference_steps - 1}; lower method.t0/method.t1 or raise the steps")
 
 
+@dataclass
+class MetricsConfig:
+    """What `t2vz.metrics.video_metrics` measures for every job, and which value the job returns to a sweeper."""
+
+    clip_model: Optional[str] = None  # a transformers CLIPModel folder or hub id; None: model-free metrics only
+    headline: str = "warp_error"  # the metric the job returns (lower is better for warp_error)
+
+
+EXPERIMENT_GROUPS = {**GROUPS, "logger": LoggerConfig, "metrics": MetricsConfig}
+
+
+@dataclass
+class ExperimentConfig(GenerateConfig):
+    """`python experiments/run.py`: a generation plus its metrics, logged to W&B; `+experiment=NAME` picks an
+    ablation in conf/experiment/ (each declares its own sweep: add -m)."""
+
+    defaults: list[Any] = field(default_factory=lambda: [
+        "_self_", *({group: "default"} for group in EXPERIMENT_GROUPS), {"hydra/job": "t2vz"},
+        {"override hydra/callbacks": "experiment"}, {"override hydra/help": "t2vz"}])
+    name: str = "t2vz"  # the experiment's name: W&B group prefix and the sweep folder's name
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
 def to_generate_config(cfg: DictConfig) -> GenerateConfig:
     """The composed config → GenerateConfig, running every `__post_init__` check (ValueError on a bad value).
     A missing `prompt` or `model` is a ValueError that says how to give it."""
@@ -263,6 +288,13 @@ def register() -> ConfigStore:
     cs.store(group="hydra/job", name="t2vz", package="hydra.job", node={"name": "t2vz"})  # log file t2vz.log
     cs.store(group="hydra/callbacks", name="t2vz", package="hydra.callbacks",
              node={"output_folder": {"_target_": "t2vz.run.OutputFolderCheck"}})
+    cs.store(name="experiment_config", node=ExperimentConfig)
+    for group in ("logger", "metrics"):
+        cs.store(group=group, name="default", node=EXPERIMENT_GROUPS[group])
+    cs.store(group="hydra/callbacks", name="experiment", package="hydra.callbacks", node={
+        "output_folder": {"_target_": "t2vz.run.OutputFolderCheck"},
+        "multirun_summary": {"_target_": "t2vz.tracking.MultirunSummary"},
+    })
     return cs
 
 

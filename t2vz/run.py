@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra.experimental.callback import Callback
 
@@ -23,7 +25,7 @@ from .cli import DTYPES
 from .config import GenerateConfig
 from .model_folder import ModelFolderError
 from .pipeline import TextToVideoZero
-from .video_io import VideoIOError, atomic_path, write_outputs
+from .video_io import VideoIOError, atomic_path, to_uint8, write_outputs
 
 # Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
 USER_ERRORS = (ValueError, ModelFolderError, VideoIOError, OSError)
@@ -113,3 +115,71 @@ class OutputFolderCheck(Callback):
             print(f"t2vz: error: cannot create the output folder {folder}: {e.strerror or e}; "
                   "choose a writable hydra.run.dir (or hydra.sweep.dir for -m)", file=sys.stderr)
             sys.exit(2)
+
+
+@functools.lru_cache(maxsize=1)
+def cached_pipeline(model: str, device: str, dtype: str) -> TextToVideoZero:
+    """The pipeline of the last job: a sweep that runs its jobs in one process loads the model once."""
+    return TextToVideoZero.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype])
+
+
+@functools.lru_cache(maxsize=1)
+def cached_scorer(name: str, device: str):
+    from .metrics import ClipScorer
+
+    return ClipScorer.from_pretrained(name, device=resolve_device(device))
+
+
+def measure(frames: torch.Tensor, prompt: str, clip_model: str | None, device: str) -> dict[str, float]:
+    """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3)."""
+    from .metrics import video_metrics
+
+    scorer = cached_scorer(clip_model, device) if clip_model else None
+    per_video = [video_metrics(video, prompt, scorer) for video in (frames if frames.ndim == 5 else [frames])]
+    return {key: sum(m[key] for m in per_video) / len(per_video) for key in per_video[0]}
+
+
+def run_experiment(cfg) -> float:
+    """One Hydra job of `experiments/run.py`: generate, write the run folder, measure, log to W&B.
+
+    Writes `metrics.json` (metrics, the job's overrides, status "ok"/"failed", error) in every case: a job whose
+    input is bad is recorded as failed and returns NaN, so the other points of a sweep still run."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from .config import to_generate_config
+    from .tracking import LoggerConfig, Tracker
+
+    start = time.perf_counter()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    record: dict = {"overrides": list(hydra_cfg.overrides.task), "status": "ok"}
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    try:
+        logger = OmegaConf.to_object(cfg.logger)
+    except Exception:  # an invalid logger config fails the job below, with the other checks
+        logger = LoggerConfig(enabled=False)
+    headline = float("nan")
+    with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name) as tracker:
+        try:
+            config = to_generate_config(cfg)
+            pipe = cached_pipeline(config.model, config.device, config.dtype)
+            frames = generate_from_config(config, pipe)
+            names = write_run(run_dir, frames, config, config_yaml, start)
+            np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
+            metrics = measure(frames, config.prompt, config.metrics.clip_model, config.device)
+            if config.metrics.headline not in metrics:
+                raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
+            record.update(metrics)
+            tracker.log_metrics(metrics)
+            stem = config.output.stem if frames.ndim == 4 else f"{config.output.stem}_0"
+            if f"{stem}.mp4" in names:
+                tracker.log_video(run_dir / f"{stem}.mp4")
+            tracker.log_image("contact_sheet", run_dir / f"{stem}_sheet.png")
+            headline = metrics[config.metrics.headline]
+        except USER_ERRORS as e:
+            record.update(status="failed", error=" ".join(str(e).split()) or type(e).__name__)
+            tracker.fail(record["error"])
+            print(f"t2vz: job {run_dir.name} failed: {record['error']}", file=sys.stderr)
+    write_text(run_dir / "metrics.json", json.dumps(record, indent=2) + "\n")
+    return headline

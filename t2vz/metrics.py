@@ -1,0 +1,237 @@
+"""What the ablations measure: CLIP text score and frame consistency (METHOD.md "Metrics"), and model-free
+temporal metrics (phase-correlation motion, motion-compensated warp error) that need no CLIP weights.
+
+Frames are float tensors (f, h, w, 3) in [0, 1]. Metrics over frame pairs are means over an empty set for a
+single frame and return NaN (no pair exists to measure); a video of one frame is neither consistent nor not.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel, CLIPTokenizer
+
+from t2vz.text_encoder import MAX_TOKENS, load_tokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grayscale weights
+
+
+def _check_frames(frames: torch.Tensor) -> torch.Tensor:
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (f, h, w, 3) floats in [0, 1], got shape {tuple(frames.shape)}; "
+                         "convert (f, 3, h, w) with frames.permute(0, 2, 3, 1)")
+    if not frames.is_floating_point():
+        raise ValueError(f"frames must be floats in [0, 1], got dtype {frames.dtype}; divide uint8 by 255")
+    return frames
+
+
+class ClipScorer:
+    """A `transformers.CLIPModel` with its tokenizer and CLIP's image preprocessing done in torch.
+
+    `name` records which CLIP model produced the numbers (METHOD.md: record which CLIP model was used).
+    """
+
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, name: str, batch_size: int = 32):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = batch_size
+        self.image_size = model.config.vision_config.image_size
+        self.max_tokens = min(MAX_TOKENS, model.config.text_config.max_position_embeddings)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu") -> "ClipScorer":
+        """Load a CLIPModel folder (or hub id); its own tokenizer if the folder has one, else t2vz's shipped one."""
+        model = CLIPModel.from_pretrained(str(name_or_path)).to(device)
+        folder = Path(name_or_path)
+        has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+        tokenizer = load_tokenizer(folder if has_tokenizer else None)
+        return cls(model, tokenizer, name=str(name_or_path))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
+        """CLIP's image transform in torch: (f, h, w, 3) in [0, 1] → pixel values (f, 3, s, s), s = image_size.
+
+        Resize the short side to s (bicubic, antialiased; long side int(s · long / short) as CLIP's Resize),
+        center crop s × s, normalise with CLIP's mean and std.
+        """
+        x = _check_frames(frames).permute(0, 3, 1, 2).float()
+        _, _, h, w = x.shape
+        s = self.image_size
+        size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        if size != (h, w):
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        top, left = round((size[0] - s) / 2), round((size[1] - s) / 2)
+        x = x[:, :, top:top + s, left:left + s]
+        mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @staticmethod
+    def _pooled(out) -> torch.Tensor:
+        # transformers 5 returns a ModelOutput whose pooler_output is the projected embedding; 4.x a tensor
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    @torch.no_grad()
+    def image_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """(f, h, w, 3) in [0, 1] → L2-normalised CLIP image embeddings (f, d), in batches of `batch_size`."""
+        chunks = []
+        for batch in _check_frames(frames).split(self.batch_size):
+            pixels = self.preprocess(batch.to(self.device)).to(self.model.dtype)
+            chunks.append(self._pooled(self.model.get_image_features(pixel_values=pixels)).float())
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, prompts: list[str] | str) -> torch.Tensor:
+        """n prompts → L2-normalised CLIP text embeddings (n, d) (padded to 77 tokens, truncated)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        chunks = []
+        for i in range(0, len(prompts), self.batch_size):
+            tokens = self.tokenizer(prompts[i:i + self.batch_size], padding="max_length",
+                                    max_length=self.max_tokens, truncation=True, return_tensors="pt")
+            ids = tokens.input_ids.to(self.device)
+            chunks.append(self._pooled(self.model.get_text_features(input_ids=ids)).float())
+        return F.normalize(torch.cat(chunks), dim=-1)
+
+    def text_score(self, frames: torch.Tensor, prompt: str) -> float:
+        """CLIP text score: 100 · cos(text embedding, frame embedding), averaged over the f frames
+        (T2V-Zero's quantitative comparison: 31.19 for T2V-Zero, 29.63 for CogVideo, 25 prompts)."""
+        image = self.image_embeddings(frames)
+        text = self.text_embeddings([prompt])
+        return 100.0 * (image @ text.T).mean().item()
+
+    def frame_consistency(self, frames: torch.Tensor) -> dict[str, float]:
+        """Mean cosine between CLIP image embeddings of frame pairs, (f, h, w, 3) → two floats:
+
+        - `frame_consistency_all_pairs`: over all pairs i < j (Tune-A-Video, Wu et al. 2023);
+        - `frame_consistency_consecutive`: over pairs (i, i+1) (FateZero's evaluation script, Qi et al. 2023).
+
+        A single frame has no pairs: both are NaN.
+        """
+        e = self.image_embeddings(frames)
+        cos = e @ e.T  # (f, f)
+        i, j = torch.triu_indices(len(e), len(e), offset=1)
+        nan = float("nan")
+        return {
+            "frame_consistency_all_pairs": cos[i, j].mean().item() if len(e) > 1 else nan,
+            "frame_consistency_consecutive": cos.diagonal(offset=1).mean().item() if len(e) > 1 else nan,
+        }
+
+
+# ---- model-free temporal metrics ---------------------------------------------------------------------------
+
+def _gray(frame: torch.Tensor) -> torch.Tensor:
+    """(h, w, 3) or (h, w) → (h, w) float64 luma."""
+    frame = frame.double()
+    return frame if frame.ndim == 2 else frame @ frame.new_tensor(LUMA)
+
+
+def _parabolic_offset(c_minus: float, c0: float, c_plus: float) -> float:
+    """Vertex of the parabola through (−1, c_minus), (0, c0), (1, c_plus): the sub-pixel peak offset."""
+    denom = c_minus - 2.0 * c0 + c_plus
+    return 0.5 * (c_minus - c_plus) / denom if denom < 0 else 0.0
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The regions of a and b that correspond under b(y, x) = a(y − dy, x − dx): two equal-size crops."""
+    h, w = a.shape[:2]
+    return (a[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)],
+            b[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)])
+
+
+def phase_correlation(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """One pass of phase correlation (Kuglin & Hines 1975) on gray (h, w) float64 frames → (dy, dx).
+
+    Mean-subtract and Hann-window both; the peak of ifft(Fb · conj(Fa) / (|Fb · conj(Fa)| + ε)) sits at the
+    shift, refined per axis by a parabola through its neighbours, wrapped into [−h/2, h/2) × [−w/2, w/2).
+    ε = 0.1 · mean magnitude regularises the whitening: frequencies the frames do not contain (smooth content)
+    would otherwise contribute pure noise with full weight.
+    """
+    h, w = a.shape
+    window = torch.outer(torch.hann_window(h, periodic=False, dtype=a.dtype),
+                         torch.hann_window(w, periodic=False, dtype=a.dtype))
+    fa = torch.fft.fft2((a - a.mean()) * window)
+    fb = torch.fft.fft2((b - b.mean()) * window)
+    cross = fb * fa.conj()
+    corr = torch.fft.ifft2(cross / (cross.abs() + 0.1 * cross.abs().mean() + 1e-30)).real  # (h, w)
+    py, px = divmod(int(corr.argmax()), w)
+    c = lambda y, x: corr[y % h, x % w].item()  # noqa: E731
+    dy = py + _parabolic_offset(c(py - 1, px), c(py, px), c(py + 1, px))
+    dx = px + _parabolic_offset(c(py, px - 1), c(py, px), c(py, px + 1))
+    return float(dy - h if dy >= h / 2 else dy), float(dx - w if dx >= w / 2 else dx)
+
+
+def global_translation(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """The global shift (dy, dx) in pixels with b(y, x) ≈ a(y − dy, x − dx); a, b: (h, w, 3) or (h, w).
+
+    Sign convention: content moving right (down) from a to b gives positive dx (dy). Two passes of
+    `phase_correlation`: the whole frames give the integer shift; the overlapping crops, aligned by it, give
+    the sub-pixel residual. The fixed window pulls a one-pass estimate towards zero (0.1–0.2 px on 64 px frames);
+    on the aligned crops the residual, and with it the pull, is small (≤ 0.1 px in tests/test_metrics.py).
+    """
+    ga, gb = _gray(a), _gray(b)
+    if ga.shape != gb.shape:
+        raise ValueError(f"frames must have the same size, got {tuple(a.shape)} and {tuple(b.shape)}")
+    dy, dx = (round(d) for d in phase_correlation(ga, gb))
+    ca, cb = _overlap(ga, gb, dy, dx)
+    if min(ca.shape) < 8:  # too little overlap to refine
+        return float(dy), float(dx)
+    ry, rx = phase_correlation(ca, cb)
+    return dy + ry, dx + rx
+
+
+def measured_motion(frames: torch.Tensor) -> torch.Tensor:
+    """(f, h, w, 3) → (f − 1, 2): the global translation (dy, dx) from frame k to frame k + 1."""
+    frames = _check_frames(frames)
+    shifts = [global_translation(frames[k], frames[k + 1]) for k in range(len(frames) - 1)]
+    return torch.tensor(shifts, dtype=torch.float32).reshape(-1, 2)
+
+
+def frame_difference(frames: torch.Tensor) -> float:
+    """Naive temporal baseline: mean |frame_{k+1} − frame_k| over pixels, channels and consecutive pairs."""
+    frames = _check_frames(frames)
+    if len(frames) < 2:
+        return float("nan")
+    return (frames[1:] - frames[:-1]).abs().mean().item()
+
+
+def _aligned_difference(a: torch.Tensor, b: torch.Tensor, dy: int, dx: int) -> float:
+    """mean |b(y, x) − a(y − dy, x − dx)| over the region where both exist; a, b: (h, w, 3)."""
+    a_part, b_part = _overlap(a, b, dy, dx)
+    return (b_part - a_part).abs().mean().item() if a_part.numel() else float("nan")
+
+
+def warp_error(frames: torch.Tensor) -> float:
+    """Motion-compensated frame difference: mean |frame_{k+1} − shift(frame_k, measured translation)| over the
+    overlap (translation rounded to whole pixels), averaged over consecutive pairs. (f, h, w, 3) → float.
+
+    Near 0 for a video whose frames differ only by a global translation, unlike `frame_difference`."""
+    frames = _check_frames(frames)
+    if len(frames) < 2:
+        return float("nan")
+    motion = measured_motion(frames).round().long().tolist()
+    errors = [_aligned_difference(frames[k], frames[k + 1], dy, dx) for k, (dy, dx) in enumerate(motion)]
+    return sum(errors) / len(errors)
+
+
+def video_metrics(frames: torch.Tensor, prompt: str, scorer: ClipScorer | None = None) -> dict[str, float]:
+    """Every metric in one flat dict: the model-free ones always, the CLIP ones only when a scorer is given."""
+    frames = _check_frames(frames)
+    motion = measured_motion(frames)
+    nan = float("nan")
+    metrics = {
+        "warp_error": warp_error(frames),
+        "frame_difference": frame_difference(frames),
+        "motion_dy_mean": motion[:, 0].mean().item() if len(motion) else nan,
+        "motion_dx_mean": motion[:, 1].mean().item() if len(motion) else nan,
+    }
+    if scorer is not None:
+        metrics["clip_text_score"] = scorer.text_score(frames, prompt)
+        metrics.update(scorer.frame_consistency(frames))
+    return metrics

@@ -1,0 +1,247 @@
+"""Results of every job logged to Weights & Biases; W&B trouble never fails a job.
+
+    with Tracker(LoggerConfig(), run_dir, config_dict, name="horse") as tracker:   # one W&B run per job
+        tracker.log_metrics({"clip_score": 0.31})   # run summary + one history step
+        tracker.log_video(run_dir / "video.mp4")    # history key "video": the mp4 as it is (files/media/videos/)
+        tracker.log_image("sheet", run_dir / "video_sheet.png")
+
+The run's config is the resolved job config (plus `info`, e.g. run.json, under "run"); W&B's files go to
+`{dir}/wandb/{offline-,}run-DATE-ID/`, dir = the job's output folder unless `LoggerConfig.dir` says otherwise. Jobs
+of one multirun share a group (`sweep_group`); then `MultirunSummary`, a Hydra callback, writes `summary.csv` from
+every job's `metrics.json` into the sweep folder and logs one "summary" run with the same table. The mode is
+`LoggerConfig.mode`, else WANDB_MODE. Any W&B error (no network, no login) is one RuntimeWarning, after which the
+tracker does nothing: the caller's local files are the record.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from .video_io import atomic_path
+
+WANDB_MODES = ("online", "offline", "disabled")
+LOGIN_TIMEOUT_S = 30  # online without a stored login, W&B asks on a terminal: an unattended job must not wait
+
+
+@dataclass
+class LoggerConfig:
+    """Where and how jobs are logged to W&B (`Tracker`, `MultirunSummary`)."""
+
+    enabled: bool = True
+    project: str = "t2vz"
+    entity: Optional[str] = None
+    mode: Optional[str] = None  # online | offline | disabled; None: WANDB_MODE decides (W&B's default: online)
+    group: Optional[str] = None  # None: the multirun's sweep folder (`sweep_group`); single runs get none
+    tags: list[str] = field(default_factory=list)
+    dir: Optional[str] = None  # where W&B writes its run folders; None: the job's output folder
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode={self.mode!r} is not one of {', '.join(WANDB_MODES)}; "
+                             "or null to leave WANDB_MODE in charge")
+
+
+def as_logger_config(config: LoggerConfig | Mapping | None) -> LoggerConfig:
+    """A LoggerConfig from itself, a dict or an OmegaConf node (checked by `__post_init__`); None: the defaults."""
+    return config if isinstance(config, LoggerConfig) else LoggerConfig(**(to_dict(config) or {}))
+
+
+def to_dict(node: Mapping | None) -> Optional[dict]:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node and dict(node)
+
+
+def sweep_group(sweep_dir: str | os.PathLike) -> str:
+    """A multirun's W&B group: the sweep folder's last two path parts, so Hydra's multirun/DATE/TIME → DATE_TIME
+    and hydra.sweep.dir=sweeps/motion → sweeps_motion."""
+    return "_".join(Path(sweep_dir).parts[-2:])
+
+
+def hydra_sweep_group() -> Optional[str]:
+    """`sweep_group` of the running Hydra multirun job; None outside Hydra or in a single run."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return sweep_group(HydraConfig.get().sweep.dir) if multirun else None
+
+
+class Tracker:
+    """One W&B run for one job, as a context manager; `finish` runs on exit with the job's exit code (an exception
+    or a non-zero `SystemExit` marks the run failed). Disabled (`enabled=False` or mode "disabled") or after any W&B
+    error, every method does nothing. `run_path` ("entity/project/id") and `run_dir` (W&B's folder for this run,
+    holding `run-ID.wandb` and `files/`) are set by `start` (and kept after `finish`); None when no run started."""
+
+    def __init__(self, config: LoggerConfig | Mapping | None, run_dir: str | os.PathLike,
+                 run_config: Mapping | None = None, name: Optional[str] = None, *, info: Mapping | None = None,
+                 job_type: str = "generate", group: Optional[str] = None):
+        self.config, self.job_dir = as_logger_config(config), Path(run_dir)
+        self.run_config = {**(to_dict(run_config) or {}), **({"run": dict(info)} if info else {})}
+        self.name, self.job_type, self.group = name, job_type, group or self.config.group
+        self.run, self.run_path, self.run_dir, self.failed = None, None, None, False
+
+    def start(self) -> Tracker:
+        """Start the W&B run (`wandb.init`); on failure: one warning, and a no-op tracker."""
+        mode = self.config.mode or os.environ.get("WANDB_MODE", "online")  # W&B's own default: online
+        if not self.config.enabled or mode == "disabled" or self.run is not None:
+            return self
+
+        def init(_):
+            import wandb
+
+            # online (or legacy "run", "shared"): find a stored key, or ask for LOGIN_TIMEOUT_S on a terminal
+            if mode not in ("offline", "dryrun") and not wandb.login(timeout=LOGIN_TIMEOUT_S, verify=False):
+                raise RuntimeError("no W&B login (run `wandb login`, or set WANDB_MODE=offline)")
+            folder = Path(self.config.dir) if self.config.dir else self.job_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(
+                project=self.config.project, entity=self.config.entity, mode=self.config.mode, dir=str(folder),
+                name=self.name, group=self.group or hydra_sweep_group(), job_type=self.job_type,
+                tags=list(self.config.tags), config=self.run_config, reinit="create_new")
+            return None if run.disabled else run  # W&B turns itself off after a login timeout
+
+        self.run = self._call("starting the run", init, always=True)
+        if self.run is not None:
+            self.run_path, self.run_dir = self.run.path, Path(self.run.settings.sync_dir)
+        return self
+
+    def _call(self, what: str, fn: Callable[[Any], Any], always: bool = False) -> Any:
+        """fn(run) if the run is live (or `always`); any exception → one warning, and the tracker turns no-op."""
+        try:
+            return fn(self.run) if self.run is not None or always else None
+        except Exception as e:  # W&B must never fail a job: its local results are already written
+            self.run = None
+            warnings.warn(f"W&B logging is off for this job: {what} failed ({type(e).__name__}: {e}); "
+                          f"its results are still in {self.job_dir}", RuntimeWarning, stacklevel=3)
+
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Metrics as one history step; `run.log` also makes them the run's summary."""
+        self._call("logging metrics", lambda run: run.log(dict(metrics)))
+
+    def _log_media(self, key: str, what: str, make: Callable[[Any], Any]) -> None:
+        if self.run is not None:
+            import wandb
+            self._call(f"logging {what}", lambda run: run.log({key: make(wandb)}))
+
+    def log_video(self, path: str | os.PathLike, key: str = "video") -> None:
+        """An mp4/gif by path, uploaded as it is (wandb 0.31 takes the format from the suffix; no re-encoding, no
+        moviepy): history key `key`, file `files/media/videos/`."""
+        self._log_media(key, f"the video {path}", lambda wandb: wandb.Video(str(path)))
+
+    def log_image(self, key: str, path: str | os.PathLike) -> None:
+        """An image file (the contact sheet): history key `key`, file `files/media/images/`."""
+        self._log_media(key, f"the image {path}", lambda wandb: wandb.Image(str(path)))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """A `wandb.Table`, one row per entry of `rows`: history key `key`, file `files/media/table/`."""
+        self._log_media(key, f"the table {key}", lambda wandb: wandb.Table(columns, rows, allow_mixed_types=True))
+
+    def fail(self, error: str) -> None:
+        """A job that caught its own error: `error` into the run's summary, and exit code 1 at `finish`."""
+        self.failed = True
+        self._call("recording the error", lambda run: run.summary.update({"error": error}))
+
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; exit_code ≠ 0 (or an earlier `fail`) marks it failed. An offline run stays in `run_dir`
+        for `wandb sync`."""
+        self._call("finishing the run", lambda run: run.finish(exit_code=exit_code or int(self.failed)))
+        self.run = None
+
+    def __enter__(self) -> Tracker:
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        code = 0 if exc is None else 1
+        if isinstance(exc, SystemExit):  # sys.exit(n): n; sys.exit(): 0; sys.exit("message"): 1
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        self.finish(code)
+        return False
+
+
+def scalar(value: Any) -> Any:
+    """A table cell: None, bool, int, float and str as they are; anything else (a list) as its str."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Hydra overrides ["method.t0=40", "prompt='a cat'"] → {"method.t0": 40, "prompt": "a cat"}, typed by
+    Hydra's own parser (numbers stay numbers in the table); an unparsable one is split at its first "="."""
+    parser, out = OverridesParser.create(), {}
+    for text in overrides:
+        try:
+            o = parser.parse_override(text)
+            key, value = o.get_key_element(), o.value()
+        except Exception:
+            key, _, value = text.partition("=")
+        out[key] = scalar(value)
+    return out
+
+
+def collect_jobs(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One flat row per job folder under `sweep_dir` (a folder with `metrics.json` or Hydra's
+    `.hydra/overrides.yaml`), in job order: job (the folder, relative), the overrides, the metrics, status, error.
+    A job without metrics.json has status "missing" (it died before writing it)."""
+    sweep_dir = Path(sweep_dir)
+    folders = {p.parent for p in sweep_dir.glob("**/metrics.json")}
+    folders |= {p.parent.parent for p in sweep_dir.glob("**/.hydra/overrides.yaml")} - {sweep_dir}
+    rows = []
+    for folder in sorted(folders, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]):
+        try:
+            metrics = dict(json.loads((folder / "metrics.json").read_text()))
+        except FileNotFoundError:
+            overrides = OmegaConf.load(folder / ".hydra/overrides.yaml")
+            metrics = {"overrides": list(overrides), "status": "missing", "error": "no metrics.json"}
+        except (OSError, ValueError, TypeError) as e:
+            metrics = {"status": "unreadable", "error": f"metrics.json: {e}"}
+        row = {"job": folder.relative_to(sweep_dir).as_posix(), **parse_overrides(metrics.pop("overrides", []))}
+        status, error = metrics.pop("status", "ok"), metrics.pop("error", None)
+        row.update({key: scalar(value) for key, value in metrics.items()})
+        rows.append({**row, "status": status, "error": error})
+    return rows
+
+
+def write_summary_csv(path: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """`rows` as CSV at `path`, written atomically (empty cells for keys a row lacks). Returns the columns."""
+    columns = [*dict.fromkeys(k for row in rows for k in row if k not in ("status", "error")), "status", "error"]
+    writer = csv.DictWriter(text := io.StringIO(), columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(text.getvalue())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return columns
+
+
+class MultirunSummary(Callback):
+    """Hydra callback: at the end of a multirun, `summary.csv` in the sweep folder (one row per job: overrides,
+    metrics, status, error) and one W&B run (job_type "summary", the jobs' group) whose history key "jobs" is the
+    same table as a `wandb.Table`, and whose summary holds jobs_ok / jobs_failed. W&B settings come from the
+    composed config's `logger_key` node (a `LoggerConfig`; defaults where the config has none)."""
+
+    def __init__(self, logger_key: str = "logger"):
+        self.logger_key = logger_key
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        logger = as_logger_config(OmegaConf.select(config, self.logger_key, default=None))
+        rows = collect_jobs(sweep_dir)
+        columns = write_summary_csv(sweep_dir / "summary.csv", rows)
+        group = logger.group or sweep_group(sweep_dir)
+        run_config = {"sweep_dir": str(sweep_dir), "jobs": len(rows),
+                      "sweep_overrides": list(OmegaConf.select(config, "hydra.overrides.task", default=[]))}
+        with Tracker(logger, sweep_dir, run_config, name=f"{group}-summary", job_type="summary", group=group) as t:
+            t.log_table("jobs", columns, [[row.get(c) for c in columns] for row in rows])
+            ok = sum(row["status"] == "ok" for row in rows)
+            t.log_metrics({"jobs_ok": ok, "jobs_failed": len(rows) - ok})

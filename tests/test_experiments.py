@@ -1,0 +1,119 @@
+"""experiments/run.py and conf/: every config composes; a two-point sweep of every ablation runs end to end on a
+tiny random model with W&B offline and is read back from its .wandb files; a failing point does not stop a sweep."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import t2vz.config  # noqa: F401  (registers the ConfigStore nodes)
+from t2vz.config import to_generate_config
+from weights_convert.random_model import write_random_model
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SMALL = ["video.num_frames=3", "video.height=32", "video.width=32", "sampler.num_inference_steps=6",
+         "method.t0=1", "method.t1=3", "output.progress=false", "output.formats=[mp4]"]
+# per ablation: two points of its swept key (the command line replaces the experiment's own sweep of that key)
+TWO_POINTS = {
+    "ablate_lambda": ["method.motion_strength=0,64"],
+    "ablate_delta_t": ["method.t0=3,1"],
+    "ablate_alpha": ["method.alpha=0.0,1.0"],
+    "ablate_components": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
+}
+
+
+def compose_experiment(overrides: list[str]):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose("experiment_config", overrides=overrides)
+
+
+def test_every_ablation_is_covered():
+    assert sorted(TWO_POINTS) == EXPERIMENTS == ["ablate_alpha", "ablate_components", "ablate_delta_t",
+                                                 "ablate_lambda"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("logger", ["default", "offline", "disabled"])
+def test_every_experiment_and_group_composes(experiment, logger):
+    cfg = compose_experiment([f"+experiment={experiment}", f"logger={logger}", "prompt=p", "model=m"],)
+    config = to_generate_config(cfg)
+    assert config.name == experiment and config.metrics.headline == "warp_error"
+    swept = {k: v for k, v in cfg.hydra.sweeper.params.items()} if "hydra" in cfg else None
+    assert swept is None or "seed" in swept
+
+
+def test_experiment_files_declare_their_sweeps():
+    import yaml
+
+    for name in EXPERIMENTS:
+        text = (CONF / "experiment" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_")
+        params = yaml.safe_load(text)["hydra"]["sweeper"]["params"]
+        assert {"prompt", "seed"} <= set(params) and len(str(params["seed"]).split(",")) >= 3, name
+        assert len(next(v for k, v in params.items() if k.startswith("method.")).split(",")) >= 4 or \
+            name == "ablate_components", name
+
+
+def test_typos_fail_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose_experiment(["prompt=p", "model=m", "metrics.headlne=x"])
+    with pytest.raises(ConfigCompositionException):
+        compose_experiment(["prompt=p", "model=m", "logger=nonexistent"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_random_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def run_sweep(tiny_model, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_DISABLE_GIT": "true", "PYTHONPATH": str(REPO)}
+    args = [sys.executable, str(REPO / "experiments" / "run.py"), "-m", f"model={tiny_model}", "seed=0",
+            "prompt=a horse galloping", *SMALL, f"hydra.sweep.dir={sweep_dir}", *overrides]
+    return subprocess.run(args, cwd=sweep_dir.parent, env=env, text=True, capture_output=True, timeout=600)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_two_point_sweep_runs_and_logs_to_wandb_offline(tiny_model, tmp_path, experiment):
+    from wandb_records import read_offline_run
+
+    sweep = tmp_path / experiment
+    proc = run_sweep(tiny_model, sweep, f"+experiment={experiment}", *TWO_POINTS[experiment])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        record = json.loads((job / "metrics.json").read_text())
+        assert record["status"] == "ok", record
+        assert {"video.mp4", "video_sheet.png", "frames.npz", "config.yaml", "run.json"} <= {
+            p.name for p in job.iterdir()}
+        logged = read_offline_run(job)
+        assert logged["config"]["name"] == experiment
+        assert logged["summary"]["warp_error"] == pytest.approx(record["warp_error"])
+        assert any(name.endswith(".mp4") for name in logged["files"]), logged["files"]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+
+
+def test_a_failing_point_does_not_stop_the_sweep(tiny_model, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_sweep(tiny_model, sweep, "method.motion_strength=nan,12", "logger=disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {job: json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1")}
+    assert records["0"]["status"] == "failed" and "motion_strength=nan must be a finite number" in \
+        records["0"]["error"]
+    assert records["1"]["status"] == "ok"
+    assert "job 0 failed: method.motion_strength=nan" in proc.stderr
+    rows = {r["status"] for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert rows == {"ok", "failed"}

@@ -30,9 +30,10 @@ TWO_POINTS = {
 }
 
 
-def compose_experiment(overrides: list[str]):
+def compose_experiment(overrides: list[str], hydra: bool = False):
+    """The composed experiment config; with `hydra`, including the `hydra` node (sweeper, launcher)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return compose("experiment_config", overrides=overrides)
+        return compose("experiment_config", overrides=overrides, return_hydra_config=hydra)
 
 
 def test_every_ablation_is_covered():
@@ -43,11 +44,12 @@ def test_every_ablation_is_covered():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("logger", ["default", "offline", "disabled"])
 def test_every_experiment_and_group_composes(experiment, logger):
-    cfg = compose_experiment([f"+experiment={experiment}", f"logger={logger}", "prompt=p", "model=m"],)
-    config = to_generate_config(cfg)
+    overrides = [f"+experiment={experiment}", f"logger={logger}", "prompt=p", "model=m"]
+    config = to_generate_config(compose_experiment(overrides))
     assert config.name == experiment and config.metrics.headline == "warp_error"
-    swept = {k: v for k, v in cfg.hydra.sweeper.params.items()} if "hydra" in cfg else None
-    assert swept is None or "seed" in swept
+    assert config.logger.enabled == (logger != "disabled")
+    swept = compose_experiment(overrides, hydra=True).hydra.sweeper.params
+    assert {"prompt", "seed"} <= set(swept) and any(key.startswith("method.") for key in swept)
 
 
 def test_experiment_files_declare_their_sweeps():

@@ -1,0 +1,37 @@
+"""Tables, plots and a frame sheet of one multirun folder (see `t2vz.report`).
+
+    python experiments/report.py multirun/2024-01-01/12-00-00            # writes into that folder
+    python experiments/report.py sweeps/lambda --out reports/lambda
+
+Writes report.csv/.md (one row per job), report_by_setting.csv/.md (mean and std per setting over seeds and
+prompts), plot_{metric}_vs_{key}.png and frames_by_setting.png, and prints each path. A folder without job
+results: an error message and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's t2vz, when not installed
+
+from t2vz.report import ReportError, write_report  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("multirun_dir", help="a multirun folder holding job folders 0/, 1/, …")
+    parser.add_argument("--out", default=None, help="where to write the report (default: MULTIRUN_DIR)")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_report(args.multirun_dir, args.out)
+    except (ReportError, OSError) as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .tracking import collect_jobs, parse_overrides, write_summary_csv
-from .video_io import atomic_path, contact_sheet, write_image
+from .video_io import contact_sheet, write_image, write_text
 
 NOT_SETTINGS = ("seed", "prompt")  # averaged over: a setting is everything else that was swept
 NOT_METRICS = ("job", "status", "error")
@@ -159,17 +159,6 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_text(path: Path, text: str) -> Path:
-    """`text` to `path` atomically (a temporary file beside it, then one rename)."""
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_table(out_dir: Path, stem: str, rows: list[dict[str, Any]]) -> list[Path]:

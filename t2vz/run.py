@@ -25,7 +25,7 @@ from .cli import DTYPES
 from .config import GenerateConfig
 from .model_folder import ModelFolderError
 from .pipeline import TextToVideoZero
-from .video_io import VideoIOError, atomic_path, to_uint8, write_outputs
+from .video_io import VideoIOError, to_uint8, write_outputs, write_text
 
 # Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
 USER_ERRORS = (ValueError, ModelFolderError, VideoIOError, OSError)
@@ -61,17 +61,6 @@ def generate_from_config(config: GenerateConfig, pipe: TextToVideoZero | None = 
         pipe = TextToVideoZero.from_pretrained(config.model, device=device, dtype=DTYPES[config.dtype])
     kwargs = pipeline_kwargs(config)
     return pipe(config.prompt, generator=torch.Generator().manual_seed(config.seed), **kwargs)
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` atomically: a temporary file beside it, then one rename."""
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateConfig, config_yaml: str,

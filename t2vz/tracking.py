@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from .video_io import atomic_path
+from .video_io import write_text
 
 WANDB_MODES = ("online", "offline", "disabled")
 LOGIN_TIMEOUT_S = 30  # online without a stored login, W&B asks on a terminal: an unattended job must not wait
@@ -215,12 +215,7 @@ def write_summary_csv(path: Path, rows: list[dict[str, Any]]) -> list[str]:
     writer = csv.DictWriter(text := io.StringIO(), columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(text.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, text.getvalue())
     return columns
 
 

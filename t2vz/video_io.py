@@ -44,6 +44,18 @@ def atomic_path(path: Path):
     return Path(tmp)
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`text` to `path` atomically: a temporary file beside it, then one rename."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 @contextmanager
 def _atomic(path: Path):
     """Yield a temporary path beside `path`; on success rename it onto `path`; always remove it at the end.

@@ -107,7 +107,6 @@ def test_frames_sheet_one_row_per_setting(report):
     sheet = np.asarray(Image.open(sweep / "frames_by_setting.png").convert("RGB"))
     row_height = 64  # FRAME_ROW_MIN_HEIGHT; the 16-pixel frames are scaled up to it
     assert sheet.shape[0] == 3 * row_height + 2 * PAD
-    tile = round(FRAME_SHAPE[2] * row_height / FRAME_SHAPE[1])
     for setting, first_ok_job in enumerate((0, 2, 4)):
         middle = setting * (row_height + PAD) + row_height // 2
         assert tuple(sheet[middle, LABEL_WIDTH + 5]) == colour(first_ok_job)  # its first frame

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 import t2vz.config  # noqa: F401  (registers the ConfigStore nodes)
 from t2vz.config import to_generate_config
+from t2vz.report import write_report
 from weights_convert.random_model import write_random_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +107,9 @@ def test_two_point_sweep_runs_and_logs_to_wandb_offline(tiny_model, tmp_path, ex
         assert any(name.endswith(".mp4") for name in logged["files"]), logged["files"]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    written = {p.name for p in write_report(sweep, tmp_path / "report")}
+    assert {"report.csv", "report.md", "report_by_setting.csv", "frames_by_setting.png"} <= written
+    assert any(name.startswith("plot_warp_error_vs_") for name in written), written
 
 
 def test_a_failing_point_does_not_stop_the_sweep(tiny_model, tmp_path):

@@ -171,4 +171,6 @@ def run_experiment(cfg) -> float:
             tracker.fail(record["error"])
             print(f"t2vz: job {run_dir.name} failed: {record['error']}", file=sys.stderr)
     write_text(run_dir / "metrics.json", json.dumps(record, indent=2) + "\n")
+    if record["status"] == "ok":
+        print(f"t2vz: job {run_dir.name} ok, {cfg.metrics.headline}={headline:.4g}; results in {run_dir}")
     return headline

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
-from tqdm.auto import tqdm
 
 from .attention import CROSS_FRAME_MODES, CrossFrame
 from .loading import StableDiffusion, load
@@ -31,7 +30,7 @@ from .schedulers import DDIM, DDPM, draw_noise
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
 )
-from .text_to_image import check_size, encode_prompts, guided_eps
+from .text_to_image import check_size, ddim_denoise, decode_images, encode_prompts
 
 DDPM_MARGINALS = ("exact", "reference")
 
@@ -67,29 +66,6 @@ def motion_timesteps(timesteps: torch.Tensor, t0: int, t1: int) -> tuple[int, in
     return int(timesteps[-t1 - 1]), int(timesteps[-t0 - 1])
 
 
-def ddim_denoise(
-    sd: StableDiffusion,
-    x: torch.Tensor,
-    scheduler: DDIM,
-    timesteps: torch.Tensor,
-    context: torch.Tensor,
-    guidance_scale: float,
-    generator: torch.Generator | None = None,
-    cross_frame: CrossFrame | None = None,
-    step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
-    desc: str = "DDIM",
-    progress: bool = True,
-) -> torch.Tensor:
-    """Steps 2 and 5: DDIM (Eq. 12) with classifier-free guidance over `timesteps`; x ((b f), c, h, w) at
-    timesteps[0] → x one DDIM step below timesteps[−1]. `step_callback(t, x)` may return a replacement x."""
-    for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
-        eps = guided_eps(sd, x, t.to(x.device), context, guidance_scale, cross_frame=cross_frame)
-        x, _ = scheduler.step(eps, t, x, generator=generator)
-        replaced = step_callback(int(t), x) if step_callback is not None else None
-        x = x if replaced is None else replaced
-    return x
-
-
 def motion_path(frame_ids: Sequence[int], motion_strength: float, direction: Sequence[float]) -> torch.Tensor:
     """Step 3's motion: frame k (0-based id) translated by δᵏ = λ·k·δ, as 2×3 affine maps (f, 2, 3)."""
     return translation_path(frame_ids, motion_strength, direction)
@@ -107,8 +83,7 @@ def ddpm_forward(x_t0: torch.Tensor, T0: int, T1: int, generator, marginal: str 
 def decode_video(sd: StableDiffusion, latents: torch.Tensor, f: int) -> torch.Tensor:
     """Step 6: scaled latents ((b f), c, h, w) → frames (b, f, H, W, 3) in [0, 1], decoded one frame at a time
     so that memory does not grow with the video's length."""
-    images = [sd.vae.decode(x[None] / sd.vae.config.scaling_factor) for x in latents]
-    images = (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+    images = torch.cat([decode_images(sd, x[None]) for x in latents])
     return rearrange(images, "(b f) c h w -> b f h w c", f=f).float().cpu()
 
 

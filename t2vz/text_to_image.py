@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .attention import CrossFrame
 from .loading import StableDiffusion
 from .schedulers import DDIM, draw_noise
 
@@ -41,6 +42,29 @@ def guided_eps(sd: StableDiffusion, x: torch.Tensor, t: torch.Tensor, context: t
         return sd.unet(x, t, context, **unet_kwargs)
     eps_uncond, eps_text = sd.unet(torch.cat([x, x]), t, context, **unet_kwargs).chunk(2)
     return eps_uncond + guidance_scale * (eps_text - eps_uncond)
+
+
+def ddim_denoise(
+    sd: StableDiffusion,
+    x: torch.Tensor,
+    scheduler: DDIM,
+    timesteps: torch.Tensor,
+    context: torch.Tensor,
+    guidance_scale: float,
+    generator: torch.Generator | None = None,
+    cross_frame: CrossFrame | None = None,
+    step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    desc: str = "DDIM",
+    progress: bool = True,
+) -> torch.Tensor:
+    """DDIM (Eq. 12) with classifier-free guidance over `timesteps` (T2V-Zero steps 2 and 5); x ((b f), c, h, w) at
+    timesteps[0] → x one DDIM step below timesteps[−1]. `step_callback(t, x)` may return a replacement x."""
+    for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
+        eps = guided_eps(sd, x, t.to(x.device), context, guidance_scale, cross_frame=cross_frame)
+        x, _ = scheduler.step(eps, t, x, generator=generator)
+        replaced = step_callback(int(t), x) if step_callback is not None else None
+        x = x if replaced is None else replaced
+    return x
 
 
 def decode_images(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
@@ -77,9 +101,8 @@ def text_to_image(
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {height}×{width}")
     x = latents.to(device=sd.device, dtype=sd.dtype)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="DDIM", disable=not progress, leave=False)):
-        eps = guided_eps(sd, x, t.to(sd.device), context, guidance_scale)
-        x, _ = scheduler.step(eps, t, x, generator=generator)
-        if callback is not None:
-            callback(i, int(t), x)
+    steps = iter(range(num_inference_steps))
+    on_step = None if callback is None else (lambda t, x: callback(next(steps), t, x))
+    x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
+                     step_callback=on_step, progress=progress)
     return decode_images(sd, x)[0].permute(1, 2, 0).float().cpu()

@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from t2vz.text_encoder import canonical_clip_state_dict
 from t2vz.unet import UNetConfig
 from t2vz.vae import VAEConfig
 
@@ -115,8 +116,7 @@ def t2vz_names(component: str, sd: dict) -> dict:
         old = re.compile(r"(attentions\.\d+\.)(query|key|value|proj_attn)\.")
         return {old.sub(lambda m: m.group(1) + OLD_VAE_ATTENTION[m.group(2)] + ".", k): k for k in sd}
     if component == "text_encoder":
-        return {("text_model." + k if not k.startswith("text_model.") else k): k
-                for k in sd if not k.endswith("position_ids")}
+        return canonical_clip_state_dict({k: k for k in sd})  # canonical name → the folder's name
     return {k: k for k in sd}
 
 

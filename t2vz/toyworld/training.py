@@ -1,0 +1,348 @@
+"""Train the toy model: t2vz's own SD 1.5 classes in small configurations, on the toy world, in stages.
+
+    1. data   render `data.num_images` captioned scenes (`world.scene_for_index`), held-out combinations excluded
+    2. vae    the KL autoencoder: ‖D(z) − x‖² + β·KL(q(z|x) ‖ N(0, I)), z ~ q(z|x) (Rombach et al. 2022, Sec. 3,
+              without the perceptual and adversarial terms, which flat-colour scenes do not need)
+    3. unet   the UNet and the CLIP text transformer together on ε-prediction, L = ‖ε − ε_θ(√ᾱ_t z₀ + √(1−ᾱ_t) ε,
+              t, τ(y))‖² (Ho et al. 2020, Eq. 14; LDM Eq. 2), with the caption replaced by "" with probability
+              `unet.caption_dropout` so that one network gives both branches of classifier-free guidance
+              (Ho & Salimans 2022); an exponential moving average of the weights is what ships
+    4. export the EMA weights as fp16 safetensors in a t2vz model folder (`model_folder.write_model_folder`, the
+              same format `weights_convert` writes for SD 1.5), with the command and seed that made them
+
+Each stage checkpoints into `workdir` (atomically, every `checkpoint_every` steps) and a re-run resumes where the
+last one stopped. Entry point: `experiments/train_toyworld.py`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..model_folder import write_model_folder
+from ..schedulers.noise_schedule import scaled_linear_alphas_cumprod
+from ..text_encoder import MAX_TOKENS, build_clip_text_model, canonical_clip_state_dict, load_tokenizer
+from ..text_encoder import shipped_tokenizer_dir
+from ..tracking import LoggerConfig, Tracker
+from ..unet import UNet, UNetConfig
+from ..vae import AutoencoderKL, VAEConfig
+from .world import SIZE, render, scene_for_index
+
+
+@dataclass
+class DataConfig:
+    num_images: int = 20000
+    seed: int = 0  # the dataset: scene i is scene_for_index(seed, i)
+
+
+@dataclass
+class VAETrainConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # 3 levels: 64×64 → 16×16
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    kl_weight: float = 1e-4
+
+
+@dataclass
+class UNetTrainConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    layers_per_block: int = 1
+    num_attention_heads: int = 4
+    norm_num_groups: int = 8
+    steps: int = 8000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+
+
+@dataclass
+class TextTrainConfig:
+    """A small CLIP text transformer (transformers' CLIPTextModel), trained with the UNet from scratch."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+
+
+@dataclass
+class TrainConfig:
+    workdir: str = "runs/toyworld"  # checkpoints and the cached dataset; re-running resumes from here
+    out: str = "t2vz/data/models/toyworld"  # the exported model folder
+    seed: int = 0
+    threads: int = 0  # torch.set_num_threads; 0 leaves PyTorch's default (all cores)
+    checkpoint_every: int = 500
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    unet: UNetTrainConfig = field(default_factory=UNetTrainConfig)
+    text: TextTrainConfig = field(default_factory=TextTrainConfig)
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(mode="offline"))
+    progress: bool = True
+
+
+def text_config(cfg: TextTrainConfig) -> dict:
+    """CLIPTextConfig kwargs, as a model folder stores them: the shipped tokenizer's 49408 tokens, 77 positions."""
+    return dict(vocab_size=49408, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                projection_dim=cfg.hidden_size)
+
+
+def vae_config(cfg: VAETrainConfig, scaling_factor: float = 1.0) -> VAEConfig:
+    return VAEConfig(block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                     norm_num_groups=cfg.norm_num_groups, scaling_factor=scaling_factor)
+
+
+def unet_config(cfg: UNetTrainConfig, context_dim: int) -> UNetConfig:
+    return UNetConfig(block_out_channels=tuple(cfg.block_out_channels), attention_levels=tuple(cfg.attention_levels),
+                      layers_per_block=cfg.layers_per_block, num_attention_heads=cfg.num_attention_heads,
+                      cross_attention_dim=context_dim, norm_num_groups=cfg.norm_num_groups)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save into a sibling temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """A stage's checkpoint (plain tensors and numbers only: weights_only=True), or None when there is none."""
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+# ---- stage 1: data ---------------------------------------------------------------------------------------------
+
+def build_dataset(cfg: DataConfig, workdir: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Render (or read the cached) images (n, 64, 64, 3) uint8 and their captions."""
+    cache = workdir / f"data_{cfg.seed}_{cfg.num_images}.npz"
+    if cache.is_file():
+        with np.load(cache) as f:
+            return f["images"], [str(c) for c in f["captions"]]
+    images = np.empty((cfg.num_images, SIZE, SIZE, 3), np.uint8)
+    captions = []
+    for i in tqdm(range(cfg.num_images), desc="rendering the toy world", disable=not progress):
+        scene = scene_for_index(cfg.seed, i)
+        images[i] = render(scene)
+        captions.append(scene.caption)
+    tmp = cache.with_name(f".{cache.stem}.partial.npz")
+    np.savez(tmp, images=images, captions=np.array(captions))
+    os.replace(tmp, cache)
+    return images, captions
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """(n, h, w, 3) uint8 → (n, 3, h, w) float in [−1, 1], the VAE's input range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then constant."""
+    return lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+# ---- stage 2: the autoencoder -----------------------------------------------------------------------------------
+
+def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Tracker) -> AutoencoderKL:
+    """Stage 2. Returns the trained VAE (fp32, eval mode) with `scaling_factor` still 1 (set by `latent_scale`)."""
+    path = workdir / "vae.pt"
+    vae = AutoencoderKL(vae_config(cfg.vae))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.lr, weight_decay=0.0)
+    state = load_checkpoint(path)
+    step = 0
+    if state is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+    for _ in range(step):  # replay the batch draws, so a resumed run sees the batches an unbroken one would
+        torch.randint(len(images), (cfg.vae.batch_size,), generator=gen)
+    bar = tqdm(total=cfg.vae.steps, initial=step, desc="training the VAE", disable=not cfg.progress)
+    vae.train()
+    while step < cfg.vae.steps:
+        x = to_model_range(images[torch.randint(len(images), (cfg.vae.batch_size,), generator=gen).numpy()])
+        posterior = vae.posterior(x)
+        recon = vae.decode(posterior.sample())
+        rec = F.mse_loss(recon, x)
+        kl = 0.5 * (posterior.mean ** 2 + posterior.logvar.exp() - 1.0 - posterior.logvar).mean()
+        loss = rec + cfg.vae.kl_weight * kl
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.vae.lr, 100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}")
+        if step % 50 == 0:
+            tracker.log_metrics({"vae/reconstruction_mse": rec.item(), "vae/kl": kl.item(), "vae/step": step})
+        if step % cfg.checkpoint_every == 0 or step == cfg.vae.steps:
+            save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step}, path)
+    bar.close()
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, images: np.ndarray, workdir: Path, progress: bool) -> torch.Tensor:
+    """The posterior means of every image, unscaled (n, 4, 16, 16), cached in `workdir`."""
+    cache = workdir / "latents.pt"
+    state = load_checkpoint(cache)
+    if state is not None and state["n"] == len(images):
+        return state["latents"]
+    out = []
+    for i in tqdm(range(0, len(images), 256), desc="encoding the dataset", disable=not progress):
+        out.append(vae.encode(to_model_range(images[i:i + 256])))
+    latents = torch.cat(out)
+    save_atomic({"latents": latents, "n": len(images)}, cache)
+    return latents
+
+
+def latent_scale(latents: torch.Tensor) -> float:
+    """1 / std of the latents, so that the diffusion model sees unit variance (LDM Sec. 4.3.2; SD 1.5: 0.18215)."""
+    return float(1.0 / latents.float().std())
+
+
+# ---- stage 3: UNet and text encoder -------------------------------------------------------------------------------
+
+class Denoiser(torch.nn.Module):
+    """The UNet and the text transformer as one module, so that one optimiser, EMA and checkpoint serve both."""
+
+    def __init__(self, unet: UNet, clip):
+        super().__init__()
+        self.unet, self.clip = unet, clip
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x_t (b, 4, h, w), t (b,), token ids (b, 77) → predicted ε (b, 4, h, w)."""
+        return self.unet(x_t, t, self.clip(ids).last_hidden_state)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """θ_ema ← d·θ_ema + (1 − d)·θ, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], workdir: Path,
+               tracker: Tracker) -> Denoiser:
+    """Stage 3 on scaled latents (n, 4, h, w). Returns the EMA model (fp32, eval mode)."""
+    path = workdir / "unet.pt"
+    torch.manual_seed(cfg.seed * 1000 + 3)
+    text_cfg = text_config(cfg.text)
+    model = Denoiser(UNet(unet_config(cfg.unet, text_cfg["hidden_size"])), build_clip_text_model(text_cfg))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet.lr, weight_decay=0.0)
+    step = 0
+    state = load_checkpoint(path)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    tokenizer = load_tokenizer()
+    ids = torch.cat([tokenizer(captions[i:i + 1024], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                               return_tensors="pt").input_ids for i in range(0, len(captions), 1024)])
+    empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    alphas_cumprod = scaled_linear_alphas_cumprod()[2]
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 4)
+    b = cfg.unet.batch_size
+
+    def draw():
+        """One batch's randomness, from `gen` only (so a resumed run can replay it)."""
+        idx = torch.randint(len(latents), (b,), generator=gen)
+        drop = torch.rand(b, generator=gen) < cfg.unet.caption_dropout
+        t = torch.randint(len(alphas_cumprod), (b,), generator=gen)
+        eps = torch.randn((b, *latents.shape[1:]), generator=gen)
+        return idx, drop, t, eps
+
+    for _ in range(step):
+        draw()
+    bar = tqdm(total=cfg.unet.steps, initial=step, desc="training the UNet + text encoder", disable=not cfg.progress)
+    model.train()
+    while step < cfg.unet.steps:
+        idx, drop, t, eps = draw()
+        z0 = latents[idx]
+        batch_ids = torch.where(drop[:, None], empty, ids[idx])
+        ab = alphas_cumprod[t][:, None, None, None]
+        x_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps  # q(x_t | x_0), DDPM Eq. 4
+        loss = F.mse_loss(model(x_t, t, batch_ids), eps)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.unet.lr, cfg.unet.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, model, cfg.unet.ema_decay)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 50 == 0:
+            tracker.log_metrics({"unet/loss": loss.item(), "unet/step": step})
+        if step % cfg.checkpoint_every == 0 or step == cfg.unet.steps:
+            save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "step": step}, path)
+    bar.close()
+    return ema.eval()
+
+
+# ---- stage 4: export --------------------------------------------------------------------------------------------
+
+def fp16(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def export(cfg: TrainConfig, vae: AutoencoderKL, scale: float, denoiser: Denoiser, recipe: dict) -> Path:
+    """Write the model folder `cfg.out`: fp16 weights, the configs, and `recipe` (command, seed, settings, times)."""
+    text_cfg = text_config(cfg.text)
+    config = {
+        "unet": dataclasses.asdict(unet_config(cfg.unet, text_cfg["hidden_size"])),
+        "vae": dataclasses.asdict(vae_config(cfg.vae, scale)),
+        "text_encoder": text_cfg,
+        "source": {"layout": "toyworld", **recipe},
+        "variant": "toyworld",
+        "sample_size": SIZE,
+    }
+    state_dicts = {"unet": fp16(denoiser.unet.state_dict()), "vae": fp16(vae.state_dict()),
+                   "text_encoder": fp16(canonical_clip_state_dict(denoiser.clip.state_dict()))}
+    return write_model_folder(cfg.out, state_dicts, config, shipped_tokenizer_dir(), overwrite=True)
+
+
+def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
+    """All four stages; returns the exported model folder."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    timings = {}
+    with Tracker(cfg.logger, workdir, dataclasses.asdict(cfg), name="train_toyworld", job_type="train") as tracker:
+        images, captions = build_dataset(cfg.data, workdir, cfg.progress)
+        timings["data_s"] = round(time.time() - start, 1)
+        vae = train_vae(cfg, images, workdir, tracker)
+        timings["vae_s"] = round(time.time() - start - sum(timings.values()), 1)
+        latents = encode_dataset(vae, images, workdir, cfg.progress)
+        scale = latent_scale(latents)
+        denoiser = train_unet(cfg, latents * scale, captions, workdir, tracker)
+        timings["unet_s"] = round(time.time() - start - sum(timings.values()), 1)
+        recipe = {"command": command, "seed": cfg.seed, "config": config_yaml, "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "seconds_this_run": timings, "python": sys.version.split()[0]}
+        out = export(cfg, vae, scale, denoiser, recipe)
+        tracker.log_metrics({"latent_scale": scale, **{f"time/{k}": v for k, v in timings.items()}})
+    return out

@@ -87,7 +87,7 @@ def shape_scores(region: np.ndarray) -> dict[str, float]:
         return {s: 0.0 for s in SHAPES}
     ys, xs = np.nonzero(region)
     my, mx = ys.mean() + 0.5, xs.mean() + 0.5  # pixel centres
-    x, y = pixel_grid(region.shape[0])
+    x, y = pixel_grid(region.shape[0], width=region.shape[1])
     scores = {}
     for s in SHAPES:
         r = float(np.sqrt(area / AREA_PER_R2[s]))

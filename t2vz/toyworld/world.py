@@ -128,6 +128,10 @@ def sample_scene(rng: np.random.Generator, seed: int = 0, allow_held_out: bool =
     """Draw a scene. Held-out (colour, shape, background) combinations are redrawn unless `allow_held_out`;
     `background` and `things` fix what the scene shows (the judge's prompts), the rest is drawn."""
     kinds = list(BACKGROUNDS)
+    if background is not None and things is not None and not allow_held_out and \
+            any(is_held_out(c, s, background) for c, s in things):
+        raise ValueError(f"{caption(background, list(things))!r} is a held-out combination (world.HELD_OUT); "
+                         "pass allow_held_out=True to draw it")
     while True:
         bg = background or kinds[rng.integers(len(kinds))]
         if things is None:
@@ -159,10 +163,11 @@ def scene_for_index(base_seed: int, index: int, allow_held_out: bool = False) ->
     return sample_scene(np.random.default_rng(seed), seed=seed, allow_held_out=allow_held_out)
 
 
-def pixel_grid(size: int, supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (x, y), each (h, w), in units of output pixels."""
-    axis = (np.arange(size * supersample) + 0.5) / supersample
-    return np.meshgrid(axis, axis, indexing="xy")
+def pixel_grid(size: int, supersample: int = 1, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (x, y), each (h, w) = (size, width or size), in units of output pixels."""
+    ys = (np.arange(size * supersample) + 0.5) / supersample
+    xs = (np.arange((width or size) * supersample) + 0.5) / supersample
+    return np.meshgrid(xs, ys, indexing="xy")
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -163,6 +163,7 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
 def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Tracker) -> AutoencoderKL:
     """Stage 2. Returns the trained VAE (fp32, eval mode) with `scaling_factor` still 1 (set by `latent_scale`)."""
     path = workdir / "vae.pt"
+    torch.manual_seed(cfg.seed * 1000 + 1)  # the init and the posterior noise
     vae = AutoencoderKL(vae_config(cfg.vae))
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.lr, weight_decay=0.0)
     state = load_checkpoint(path)
@@ -171,6 +172,7 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Trac
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
+        torch.set_rng_state(state["rng"])  # the posterior noise goes on where the interrupted run stopped
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
     for _ in range(step):  # replay the batch draws, so a resumed run sees the batches an unbroken one would
         torch.randint(len(images), (cfg.vae.batch_size,), generator=gen)
@@ -194,23 +196,25 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Trac
         if step % 50 == 0:
             tracker.log_metrics({"vae/reconstruction_mse": rec.item(), "vae/kl": kl.item(), "vae/step": step})
         if step % cfg.checkpoint_every == 0 or step == cfg.vae.steps:
-            save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step}, path)
+            save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "rng": torch.get_rng_state()}, path)
     bar.close()
     return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, images: np.ndarray, workdir: Path, progress: bool) -> torch.Tensor:
-    """The posterior means of every image, unscaled (n, 4, 16, 16), cached in `workdir`."""
+def encode_dataset(vae: AutoencoderKL, images: np.ndarray, workdir: Path, vae_step: int, progress: bool
+                   ) -> torch.Tensor:
+    """The posterior means of every image, unscaled (n, 4, 16, 16), cached in `workdir` for the VAE of `vae_step`."""
     cache = workdir / "latents.pt"
     state = load_checkpoint(cache)
-    if state is not None and state["n"] == len(images):
+    if state is not None and state["n"] == len(images) and state.get("vae_step") == vae_step:
         return state["latents"]
     out = []
     for i in tqdm(range(0, len(images), 256), desc="encoding the dataset", disable=not progress):
         out.append(vae.encode(to_model_range(images[i:i + 256])))
     latents = torch.cat(out)
-    save_atomic({"latents": latents, "n": len(images)}, cache)
+    save_atomic({"latents": latents, "n": len(images), "vae_step": vae_step}, cache)
     return latents
 
 
@@ -241,8 +245,9 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], workdir: Path,
-               tracker: Tracker) -> Denoiser:
-    """Stage 3 on scaled latents (n, 4, h, w). Returns the EMA model (fp32, eval mode)."""
+               tracker: Tracker, vae_step: int) -> Denoiser:
+    """Stage 3 on scaled latents (n, 4, h, w) of the VAE trained for `vae_step` steps. Returns the EMA model
+    (fp32, eval mode). A checkpoint made on another VAE's latents is refused rather than resumed."""
     path = workdir / "unet.pt"
     torch.manual_seed(cfg.seed * 1000 + 3)
     text_cfg = text_config(cfg.text)
@@ -252,6 +257,9 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], wor
     step = 0
     state = load_checkpoint(path)
     if state is not None:
+        if state.get("vae_step", vae_step) != vae_step:
+            raise ValueError(f"{path} was trained on the latents of the VAE after {state['vae_step']} steps, but the "
+                             f"VAE now has {vae_step}; delete {path} to train the UNet again on the new latents")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -297,7 +305,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], wor
             tracker.log_metrics({"unet/loss": loss.item(), "unet/step": step})
         if step % cfg.checkpoint_every == 0 or step == cfg.unet.steps:
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step}, path)
+                         "step": step, "vae_step": vae_step}, path)
     bar.close()
     return ema.eval()
 
@@ -337,9 +345,9 @@ def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
         timings["data_s"] = round(time.time() - start, 1)
         vae = train_vae(cfg, images, workdir, tracker)
         timings["vae_s"] = round(time.time() - start - sum(timings.values()), 1)
-        latents = encode_dataset(vae, images, workdir, cfg.progress)
+        latents = encode_dataset(vae, images, workdir, cfg.vae.steps, cfg.progress)
         scale = latent_scale(latents)
-        denoiser = train_unet(cfg, latents * scale, captions, workdir, tracker)
+        denoiser = train_unet(cfg, latents * scale, captions, workdir, tracker, cfg.vae.steps)
         timings["unet_s"] = round(time.time() - start - sum(timings.values()), 1)
         recipe = {"command": command, "seed": cfg.seed, "config": config_yaml, "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "seconds_this_run": timings, "python": sys.version.split()[0]}

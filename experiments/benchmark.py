@@ -1,0 +1,497 @@
+"""Benchmark t2vz against diffusers' TextToVideoZeroPipeline: same random weights, prompt, seed and settings.
+
+    python experiments/benchmark.py                                  # preset=small: tiny model, CPU, ~3 min
+    python experiments/benchmark.py preset=sd15-small-res            # full SD 1.5 shapes at 64x64, CPU
+    python experiments/benchmark.py preset=sd15-512                  # SD 1.5 shapes, 512x512, 50 steps, CUDA fp16
+    python experiments/benchmark.py preset=small repeats=5 num_frames=4 threads=1
+    python experiments/benchmark.py --cfg job                        # every option with its value
+
+What it does:
+  1. One random init of the model (`model=tiny|sd15`, seed `model_seed`) is written as a diffusers folder
+     (UNet2DConditionModel, AutoencoderKL, transformers CLIPTextModel, t2vz's shipped CLIP tokenizer files and
+     SD 1.5's DDIMScheduler; experiments/bench_reference.py), then converted with t2vz's converter
+     (`weights_convert.convert.convert`, what `python -m weights_convert` runs). Both are cached under
+     `workdir` (default runs/benchmark/MODEL-seedSEED/{diffusers,t2vz}/) and reused by later runs.
+  2. t2vz loads the converted folder (`TextToVideoZero.from_pretrained`); diffusers loads the original one
+     (`TextToVideoZeroPipeline.from_pretrained(folder, safety_checker=None, feature_extractor=None,
+     requires_safety_checker=False)`, local files only). Both generate the same video: same prompt, seed (a CPU
+     torch.Generator), frames, size, DDIM steps, guidance, motion λ (t2vz's motion_strength along δ = (1, 1) =
+     diffusers' motion_field_strength_x = _y), t0, t1; t2vz with ddpm_marginal="reference", so that its frames
+     equal diffusers' (the default "exact" marginal deliberately differs, see README).
+  3. `repeats` rounds; every round runs each implementation once, alternating which goes first (round 1:
+     t2vz then diffusers, round 2: diffusers then t2vz, ...). Every run is a fresh Python subprocess
+     (this file with --worker), so that its peak memory is its own. Inside it: import, load the model (timed:
+     `load`), warm up with one short generation (same prompt, frames and size, `warmup_steps` DDIM steps: first
+     calls, kernel selection, allocator growth), reset the memory peak, then time one full generation (`wall`,
+     from the prompt to frames on the CPU, with CUDA synchronised). Loading is excluded from `wall`.
+  4. One more t2vz subprocess counts the run's FLOPs with torch.utils.flop_counter.FlopCounterMode
+     (matmuls, convolutions, attention; not elementwise ops), untimed.
+  5. Writes benchmark.md, benchmark.csv (one row per implementation) and benchmark.json (every run, the machine)
+     into Hydra's output folder (outputs/DATE/TIME/, or hydra.run.dir=PATH), with worker logs under runs/, and
+     prints the Markdown table.
+
+What is measured:
+  wall          median over the rounds of the timed generation, seconds
+  UNet calls    counted with a forward hook on the UNet in the timed run. Text2Video-Zero runs DDIM on frame 1
+                alone from T to T0 (n - t0 - 1 steps), then on every frame, frame 1 included, from T1 to 0
+                (t1 + 1 steps): n + t1 - t0 steps, 53 at n=50, t0=44, t1=47, not n. Each step is one UNet call
+                whose batch holds the unconditional and the text branch (2 rows for frame 1, 2 x frames after).
+  s / step      wall / UNet calls (text encoding and VAE decoding included in wall, so slightly pessimistic)
+  peak memory   CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak RSS (Linux VmHWM, which is what
+                getrusage(RUSAGE_SELF).ru_maxrss reports in a process that was not spawned by a big one: a child's
+                ru_maxrss also carries its parent's peak, so it is not used on Linux). Both are reset after the
+                warm-up, so the peak is the timed run's: weights, libraries and activations.
+  frames / s    frames / wall
+  ratios        diffusers/t2vz for time (> 1: t2vz faster), t2vz/diffusers for memory (< 1: t2vz smaller)
+  FLOPs         of one t2vz generation; achieved FLOP/s = FLOPs / wall for each row (the same video, so the same
+                useful work), and on CUDA its fraction of the device's peak dense FLOP/s
+                (t2vz.benchmark.PEAK_TFLOPS: H100 SXM/PCIe/NVL, H200; n/a elsewhere)
+  parity        max |t2vz - diffusers| over the frames (in [0, 1]) of the first round, at the run's dtype
+                (~1e-6 in fp32 on CPU)
+
+Presets (preset=NAME sets the keys below; any key can be overridden after it):
+  small           model=tiny device=cpu dtype=fp32, 8 frames at 64x64, 10 steps, t0=4 t1=7
+  sd15-small-res  model=sd15 device=cpu dtype=fp32, 8 frames at 64x64, 10 steps, t0=4 t1=7
+  sd15-512        model=sd15 device=cuda dtype=fp16, 8 frames at 512x512, 50 steps, t0=44 t1=47
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORKER_FLAG = "--worker"
+IMPLEMENTATIONS = ("t2vz", "diffusers")
+MODELS = ("tiny", "sd15")
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+PRESETS = {
+    "small": dict(model="tiny", device="cpu", dtype="fp32", num_frames=8, height=64, width=64,
+                  num_inference_steps=10, t0=4, t1=7),
+    "sd15-small-res": dict(model="sd15", device="cpu", dtype="fp32", num_frames=8, height=64, width=64,
+                           num_inference_steps=10, t0=4, t1=7),
+    "sd15-512": dict(model="sd15", device="cuda", dtype="fp16", num_frames=8, height=512, width=512,
+                     num_inference_steps=50, t0=44, t1=47),
+}
+SETTING_KEYS = ("prompt", "seed", "num_frames", "height", "width", "num_inference_steps", "guidance_scale",
+                "motion_strength", "t0", "t1")
+
+
+@dataclass
+class BenchmarkConfig:
+    """`python experiments/benchmark.py`: t2vz vs diffusers' TextToVideoZeroPipeline, one table."""
+
+    defaults: list[Any] = field(default_factory=lambda: [
+        "_self_", {"preset": "small"}, {"hydra/job": "benchmark"}, {"override hydra/help": "benchmark"}])
+    model: str = "tiny"  # tiny | sd15: the random model's shapes (experiments/bench_reference.py MODEL_SHAPES)
+    model_seed: int = 0  # seeds the random weights
+    prompt: str = "a horse galloping on the street"
+    seed: int = 0  # seeds the generation (a CPU torch.Generator, the same for both)
+    num_frames: int = 8
+    height: int = 64
+    width: int = 64
+    num_inference_steps: int = 10
+    guidance_scale: float = 7.5
+    motion_strength: float = 12.0  # λ along δ = (1, 1); diffusers' motion_field_strength_x = _y
+    t0: int = 4
+    t1: int = 7
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    repeats: int = 3  # rounds; each round runs every implementation once, alternating the order
+    warmup_steps: int = 2  # DDIM steps of the warm-up generation in every subprocess (0: no warm-up)
+    threads: Optional[int] = None  # torch threads (and OMP_NUM_THREADS) of the subprocesses; None: inherited
+    flops: bool = True  # count the FLOPs of one t2vz generation (an extra, untimed subprocess)
+    workdir: str = "runs/benchmark"  # where the model folders are built and cached
+
+    def __post_init__(self):
+        def check_int(key: str, low: int) -> None:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key}={value!r} must be an integer >= {low}")
+
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} is not one of {', '.join(MODELS)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        for key, low in (("num_frames", 2), ("height", 8), ("width", 8), ("num_inference_steps", 1),
+                         ("repeats", 1), ("warmup_steps", 0), ("t0", 0), ("t1", 0)):
+            check_int(key, low)
+        if self.threads is not None:
+            check_int("threads", 1)
+        if not self.t0 <= self.t1 <= self.num_inference_steps - 1:
+            raise ValueError(f"t0={self.t0}, t1={self.t1} must satisfy 0 <= t0 <= t1 <= num_inference_steps - 1 = "
+                             f"{self.num_inference_steps - 1} (they count DDIM steps from the end)")
+
+    def settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SETTING_KEYS}
+
+
+def help_template() -> str:
+    return (__doc__ + "\n== Config groups ==\n$APP_CONFIG_GROUPS\n== Config, with the overrides given ==\n$CONFIG\n"
+            "Powered by Hydra; --hydra-help shows Hydra's own options.\n")
+
+
+def register() -> ConfigStore:
+    cs = ConfigStore.instance()
+    cs.store(name="benchmark", node=BenchmarkConfig)
+    for name, values in PRESETS.items():
+        cs.store(group="preset", name=name, node=values, package="_global_")
+    cs.store(group="hydra/help", name="benchmark", node={"app_name": "benchmark", "header": "", "footer": "",
+                                                          "template": help_template()})
+    cs.store(group="hydra/job", name="benchmark", package="hydra.job", node={"name": "benchmark"})
+    return cs
+
+
+register()
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+def load_runner(impl: str, folder: str, device, dtype):
+    """(unet module, generate(settings) -> frames (F, H, W, 3) float32 on the CPU) for `impl`."""
+    import torch
+
+    if impl == "t2vz":
+        from t2vz import TextToVideoZero
+
+        pipe = TextToVideoZero.from_pretrained(folder, device=device, dtype=dtype)
+
+        def generate(s: dict) -> torch.Tensor:
+            return pipe(s["prompt"], num_frames=s["num_frames"], height=s["height"], width=s["width"],
+                        num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
+                        motion_strength=s["motion_strength"], direction=(1.0, 1.0), t0=s["t0"], t1=s["t1"],
+                        ddpm_marginal="reference", generator=torch.Generator().manual_seed(s["seed"]),
+                        progress=False).float()
+
+        return pipe.sd.unet, generate
+    if impl == "diffusers":
+        sys.path.insert(0, str(HERE))
+        import bench_reference
+
+        pipe = bench_reference.load_pipeline(folder, device, dtype)
+
+        def generate(s: dict) -> torch.Tensor:
+            return bench_reference.generate(pipe, **s)
+
+        return pipe.unet, generate
+    raise ValueError(f"implementation {impl!r} is not one of {IMPLEMENTATIONS}")
+
+
+def warmup_settings(settings: dict, steps: int) -> dict:
+    """The warm-up generation: the same prompt, frames and size, `steps` DDIM steps, t0 = 0, t1 = min(1, steps−1)."""
+    return {**settings, "num_inference_steps": steps, "t0": 0, "t1": min(1, steps - 1)}
+
+
+def worker(spec: dict) -> dict:
+    """One measured run in this (fresh) process; see the module docstring. Returns the result record."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    import torch
+
+    from t2vz import benchmark as bench
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if spec["impl"] == "diffusers":
+        import diffusers
+
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    device = torch.device(spec["device"])
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec["dtype"]]
+    import_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    unet, generate = load_runner(spec["impl"], spec["folder"], device, dtype)
+    bench.synchronize(device)
+    load_s = time.perf_counter() - start
+    settings = spec["settings"]
+    record = {"impl": spec["impl"], "mode": spec["mode"], "import_s": import_s, "load_s": load_s,
+              "machine": bench.machine_info(device)}
+    if spec["impl"] == "diffusers":
+        record["diffusers"] = diffusers.__version__
+
+    if spec["mode"] == "flops":
+        with bench.CallCounter(unet) as calls:
+            frames, flops = bench.count_flops(lambda: generate(settings))
+        record.update(flops=flops, unet_calls=calls.calls, unet_rows=calls.rows)
+        return record
+
+    warmup_s = 0.0
+    if spec["warmup_steps"] > 0:
+        start = time.perf_counter()
+        generate(warmup_settings(settings, spec["warmup_steps"]))
+        bench.synchronize(device)
+        warmup_s = time.perf_counter() - start
+    rss_reset = bench.reset_peak_memory(device)
+    with bench.CallCounter(unet) as calls:
+        bench.synchronize(device)
+        start = time.perf_counter()
+        frames = generate(settings)
+        bench.synchronize(device)
+        wall_s = time.perf_counter() - start
+    record.update(
+        warmup_s=warmup_s, wall_s=wall_s, unet_calls=calls.calls, unet_rows=calls.rows,
+        peak_memory_mib=bench.peak_memory_mib(device), peak_rss_mib=bench.peak_rss_mib(), rss_peak_reset=rss_reset,
+        memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
+        frames_shape=list(frames.shape),
+        diffusers_loaded=any(m == "diffusers" or m.startswith("diffusers.") for m in sys.modules),
+    )
+    if spec.get("frames_path"):
+        import numpy as np
+
+        np.save(spec["frames_path"], frames.numpy().astype(np.float32))
+    return record
+
+
+def worker_main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    record = worker(spec)
+    Path(spec["result_path"]).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the orchestrator
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto")
+    return resolved
+
+
+def prepare_models(workdir: str | os.PathLike, model: str, model_seed: int, log=print) -> tuple[Path, Path]:
+    """(diffusers folder, t2vz folder) of the random `model`: built and converted once, cached under workdir."""
+    sys.path.insert(0, str(HERE))
+    import bench_reference
+
+    from weights_convert.convert import convert
+
+    root = Path(workdir) / f"{model}-seed{model_seed}"
+    ref, ours = root / "diffusers", root / "t2vz"
+    root.mkdir(parents=True, exist_ok=True)
+    rebuilt = False
+    if not bench_reference.is_diffusers_folder(ref):
+        log(f"building the random {model} model (seed {model_seed}) as a diffusers folder: {ref}")
+        bench_reference.build_diffusers_folder(ref, model, model_seed)
+        rebuilt = True
+    if rebuilt or not (ours / "t2vz_model.json").is_file():
+        log(f"converting it with weights_convert: {ours}")
+        convert(ref, ours, overwrite=True)
+    return ref, ours
+
+
+def spawn(spec: dict, log_path: Path, threads: Optional[int]) -> dict:
+    """Run `worker(spec)` in a fresh Python process; its record, or RuntimeError with the end of its log."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, json.dumps(spec)],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path.write_text(proc.stdout)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        raise RuntimeError(f"the {spec['impl']} {spec['mode']} run failed (exit {proc.returncode}); "
+                           f"log {log_path}:\n{tail}")
+    return json.loads(Path(spec["result_path"]).read_text())
+
+
+def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: str | None = None,
+                  log=print) -> dict:
+    """Every run of the benchmark → the summary (rows, parity, FLOPs, machine, runs); writes nothing but the
+    workers' files under out_dir/runs/ (`write_results` writes the tables)."""
+    import numpy as np
+
+    from t2vz.benchmark import denoising_steps
+
+    out_dir = Path(out_dir)
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    ref, ours = prepare_models(config.workdir, config.model, config.model_seed, log)
+    folders = {"t2vz": ours, "diffusers": ref}
+    settings = config.settings()
+
+    def spec(impl: str, mode: str, tag: str, frames: bool = False) -> dict:
+        return {"impl": impl, "mode": mode, "folder": str(folders[impl].resolve()), "device": str(device),
+                "dtype": config.dtype, "settings": settings, "warmup_steps": config.warmup_steps,
+                "threads": config.threads, "result_path": str((runs_dir / f"{tag}.json").resolve()),
+                "frames_path": str((runs_dir / f"frames_{impl}.npy").resolve()) if frames else None}
+
+    runs: list[dict] = []
+    total = config.repeats * len(IMPLEMENTATIONS)
+    for r in range(config.repeats):
+        order = IMPLEMENTATIONS if r % 2 == 0 else IMPLEMENTATIONS[::-1]
+        for impl in order:
+            tag = f"{len(runs) + 1:02d}_{impl}"
+            record = spawn(spec(impl, "time", tag, frames=r == 0), runs_dir / f"{tag}.log", config.threads)
+            record["round"] = r + 1
+            runs.append(record)
+            log(f"[{len(runs)}/{total}] {impl:9s} wall {record['wall_s']:.3f} s, load {record['load_s']:.2f} s, "
+                f"peak {record['peak_memory_mib']:.0f} MiB, {record['unet_calls']} UNet calls")
+    flops = None
+    if config.flops:
+        record = spawn(spec("t2vz", "flops", "flops_t2vz"), runs_dir / "flops_t2vz.log", config.threads)
+        flops = record["flops"]
+        log(f"FLOPs of one t2vz generation: {flops / 1e9:.3f} GFLOP")
+    a = np.load(runs_dir / "frames_t2vz.npy")
+    b = np.load(runs_dir / "frames_diffusers.npy")
+    parity = float(np.abs(a - b).max()) if a.shape == b.shape else float("nan")
+    steps = denoising_steps(config.num_inference_steps, config.t0, config.t1)
+    machine = dict(runs[0]["machine"])
+    machine["diffusers"] = next(r["diffusers"] for r in runs if r["impl"] == "diffusers")
+    summary = {"preset": preset, "config": {k: v for k, v in asdict(config).items() if k != "defaults"},
+               "device": str(device), "machine": machine, "steps": steps, "flops": flops,
+               "parity_max_abs_diff": parity, "runs": runs}
+    summary["rows"] = summarize(summary)
+    return summary
+
+
+def summarize(summary: dict) -> list[dict]:
+    """One CSV row per implementation from the runs."""
+    from t2vz.benchmark import peak_flops
+
+    cfg, machine, flops = summary["config"], summary["machine"], summary["flops"]
+    cuda = summary["device"].startswith("cuda")
+    peak = peak_flops(machine["device_name"], cfg["dtype"]) if cuda else None
+    rows = []
+    for impl in IMPLEMENTATIONS:
+        runs = [r for r in summary["runs"] if r["impl"] == impl]
+        walls = [r["wall_s"] for r in runs]
+        wall = statistics.median(walls)
+        calls = runs[0]["unet_calls"]
+        achieved = flops / wall if flops else None
+        rows.append({
+            "preset": summary["preset"] or "", "implementation": impl, "model": cfg["model"],
+            "device": summary["device"], "device_name": machine["device_name"], "dtype": cfg["dtype"],
+            "num_frames": cfg["num_frames"], "height": cfg["height"], "width": cfg["width"],
+            "num_inference_steps": cfg["num_inference_steps"], "t0": cfg["t0"], "t1": cfg["t1"],
+            "guidance_scale": cfg["guidance_scale"], "repeats": len(runs),
+            "median_wall_s": wall, "min_wall_s": min(walls), "max_wall_s": max(walls),
+            "unet_calls": calls, "unet_rows": runs[0]["unet_rows"], "s_per_step": wall / calls if calls else None,
+            "peak_memory_mib": statistics.median(r["peak_memory_mib"] for r in runs),
+            "memory_kind": runs[0]["memory_kind"], "frames_per_s": cfg["num_frames"] / wall,
+            "median_load_s": statistics.median(r["load_s"] for r in runs),
+            "flops": flops, "achieved_tflops": achieved / 1e12 if achieved else None,
+            "peak_tflops": peak / 1e12 if peak else None,
+            "peak_fraction": achieved / peak if (achieved and peak) else None,
+            "parity_max_abs_diff": summary["parity_max_abs_diff"],
+            "torch": machine["torch"], "diffusers": machine["diffusers"], "cpu": machine["cpu"],
+            "cpu_cores": machine["cpu_cores"], "torch_threads": machine["torch_threads"],
+        })
+    by = {r["implementation"]: r for r in rows}
+    time_ratio = by["diffusers"]["median_wall_s"] / by["t2vz"]["median_wall_s"]
+    memory_ratio = by["t2vz"]["peak_memory_mib"] / by["diffusers"]["peak_memory_mib"]
+    for r in rows:
+        r["time_ratio_diffusers_over_t2vz"] = time_ratio
+        r["memory_ratio_t2vz_over_diffusers"] = memory_ratio
+    return rows
+
+
+def fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def markdown(summary: dict) -> str:
+    cfg, machine, steps, rows = summary["config"], summary["machine"], summary["steps"], summary["rows"]
+    header = ["implementation", "median wall (s)", "min–max (s)", "UNet calls", "s / step", "peak memory (MiB)",
+              "frames / s", "load (s)", "time diffusers / t2vz", "memory t2vz / diffusers", "TFLOP/s",
+              "% of peak FLOP/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        ours = r["implementation"] == "t2vz"
+        cells = [r["implementation"], f"{r['median_wall_s']:.3f}", f"{r['min_wall_s']:.3f}–{r['max_wall_s']:.3f}",
+                 str(r["unet_calls"]), fmt(r["s_per_step"], ".4f"), f"{r['peak_memory_mib']:.0f}",
+                 f"{r['frames_per_s']:.2f}", f"{r['median_load_s']:.2f}",
+                 f"{r['time_ratio_diffusers_over_t2vz']:.2f}" if ours else "—",
+                 f"{r['memory_ratio_t2vz_over_diffusers']:.2f}" if ours else "—",
+                 fmt(r["achieved_tflops"], ".3g"),
+                 fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    flops, rounds = summary["flops"], rows[0]["repeats"]
+    on_cuda = summary["device"].startswith("cuda")
+    peak = (f"% of peak: vs {fmt(rows[0]['peak_tflops'], '.1f')} TFLOP/s dense {cfg['dtype']} of "
+            f"{machine['device_name']}" if on_cuda else "% of peak: CUDA only")
+    notes = [
+        f"- preset `{summary['preset']}`: random `{cfg['model']}` model (seed {cfg['model_seed']}), {cfg['dtype']} on "
+        f"{summary['device']}; prompt \"{cfg['prompt']}\", seed {cfg['seed']}, {cfg['num_frames']} frames "
+        f"{cfg['height']}x{cfg['width']}, {cfg['num_inference_steps']} DDIM steps, guidance {cfg['guidance_scale']}, "
+        f"λ = {cfg['motion_strength']}, t0 = {cfg['t0']}, t1 = {cfg['t1']}",
+        f"- {rounds} round{'s' if rounds != 1 else ''}, alternating which implementation runs first; each run a "
+        f"fresh process: load, a {cfg['warmup_steps']}-step warm-up generation, then the timed generation (wall: "
+        f"median over the rounds, load excluded)",
+        f"- UNet calls (counted; one per DDIM step, cond + uncond batched): {steps['first_frame']} on frame 1 "
+        f"(T → T0) + {steps['all_frames']} on all frames (T1 → 0) = {steps['total']}; s / step = wall / UNet calls",
+        f"- peak memory: {rows[0]['memory_kind']} of the timed run (reset after the warm-up), median over the rounds",
+        f"- parity: max |t2vz − diffusers| = {summary['parity_max_abs_diff']:.3g} over the frames in [0, 1] "
+        f"({cfg['dtype']}; t2vz with ddpm_marginal=\"reference\")",
+        "- FLOPs of one t2vz generation (FlopCounterMode: matmuls, convolutions, attention): "
+        + ("not counted" if flops is None else f"{flops / 1e9:.3f} GFLOP; TFLOP/s = these FLOPs / the row's median "
+           f"wall; {peak}"),
+        f"- machine: {machine['device_name'] if on_cuda else 'CPU only'}; {machine['cpu']}, {machine['cpu_cores']} "
+        f"cores ({machine['cpu_cores_usable']} usable), {machine['memory_gib']} GiB; torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), diffusers {machine['diffusers']}, Python {machine['python']}, "
+        f"{machine['platform']}",
+    ]
+    title = "# t2vz vs diffusers TextToVideoZeroPipeline"
+    return "\n".join([title, "", *lines, "", *notes, ""])
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_results(summary: dict, out_dir: str | os.PathLike) -> str:
+    """benchmark.md, benchmark.csv and benchmark.json into out_dir, each atomically; returns the Markdown."""
+    from t2vz.video_io import write_text
+
+    out_dir = Path(out_dir)
+    text = markdown(summary)
+    write_text(out_dir / "benchmark.md", text)
+    write_text(out_dir / "benchmark.csv", to_csv(summary["rows"]))
+    write_text(out_dir / "benchmark.json", json.dumps(summary, indent=2) + "\n")
+    return text
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="benchmark")
+def main(cfg) -> None:
+    out_dir = HydraConfig.get().runtime.output_dir
+    try:
+        config = OmegaConf.to_object(cfg)  # a BenchmarkConfig; __post_init__ checks the values
+        summary = run_benchmark(config, out_dir, HydraConfig.get().runtime.choices.get("preset"))
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(write_results(summary, out_dir))
+    print(f"wrote benchmark.md, benchmark.csv and benchmark.json to {out_dir}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == [WORKER_FLAG]:
+        sys.exit(worker_main(sys.argv[2:]))
+    main()

@@ -1,0 +1,161 @@
+"""Measurement helpers for experiments/benchmark.py: denoising steps, UNet calls, peak memory, FLOPs, the device's
+peak FLOP/s and machine info. Implementation-agnostic (they measure any nn.Module / callable); no diffusers here.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+# Peak dense (no sparsity) FLOP/s from NVIDIA's datasheets, in TFLOP/s: fp16/bf16 on tensor cores, fp32 without
+# tensor cores (TF32 tensor-core peaks are higher; cuDNN convolutions may use TF32 in fp32 unless disabled).
+# Matched against torch.cuda.get_device_name() in order: the first key contained in the name wins.
+PEAK_TFLOPS = {
+    "H200 NVL": {"fp16": 835.0, "bf16": 835.0, "fp32": 60.0},
+    "H200": {"fp16": 989.4, "bf16": 989.4, "fp32": 66.9},  # H200 SXM: H100 SXM's compute
+    "H100 NVL": {"fp16": 835.0, "bf16": 835.0, "fp32": 60.0},
+    "H100 PCIe": {"fp16": 756.5, "bf16": 756.5, "fp32": 51.2},
+    "H100": {"fp16": 989.4, "bf16": 989.4, "fp32": 66.9},  # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+}
+
+
+def denoising_steps(num_inference_steps: int, t0: int, t1: int) -> dict[str, int]:
+    """DDIM steps (= UNet calls, each batching the unconditional and text branches) of one Text2Video-Zero video,
+    as both t2vz and diffusers' TextToVideoZeroPipeline run them: frame 1 alone from T to T₀ (n − t0 − 1 steps:
+    T → T₁, then T₁ → T₀), then every frame, frame 1 again included, from T₁ to 0 (t1 + 1 steps).
+    Total n + t1 − t0: 53 at the defaults n=50, t0=44, t1=47."""
+    first = num_inference_steps - t0 - 1
+    every = t1 + 1
+    return {"first_frame": first, "all_frames": every, "total": first + every}
+
+
+class CallCounter:
+    """Counts a module's forward calls and the rows (batch entries) they carried: `with CallCounter(unet) as c:`."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.calls, self.rows, self._handle = module, 0, 0, None
+
+    def _hook(self, module, args, kwargs) -> None:
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.calls += 1
+        self.rows += int(x.shape[0])
+
+    def __enter__(self) -> "CallCounter":
+        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _vm_hwm_kib() -> int | None:
+    """This process's peak resident set size (VmHWM in /proc/self/status), KiB; None where there is no procfs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: CUDA's allocator statistics, and on Linux the process's RSS high-water mark
+    (`echo 5 > /proc/self/clear_refs`). Returns whether the RSS peak could be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """The process's peak RSS since its start or the last `reset_peak_memory`, MiB.
+
+    On Linux this reads VmHWM: `getrusage(RUSAGE_SELF).ru_maxrss` there also carries the high-water mark of the
+    process that spawned this one (the kernel folds the pre-exec memory image into it at exec), so a fresh
+    subprocess of a large parent reports the parent's peak. Elsewhere, ru_maxrss (KiB on Linux, bytes on macOS)."""
+    hwm = _vm_hwm_kib()
+    if hwm is not None:
+        return hwm / 1024
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of the measured run, MiB: `torch.cuda.max_memory_allocated` on CUDA, else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mib()
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """(fn(), FLOPs it ran) by `torch.utils.flop_counter.FlopCounterMode`: matmuls, convolutions and attention
+    (2 per multiply-add); elementwise ops, norms and softmax are not counted. PyTorch's table lacks the CPU
+    flash-attention kernel that `scaled_dot_product_attention` runs on CPU; it is counted here like the CUDA ones."""
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _cpu_sdpa_flop
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        result = fn()
+    return result, int(counter.get_total_flops())
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    """The device's peak dense FLOP/s for dtype "fp16" | "bf16" | "fp32", or None when it is not in PEAK_TFLOPS."""
+    for key, table in PEAK_TFLOPS.items():
+        if key.lower() in device_name.lower():
+            return table[dtype] * 1e12 if dtype in table else None
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What ran the benchmark: CPU model and cores, memory, torch version and threads, the device's name."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        memory_gib = None
+    info = {
+        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable, "memory_gib": memory_gib,
+        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info

@@ -22,10 +22,10 @@ def text_to_image_main(argv: list[str] | None = None) -> int:
         "(convert checkpoints with `python -m weights_convert SRC OUT`).",
     )
     parser.add_argument("prompt")
-    parser.add_argument("--model", required=True, help="t2vz model folder")
+    parser.add_argument("--model", default="toyworld", help="t2vz model folder, or toyworld (default: toyworld)")
     parser.add_argument("--out", default="image.png", help="output PNG (default: image.png)")
-    parser.add_argument("--height", type=int, default=512)
-    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's own size)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's own size)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--negative-prompt", default=None)

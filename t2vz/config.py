@@ -4,8 +4,8 @@ Field names equal the arguments they feed: every field of `video`, `sampler` and
 is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`, `dtype` feed
 `TextToVideoZero.from_pretrained`; `seed` seeds the `torch.Generator`; `output` feeds `video_io.write_outputs`.
 
-    prompt  model  seed=0  device=auto  dtype=fp32
-    video:   num_frames=8  height=512  width=512  chunk_size=null  num_videos_per_prompt=1
+    prompt  model=toyworld  seed=0  device=auto  dtype=fp32
+    video:   num_frames=8  height=null  width=null  chunk_size=null  num_videos_per_prompt=1
     sampler: num_inference_steps=50  guidance_scale=7.5  eta=0.0  negative_prompt=null
     method:  motion_strength=12.0  direction=[1.0, 1.0]  t0=44  t1=47  ddpm_marginal=exact  cross_frame=first
              motion_dynamics=true  smooth_bg=false  alpha=0.6  smoothing=paper  mask_tokens=null
@@ -53,14 +53,16 @@ class VideoConfig:
     """What to generate: frames per video, frame size, videos per prompt, frames per denoising chunk."""
 
     num_frames: int = 8
-    height: int = 512
-    width: int = 512
+    height: Optional[int] = None  # None: the model's own size (512 for SD 1.5, 64 for toyworld)
+    width: Optional[int] = None
     chunk_size: Optional[int] = None  # None: all frames at once; else at most this many (≥ 2) per chunk
     num_videos_per_prompt: int = 1
 
     def __post_init__(self):
         check_int("video.num_frames", self.num_frames, 1)
         for key, value in (("video.height", self.height), ("video.width", self.width)):
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % SIZE_MULTIPLE:
                 raise ValueError(f"{key}={value!r} must be a positive multiple of {SIZE_MULTIPLE} "
                                  f"(SD 1.5's VAE downsamples by {SIZE_MULTIPLE}), e.g. 512")
@@ -148,7 +150,7 @@ class GenerateConfig:
         "_self_", *({group: "default"} for group in GROUPS), {"hydra/job": "t2vz"},
         {"override hydra/callbacks": "t2vz"}, {"override hydra/help": "t2vz"}])
     prompt: str = MISSING
-    model: str = MISSING  # a t2vz model folder, written by `python -m weights_convert`
+    model: str = "toyworld"  # a t2vz model folder (`python -m weights_convert` writes them) or a shipped model
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "fp32"
@@ -193,22 +195,20 @@ class ExperimentConfig(GenerateConfig):
 def to_generate_config(cfg: DictConfig) -> GenerateConfig:
     """The composed config → GenerateConfig, running every `__post_init__` check (ValueError on a bad value).
     A missing `prompt` or `model` is a ValueError that says how to give it."""
-    for key in ("prompt", "model"):
-        if OmegaConf.is_missing(cfg, key):
-            example = '"a horse galloping on the street"' if key == "prompt" else "models/sd15"
-            raise ValueError(f"no {key} given; add {key}={example} to the command line")
+    if OmegaConf.is_missing(cfg, "prompt"):
+        raise ValueError('no prompt given; add prompt="a red circle on grass" to the command line')
     return OmegaConf.to_object(cfg)
 
 
 # key → what it does: `--help` lists these with their defaults and, from CHOICES, their allowed values
 KEY_OPTIONS = {
     "prompt": "required: the video's text",
-    "model": "required: a t2vz model folder (python -m weights_convert CHECKPOINT FOLDER)",
+    "model": "toyworld (ships with t2vz) or a t2vz model folder (python -m weights_convert CHECKPOINT FOLDER)",
     "seed": "seeds every random draw: same seed, same video",
     "device": "auto: cuda if available, else cpu; or cpu, cuda, cuda:N",
     "dtype": "weights and activations",
     "video.num_frames": "frames per video",
-    "video.height": "pixels, a multiple of 8 (also video.width)",
+    "video.height": "pixels, a multiple of 8 (also video.width); null: the model's own size",
     "video.num_videos_per_prompt": "videos per run: video_0.mp4, video_1.mp4, ...",
     "sampler.num_inference_steps": "DDIM steps",
     "sampler.guidance_scale": "classifier-free guidance weight",
@@ -251,13 +251,15 @@ def help_template() -> str:
 t2vz: Text2Video-Zero on Stable Diffusion 1.5 (Khachatryan et al., ICCV 2023): a short video from a text
 prompt with a text-to-image model, zero-shot: no training, no video data.
 
-Usage: python -m t2vz prompt="TEXT" model=MODEL_FOLDER [key=value ...]
-       python -m t2vz -m prompt="TEXT" model=MODEL_FOLDER key=a,b ...    (a sweep: one job per value)
+Usage: python -m t2vz prompt="TEXT" [model=MODEL_FOLDER] [key=value ...]
+       python -m t2vz -m prompt="TEXT" [model=MODEL_FOLDER] key=a,b ...    (a sweep: one job per value)
+Without model=..., the toy model that ships with t2vz (trained on a procedural world of coloured shapes; 64x64).
 
 Key options, with their defaults (every key of the config below can be set with key=value):
 {options}
 
 Examples:
+  python -m t2vz prompt="a red circle on grass" method.motion_strength=32
   python -m t2vz prompt="a horse galloping on the street" model=models/sd15
   python -m t2vz -m prompt="a panda surfing on a wave" model=models/sd15 method.motion_strength=0,12,24
 

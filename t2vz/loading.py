@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .model_folder import ModelFolderError, read_model_config, read_state_dict
+from .model_folder import ModelFolderError, read_model_config, read_state_dict, resolve_model_path
 from .text_encoder import TextEncoder, build_clip_text_model, clip_state_dict_for, load_tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -34,6 +34,11 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return self.unet.conv_in.weight.dtype
 
+    @property
+    def sample_size(self) -> int:
+        """The image size (pixels) the model was trained at: 512 for SD 1.5, `sample_size` of its folder if set."""
+        return int(self.config.get("sample_size", 512))
+
 
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict=True, assign=True) with an error that lists the offending keys by name."""
@@ -58,7 +63,9 @@ def build_loaded(cls, config, state_dict: dict[str, torch.Tensor], where: str = 
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """Read a t2vz model folder (written by `python -m weights_convert`) onto `device` in `dtype`, in eval mode."""
+    """Read a t2vz model folder (written by `python -m weights_convert`, or a shipped model's name such as
+    "toyworld") onto `device` in `dtype`, in eval mode."""
+    path = resolve_model_path(path)
     meta = read_model_config(path)
     unet = build_loaded(UNet, UNetConfig(**meta["unet"]), read_state_dict(path, "unet"), f"{path}/unet.safetensors")
     vae = build_loaded(AutoencoderKL, VAEConfig(**meta["vae"]), read_state_dict(path, "vae"), f"{path}/vae.safetensors")

@@ -32,6 +32,23 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
+SHIPPED_MODELS = ("toyworld",)  # model folders inside the package (t2vz/data/models/NAME), loadable by name
+
+
+def shipped_model_dir(name: str) -> Path:
+    """The folder of a model that ships with t2vz (`SHIPPED_MODELS`)."""
+    from importlib import resources
+
+    return Path(str(resources.files("t2vz") / "data" / "models" / name))
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A model argument → its folder: an existing folder as it is, else a shipped model's name (`toyworld`)."""
+    if not Path(model).is_dir() and str(model) in SHIPPED_MODELS:
+        return shipped_model_dir(str(model))
+    return Path(model)
+
+
 class ModelFolderError(ValueError):
     """A model folder is missing, incomplete or not a t2vz model folder; the message says what to do."""
 
@@ -97,8 +114,9 @@ def read_model_config(path: str | os.PathLike) -> dict:
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(
-            f"model folder {folder} does not exist; convert a checkpoint first: "
-            f"python -m weights_convert CHECKPOINT {folder}"
+            f"model folder {folder} does not exist; convert a checkpoint first "
+            f"(python -m weights_convert CHECKPOINT {folder}), or use a model that ships with t2vz: "
+            f"{', '.join(SHIPPED_MODELS)}"
         )
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():

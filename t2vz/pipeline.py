@@ -112,8 +112,8 @@ class TextToVideoZero:
         self,
         prompt: str | Sequence[str],
         num_frames: int = 8,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         negative_prompt: str | Sequence[str] | None = None,
@@ -141,6 +141,7 @@ class TextToVideoZero:
         """Generate videos: frames (F, H, W, 3) float in [0, 1] for one prompt and one video, else (B, F, H, W, 3)
         with B = prompts × videos per prompt (prompt-major).
 
+        height, width default to the model's own size (`sd.sample_size`: 512 for SD 1.5, 64 for toyworld).
         motion_strength λ is in pixels of a 512×512 reference grid (both references' convention); direction δ is
         (δx, δy); t0 < t1 count DDIM steps from the end (Δt = t1 − t0). `latents` (B, 4, H/8, W/8) replaces the
         drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM step. `chunk_size` bounds memory for long
@@ -159,6 +160,8 @@ class TextToVideoZero:
         negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        height = self.sd.sample_size if height is None else height
+        width = self.sd.sample_size if width is None else width
         self.check_inputs(prompts, negatives, num_frames, height, width, motion_strength, direction, cross_frame,
                           ddpm_marginal, num_videos_per_prompt, chunk_size)
         if smooth_bg and (smoothing not in SMOOTHING_FORMS or not 0.0 <= float(alpha) <= 1.0):

@@ -77,8 +77,8 @@ def decode_images(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
 def text_to_image(
     components: StableDiffusion,
     prompt: str,
-    height: int = 512,
-    width: int = 512,
+    height: int | None = None,
+    width: int | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     generator: torch.Generator | None = None,
@@ -89,8 +89,9 @@ def text_to_image(
     progress: bool = True,
 ) -> torch.Tensor:
     """prompt → image (H, W, 3) float in [0, 1]. `latents` (1, 4, H/8, W/8) scaled, replaces the drawn x_T;
-    `callback(i, t, x)` is called after every DDIM step."""
+    `callback(i, t, x)` is called after every DDIM step. height, width: None is the model's own size."""
     sd = components
+    height, width = height or sd.sample_size, width or sd.sample_size
     factor = sd.vae.downsample_factor
     check_size(height, width, factor)
     scheduler = DDIM(num_inference_steps, eta=eta)

@@ -178,3 +178,20 @@ def test_two_point_sweep(tiny_model, tmp_path):
         assert (folder / "video.mp4").is_file() and (folder / "video_sheet.png").is_file()
         assert OmegaConf.load(folder / "config.yaml").method.motion_strength == strength
     assert not np.array_equal(read_sheet(tmp_path / "sweep" / "0"), read_sheet(tmp_path / "sweep" / "1"))
+
+
+def test_without_a_model_the_shipped_toy_model_makes_the_video(tmp_path):
+    """README's first command: no model= → toyworld at its own 64×64, mp4 + gif + contact sheet."""
+    run_dir = tmp_path / "run"
+    (proc,) = run_t2vz(["prompt=a red circle on grass", "video.num_frames=3", "sampler.num_inference_steps=10",
+                        "method.t0=6", "method.t1=8", "output.progress=false", f"hydra.run.dir={run_dir}"],
+                       cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"video.mp4", "video.gif", "video_sheet.png", "config.yaml", "run.json"} <= {p.name for p in run_dir.iterdir()}
+    assert "model: toyworld" in (run_dir / "config.yaml").read_text()
+    assert iio.imread(run_dir / "video.gif").shape[1:3] == (64, 64)
+
+
+def test_no_prompt_is_one_line_with_an_example(tmp_path):
+    (proc,) = run_t2vz([f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "no prompt given" in proc.stderr and "Traceback" not in proc.stderr

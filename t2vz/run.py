@@ -119,12 +119,27 @@ def cached_scorer(name: str, device: str):
     return ClipScorer.from_pretrained(name, device=resolve_device(device))
 
 
-def measure(frames: torch.Tensor, prompt: str, clip_model: str | None, device: str) -> dict[str, float]:
-    """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3)."""
+def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None, toyworld: bool = False
+            ) -> dict[str, float]:
+    """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3); on the toy model
+    (`toyworld`) also its judge's metrics (`toyworld.judge.judge_video`): text faithfulness, appearance consistency,
+    motion error against what λ and δ ask for."""
     from .metrics import video_metrics
 
-    scorer = cached_scorer(clip_model, device) if clip_model else None
-    per_video = [video_metrics(video, prompt, scorer) for video in (frames if frames.ndim == 5 else [frames])]
+    scorer = cached_scorer(clip_model, config.device) if clip_model else None
+    videos = frames if frames.ndim == 5 else [frames]
+    per_video = [video_metrics(video, config.prompt, scorer) for video in videos]
+    if toyworld:
+        from .toyworld.judge import judge_video, requested_motion
+        from .toyworld.world import parse_caption
+
+        if not parse_caption(config.prompt)[0]:  # no coloured shape asked for: nothing for the judge to check
+            return {key: sum(m[key] for m in per_video) / len(per_video) for key in per_video[0]}
+
+        h, w = videos[0].shape[1:3]
+        requested = requested_motion(config.method.motion_strength, config.method.direction, h, w)
+        for m, video in zip(per_video, videos):
+            m.update(judge_video(video, config.prompt, requested))
     return {key: sum(m[key] for m in per_video) / len(per_video) for key in per_video[0]}
 
 
@@ -156,7 +171,7 @@ def run_experiment(cfg) -> float:
             frames = generate_from_config(config, pipe)
             names = write_run(run_dir, frames, config, config_yaml, start)
             np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
-            metrics = measure(frames, config.prompt, config.metrics.clip_model, config.device)
+            metrics = measure(frames, config, config.metrics.clip_model, pipe.sd.config.get("variant") == "toyworld")
             if config.metrics.headline not in metrics:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
             record.update(metrics)

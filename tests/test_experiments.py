@@ -28,7 +28,11 @@ TWO_POINTS = {
     "ablate_delta_t": ["method.t0=3,1"],
     "ablate_alpha": ["method.alpha=0.0,1.0"],
     "ablate_components": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
+    "ablate_components_sd15": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
 }
+# the toy ablation runs on the shipped toy model with a prompt its judge reads; the others on a random tiny model
+TOY = {"ablate_components": ["model=toyworld", "prompt=a red circle on grass", "video.height=64", "video.width=64"]}
+HEADLINES = {"ablate_components": "object_iou"}
 
 
 def compose_experiment(overrides: list[str], hydra: bool = False):
@@ -38,8 +42,8 @@ def compose_experiment(overrides: list[str], hydra: bool = False):
 
 
 def test_every_ablation_is_covered():
-    assert sorted(TWO_POINTS) == EXPERIMENTS == ["ablate_alpha", "ablate_components", "ablate_delta_t",
-                                                 "ablate_lambda"]
+    assert sorted(TWO_POINTS) == EXPERIMENTS == ["ablate_alpha", "ablate_components", "ablate_components_sd15",
+                                                 "ablate_delta_t", "ablate_lambda"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -47,7 +51,7 @@ def test_every_ablation_is_covered():
 def test_every_experiment_and_group_composes(experiment, logger):
     overrides = [f"+experiment={experiment}", f"logger={logger}", "prompt=p", "model=m"]
     config = to_generate_config(compose_experiment(overrides))
-    assert config.name == experiment and config.metrics.headline == "warp_error"
+    assert config.name == experiment and config.metrics.headline == HEADLINES.get(experiment, "warp_error")
     assert config.logger.enabled == (logger != "disabled")
     swept = compose_experiment(overrides, hydra=True).hydra.sweeper.params
     assert {"prompt", "seed"} <= set(swept) and any(key.startswith("method.") for key in swept)
@@ -62,7 +66,7 @@ def test_experiment_files_declare_their_sweeps():
         params = yaml.safe_load(text)["hydra"]["sweeper"]["params"]
         assert {"prompt", "seed"} <= set(params) and len(str(params["seed"]).split(",")) >= 3, name
         assert len(next(v for k, v in params.items() if k.startswith("method.")).split(",")) >= 4 or \
-            name == "ablate_components", name
+            name.startswith("ablate_components"), name
 
 
 def test_typos_fail_at_composition():
@@ -82,8 +86,10 @@ def tiny_model(tmp_path_factory):
 def run_sweep(tiny_model, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "WANDB_DISABLE_GIT": "true", "PYTHONPATH": str(REPO)}
-    args = [sys.executable, str(REPO / "experiments" / "run.py"), "-m", f"model={tiny_model}", "seed=0",
-            "prompt=a horse galloping", *SMALL, f"hydra.sweep.dir={sweep_dir}", *overrides]
+    defaults = [d for d in (f"model={tiny_model}", "prompt=a horse galloping")
+                if not any(o.startswith(d.split("=")[0] + "=") for o in overrides)]
+    args = [sys.executable, str(REPO / "experiments" / "run.py"), "-m", *defaults, "seed=0",
+            *SMALL, f"hydra.sweep.dir={sweep_dir}", *overrides]
     return subprocess.run(args, cwd=sweep_dir.parent, env=env, text=True, capture_output=True, timeout=600)
 
 
@@ -92,7 +98,7 @@ def test_two_point_sweep_runs_and_logs_to_wandb_offline(tiny_model, tmp_path, ex
     from wandb_records import read_offline_run
 
     sweep = tmp_path / experiment
-    proc = run_sweep(tiny_model, sweep, f"+experiment={experiment}", *TWO_POINTS[experiment])
+    proc = run_sweep(tiny_model, sweep, f"+experiment={experiment}", *TWO_POINTS[experiment], *TOY.get(experiment, []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if (p / "metrics.json").is_file())
     assert [p.name for p in jobs] == ["0", "1"]
@@ -104,6 +110,10 @@ def test_two_point_sweep_runs_and_logs_to_wandb_offline(tiny_model, tmp_path, ex
         logged = read_offline_run(job)
         assert logged["config"]["name"] == experiment
         assert logged["summary"]["warp_error"] == pytest.approx(record["warp_error"])
+        if experiment in TOY:  # the toy judge's metrics, logged like the others
+            assert {"object_iou", "object_same_shape", "text_colour_ok", "motion_error"} <= set(record)
+            for key in ("text_shape_ok", "motion_error"):  # always finite (object_iou is NaN without an object)
+                assert logged["summary"][key] == pytest.approx(record[key]), key
         assert any(name.endswith(".mp4") for name in logged["files"]), logged["files"]
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import t2vz
 from t2vz.toyworld.judge import judge_image, judge_video, requested_motion
-from t2vz.toyworld.world import HELD_OUT, OBJECT_COLOURS, SHAPES, caption, is_held_out
+from t2vz.toyworld.world import BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, caption, is_held_out
 from t2vz.video_io import contact_sheet, write_image, write_text
 
 SEED_OFFSET = 10_000  # generation seeds start here; the training scenes are drawn from other streams entirely
@@ -55,10 +55,7 @@ ConfigStore.instance().store(name="judge_toyworld", node=JudgeConfig)
 
 def seen_prompts(n: int) -> list[tuple[str, str, str]]:
     """n (colour, shape, background) combinations that were in the training data, spread over all three."""
-    from t2vz.toyworld.world import BACKGROUNDS
-
-    combos = [(c, s, b) for i, (c, s, b) in enumerate(
-        (c, s, b) for b in BACKGROUNDS for c in OBJECT_COLOURS for s in SHAPES) if not is_held_out(c, s, b)]
+    combos = [(c, s, b) for b in BACKGROUNDS for c in OBJECT_COLOURS for s in SHAPES if not is_held_out(c, s, b)]
     rng = np.random.default_rng(0)
     return [combos[i] for i in rng.choice(len(combos), size=n, replace=False)]
 

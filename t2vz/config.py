@@ -194,7 +194,7 @@ class ExperimentConfig(GenerateConfig):
 
 def to_generate_config(cfg: DictConfig) -> GenerateConfig:
     """The composed config → GenerateConfig, running every `__post_init__` check (ValueError on a bad value).
-    A missing `prompt` or `model` is a ValueError that says how to give it."""
+    A missing `prompt` is a ValueError that says how to give it."""
     if OmegaConf.is_missing(cfg, "prompt"):
         raise ValueError('no prompt given; add prompt="a red circle on grass" to the command line')
     return OmegaConf.to_object(cfg)

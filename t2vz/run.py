@@ -129,12 +129,10 @@ def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None
     scorer = cached_scorer(clip_model, config.device) if clip_model else None
     videos = frames if frames.ndim == 5 else [frames]
     per_video = [video_metrics(video, config.prompt, scorer) for video in videos]
-    if toyworld:
-        from .toyworld.judge import judge_video, requested_motion
-        from .toyworld.world import parse_caption
+    from .toyworld.world import parse_caption
 
-        if not parse_caption(config.prompt)[0]:  # no coloured shape asked for: nothing for the judge to check
-            return {key: sum(m[key] for m in per_video) / len(per_video) for key in per_video[0]}
+    if toyworld and parse_caption(config.prompt)[0]:  # a prompt with no coloured shape: nothing to judge
+        from .toyworld.judge import judge_video, requested_motion
 
         h, w = videos[0].shape[1:3]
         requested = requested_motion(config.method.motion_strength, config.method.direction, h, w)

@@ -108,12 +108,14 @@ class Seen:
     shape_iou: float
 
 
-def look_for(image, colour: str) -> Seen:
-    """The largest region of `colour` in the image and the shape it best matches (None when below MIN_AREA)."""
+def look_for(image, colour: str, labels: np.ndarray | None = None) -> Seen:
+    """The largest region of `colour` in the image and the shape it best matches (None when below MIN_AREA).
+    `labels`: the image's `colour_labels`, when the caller has them already."""
     if colour not in OBJECT_COLOURS:
         raise ValueError(f"unknown colour {colour!r}; one of {', '.join(COLOUR_NAMES)}")
     img = as_uint8(image)
-    region = largest_region(colour_labels(img) == COLOUR_NAMES.index(colour))
+    labels = colour_labels(img) if labels is None else labels
+    region = largest_region(labels == COLOUR_NAMES.index(colour))
     area = int(region.sum())
     rgb = img[region].mean(0) if area else np.full(3, np.nan)
     if area < MIN_AREA:
@@ -135,7 +137,7 @@ def judge_image(image, text: str) -> dict:
     labels = colour_labels(image)
     verdicts = []
     for colour, shape in pairs:
-        seen = look_for(image, colour)
+        seen = look_for(image, colour, labels)
         colour_ok = seen.shape is not None
         if colour_ok and len(pairs) == 1:
             others = [largest_region(labels == i).sum() for i, c in enumerate(COLOUR_NAMES) if c != colour]

@@ -113,8 +113,7 @@ def parse_caption(text: str) -> tuple[list[tuple[str, str]], str | None]:
         elif w.rstrip("s") in SHAPES and colour is not None:
             pairs.append((colour, w.rstrip("s")))
             colour = None
-    keys = {"grass": "grass", "sand": "sand", "snow": "snow", "striped": "wall", "wall": "wall",
-            "checkered": "floor", "floor": "floor"}
+    keys = {w: kind for kind, phrase in BACKGROUNDS.items() for w in phrase.split() if w != "a"}
     background = next((keys[w] for w in words if w in keys), None)
     return pairs, background
 

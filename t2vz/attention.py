@@ -60,10 +60,12 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, cross_frame: CrossFrame | None = None
     ) -> torch.Tensor:
-        """x (b, n, c), context (b, m, c_ctx) or None → (b, n, c). With `cross_frame`, b = videos · frames."""
-        if context is not None or cross_frame is None or cross_frame.mode == "off":
-            kv = x if context is None else context
-            return self.to_out[0](self.attend(self.to_q(x), self.to_k(kv), self.to_v(kv)))
+        """x (b, n, c), context (b, m, c_ctx), (b/g, m, c_ctx) or None → (b, n, c). With `cross_frame`,
+        b = videos · frames."""
+        if context is not None:
+            return self.to_out[0](self.text_attention(x, context))
+        if cross_frame is None or cross_frame.mode == "off":
+            return self.to_out[0](self.attend(self.to_q(x), self.to_k(x), self.to_v(x)))
         if x.shape[0] % cross_frame.num_frames:
             raise ValueError(
                 f"batch of {x.shape[0]} frames is not a whole number of videos of {cross_frame.num_frames} frames"
@@ -71,6 +73,21 @@ class Attention(nn.Module):
         if cross_frame.mode == "first":
             return self.to_out[0](self.first_frame_attention(x, cross_frame.num_frames))
         return self.to_out[0](self.sparse_causal_attention(x, cross_frame.num_frames))
+
+    def text_attention(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Cross-attention to the text tokens, softmax(Q Kᵀ/√d) V with K, V projected from `context`.
+
+        `context` may hold one row per group of g consecutive batch rows (the frames of one video share their
+        prompt): K and V are then projected once per group instead of once per frame, and the group's queries are
+        folded into one sequence of g·n tokens. Every query attends independently, so this equals per-row
+        attention with the context repeated g times. (b g) n c, (b, m, c_ctx) → (b g) n c.
+        """
+        g, rest = divmod(x.shape[0], context.shape[0])
+        if rest or g == 0:
+            raise ValueError(f"a batch of {x.shape[0]} rows cannot share {context.shape[0]} text contexts evenly")
+        q = rearrange(self.to_q(x), "(b g) n c -> b (g n) c", g=g)
+        out = self.attend(q, self.to_k(context), self.to_v(context))
+        return rearrange(out, "b (g n) c -> (b g) n c", g=g)
 
     def first_frame_attention(self, x: torch.Tensor, f: int) -> torch.Tensor:
         """Cross-Frame-Attn(Qᵏ, K¹, V¹) = softmax(Qᵏ (K¹)ᵀ/√d) V¹ for every frame k (T2V-Zero Eq. 8).

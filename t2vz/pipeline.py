@@ -229,9 +229,8 @@ class TextToVideoZero:
                        cross_frame: str, progress: bool, step_callback=None) -> torch.Tensor:
         """Step 5: DDIM from T₁ to 0 on all frames of a chunk with cross-frame attention: (b, c, f, h, w) at T₁ →
         ((b f), c, h, w) at 0."""
-        f = x_T1.shape[2]
-        ctx = repeat(context, "b n d -> (b f) n d", f=f)
-        return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, ctx, guidance_scale, generator,
+        f = x_T1.shape[2]  # the f frames of a video share its text context: one row per video, not per frame
+        return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, context, guidance_scale, generator,
                             CrossFrame(f, cross_frame), step_callback, "DDIM (all frames)", progress)
 
     def attention_masks(self, x_T1, chunks, positions, denoise) -> torch.Tensor:

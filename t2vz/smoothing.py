@@ -107,7 +107,9 @@ class CrossAttentionMaps:
 
     @torch.no_grad()
     def record(self, attn, args, kwargs, output) -> None:
-        x, context = args[0][self.rows], kwargs["context"][self.rows]
+        x, context = args[0], kwargs["context"]
+        context = context.repeat_interleave(x.shape[0] // context.shape[0], dim=0)  # one row per video → per frame
+        x, context = x[self.rows], context[self.rows]
         q = rearrange(attn.to_q(x), "b n (heads d) -> b heads n d", heads=attn.heads)
         k = rearrange(attn.to_k(context), "b m (heads d) -> b heads m d", heads=attn.heads)
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (b, heads, n, m)

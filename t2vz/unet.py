@@ -181,8 +181,13 @@ class UNet(nn.Module):
 
         With `cross_frame`, n = videos · frames, frames folded video-major (`(b f) c h w`), and every `attn1`
         becomes cross-frame attention (T2V-Zero Eq. 8). Any h, w: upsampling matches each skip's size.
+        `context` may also hold one row per group of n / len(context) consecutive rows (one per video, shared by
+        its frames): the text keys and values are then projected once per video (`Attention.text_attention`).
         """
         n = x.shape[0]
+        if n % context.shape[0]:
+            raise ValueError(f"context has {context.shape[0]} rows for a batch of {n}: it needs one row per batch "
+                             "row, or one per group of consecutive rows (the frames of a video)")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t[None]

@@ -76,3 +76,16 @@ def test_bad_modes():
 def test_batch_must_hold_whole_videos(attn):
     with pytest.raises(ValueError, match="batch of 7 frames is not a whole number of videos of 4 frames"):
         attn(torch.randn(7, 5, 32), cross_frame=CrossFrame(4))
+
+
+@torch.no_grad()
+def test_shared_text_context_equals_repeated_context():
+    """One context row per video (its frames share the prompt) gives what the context repeated per frame gives:
+    K and V are projected once per video, and folding the video's queries into one sequence changes nothing."""
+    attn = perturb_(Attention(32, heads=4, dim_head=8, context_dim=24)).eval()
+    x, ctx = torch.randn(2 * 3, 10, 32), torch.randn(2, 7, 24)
+    per_row = attn(x, context=ctx.repeat_interleave(3, dim=0))
+    assert_parity(attn(x, context=ctx), per_row)
+    assert not torch.allclose(per_row[:3], per_row[3:]), "the two videos' contexts must matter"
+    with pytest.raises(ValueError, match="cannot share 4 text contexts"):
+        attn(x, context=torch.randn(4, 7, 24))

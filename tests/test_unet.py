@@ -55,3 +55,27 @@ def test_sd15_unet_matches_diffusers():
     x = torch.randn(2, 4, 8, 8)
     context = torch.randn(2, 77, 768)
     assert_parity(ours(x, torch.tensor([981, 1]), context), ref(x, torch.tensor([981, 1]), context).sample)
+
+
+@torch.no_grad()
+def test_context_per_video_matches_diffusers_with_context_per_frame(tiny):
+    """The pipelines pass one text context per video; diffusers gets it repeated for every frame."""
+    from t2vz.attention import CrossFrame
+
+    ref, ours = tiny
+    import sys
+
+    from diffusers import TextToVideoZeroPipeline
+
+    CrossFrameAttnProcessor2_0 = sys.modules[TextToVideoZeroPipeline.__module__].CrossFrameAttnProcessor2_0
+    f, x = 3, torch.randn(2 * 3, 4, 8, 8)
+    context = torch.randn(2, 77, TINY_UNET.cross_attention_dim)
+    original = ref.attn_processors
+    ref.set_attn_processor(CrossFrameAttnProcessor2_0(batch_size=2))
+    try:
+        expected = ref(x, 500, context.repeat_interleave(f, dim=0)).sample
+    finally:
+        ref.set_attn_processor(original)
+    assert_parity(ours(x, 500, context, cross_frame=CrossFrame(f)), expected)
+    with pytest.raises(ValueError, match="context has 4 rows for a batch of 6"):
+        ours(x, 500, torch.randn(4, 77, TINY_UNET.cross_attention_dim))

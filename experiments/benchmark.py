@@ -41,6 +41,8 @@ What is measured:
                 getrusage(RUSAGE_SELF).ru_maxrss reports in a process that was not spawned by a big one: a child's
                 ru_maxrss also carries its parent's peak, so it is not used on Linux). Both are reset after the
                 warm-up, so the peak is the timed run's: weights, libraries and activations.
+  above the loaded model   CPU: peak RSS minus the RSS when the peak was reset, i.e. the generation's own
+                working memory without the weights and libraries that both implementations hold alike
   frames / s    frames / wall
   ratios        diffusers/t2vz for time (> 1: t2vz faster), t2vz/diffusers for memory (< 1: t2vz smaller)
   FLOPs         of one t2vz generation; achieved FLOP/s = FLOPs / wall for each row (the same video, so the same
@@ -53,6 +55,9 @@ Presets (preset=NAME sets the keys below; any key can be overridden after it):
   small           model=tiny device=cpu dtype=fp32, 8 frames at 64x64, 10 steps, t0=4 t1=7
   sd15-small-res  model=sd15 device=cpu dtype=fp32, 8 frames at 64x64, 10 steps, t0=4 t1=7
   sd15-512        model=sd15 device=cuda dtype=fp16, 8 frames at 512x512, 50 steps, t0=44 t1=47
+
+long_video=true adds a t2vz-only table: peak memory at num_frames, at long_frames (48) in chunks of chunk_size
+(8), and at long_frames all at once, one fresh process each.
 """
 from __future__ import annotations
 
@@ -115,6 +120,9 @@ class BenchmarkConfig:
     warmup_steps: int = 2  # DDIM steps of the warm-up generation in every subprocess (0: no warm-up)
     threads: Optional[int] = None  # torch threads (and OMP_NUM_THREADS) of the subprocesses; None: inherited
     flops: bool = True  # count the FLOPs of one t2vz generation (an extra, untimed subprocess)
+    long_video: bool = False  # also measure t2vz's peak memory at long_frames frames, chunked and not
+    long_frames: int = 48
+    chunk_size: int = 8  # frames per chunk of the long video (frame 1 plus chunk_size - 1 new frames)
     workdir: str = "runs/benchmark"  # where the model folders are built and cached
 
     def __post_init__(self):
@@ -130,7 +138,8 @@ class BenchmarkConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         for key, low in (("num_frames", 2), ("height", 8), ("width", 8), ("num_inference_steps", 1),
-                         ("repeats", 1), ("warmup_steps", 0), ("t0", 0), ("t1", 0)):
+                         ("repeats", 1), ("warmup_steps", 0), ("t0", 0), ("t1", 0), ("long_frames", 2),
+                         ("chunk_size", 2)):
             check_int(key, low)
         if self.threads is not None:
             check_int("threads", 1)
@@ -176,7 +185,7 @@ def load_runner(impl: str, folder: str, device, dtype):
                         num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
                         motion_strength=s["motion_strength"], direction=(1.0, 1.0), t0=s["t0"], t1=s["t1"],
                         ddpm_marginal="reference", generator=torch.Generator().manual_seed(s["seed"]),
-                        progress=False).float()
+                        chunk_size=s.get("chunk_size"), progress=False).float()
 
         return pipe.sd.unet, generate
     if impl == "diffusers":
@@ -241,6 +250,7 @@ def worker(spec: dict) -> dict:
         bench.synchronize(device)
         warmup_s = time.perf_counter() - start
     rss_reset = bench.reset_peak_memory(device)
+    rss_at_reset = bench.current_rss_mib()
     with bench.CallCounter(unet) as calls:
         bench.synchronize(device)
         start = time.perf_counter()
@@ -250,6 +260,7 @@ def worker(spec: dict) -> dict:
     record.update(
         warmup_s=warmup_s, wall_s=wall_s, unet_calls=calls.calls, unet_rows=calls.rows,
         peak_memory_mib=bench.peak_memory_mib(device), peak_rss_mib=bench.peak_rss_mib(), rss_peak_reset=rss_reset,
+        rss_at_reset_mib=rss_at_reset,
         memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
         frames_shape=list(frames.shape),
         diffusers_loaded=any(m == "diffusers" or m.startswith("diffusers.") for m in sys.modules),
@@ -355,6 +366,18 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
         record = spawn(spec("t2vz", "flops", "flops_t2vz"), runs_dir / "flops_t2vz.log", config.threads)
         flops = record["flops"]
         log(f"FLOPs of one t2vz generation: {flops / 1e9:.3f} GFLOP")
+    long_video = []
+    if config.long_video:
+        for frames, chunk in ((config.num_frames, None), (config.long_frames, config.chunk_size),
+                              (config.long_frames, None)):
+            tag = f"long_{frames}f_chunk{chunk or 'none'}"
+            record = spawn({**spec("t2vz", "time", tag), "settings": {**settings, "num_frames": frames,
+                                                                      "chunk_size": chunk}},
+                           runs_dir / f"{tag}.log", config.threads)
+            record.update(num_frames=frames, chunk_size=chunk)
+            long_video.append(record)
+            log(f"t2vz, {frames} frames, chunk_size {chunk}: wall {record['wall_s']:.3f} s, "
+                f"peak {record['peak_memory_mib']:.0f} MiB")
     a = np.load(runs_dir / "frames_t2vz.npy")
     b = np.load(runs_dir / "frames_diffusers.npy")
     parity = float(np.abs(a - b).max()) if a.shape == b.shape else float("nan")
@@ -363,7 +386,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
     machine["diffusers"] = next(r["diffusers"] for r in runs if r["impl"] == "diffusers")
     summary = {"preset": preset, "config": {k: v for k, v in asdict(config).items() if k != "defaults"},
                "device": str(device), "machine": machine, "steps": steps, "flops": flops,
-               "parity_max_abs_diff": parity, "runs": runs}
+               "parity_max_abs_diff": parity, "runs": runs, "long_video": long_video}
     summary["rows"] = summarize(summary)
     return summary
 
@@ -382,6 +405,7 @@ def summarize(summary: dict) -> list[dict]:
         wall = statistics.median(walls)
         calls = runs[0]["unet_calls"]
         achieved = flops / wall if flops else None
+        working = [working_mib(r) for r in runs]
         rows.append({
             "preset": summary["preset"] or "", "implementation": impl, "model": cfg["model"],
             "device": summary["device"], "device_name": machine["device_name"], "dtype": cfg["dtype"],
@@ -392,6 +416,7 @@ def summarize(summary: dict) -> list[dict]:
             "unet_calls": calls, "unet_rows": runs[0]["unet_rows"], "s_per_step": wall / calls if calls else None,
             "peak_memory_mib": statistics.median(r["peak_memory_mib"] for r in runs),
             "memory_kind": runs[0]["memory_kind"], "frames_per_s": cfg["num_frames"] / wall,
+            "working_memory_mib": statistics.median(working) if None not in working else None,
             "median_load_s": statistics.median(r["load_s"] for r in runs),
             "flops": flops, "achieved_tflops": achieved / 1e12 if achieved else None,
             "peak_tflops": peak / 1e12 if peak else None,
@@ -416,13 +441,14 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
 def markdown(summary: dict) -> str:
     cfg, machine, steps, rows = summary["config"], summary["machine"], summary["steps"], summary["rows"]
     header = ["implementation", "median wall (s)", "min–max (s)", "UNet calls", "s / step", "peak memory (MiB)",
-              "frames / s", "load (s)", "time diffusers / t2vz", "memory t2vz / diffusers", "TFLOP/s",
+              "above the loaded model (MiB)", "frames / s", "load (s)", "time diffusers / t2vz", "memory t2vz / diffusers", "TFLOP/s",
               "% of peak FLOP/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         ours = r["implementation"] == "t2vz"
         cells = [r["implementation"], f"{r['median_wall_s']:.3f}", f"{r['min_wall_s']:.3f}–{r['max_wall_s']:.3f}",
                  str(r["unet_calls"]), fmt(r["s_per_step"], ".4f"), f"{r['peak_memory_mib']:.0f}",
+                 fmt(r["working_memory_mib"], ".0f"),
                  f"{r['frames_per_s']:.2f}", f"{r['median_load_s']:.2f}",
                  f"{r['time_ratio_diffusers_over_t2vz']:.2f}" if ours else "—",
                  f"{r['memory_ratio_t2vz_over_diffusers']:.2f}" if ours else "—",
@@ -443,7 +469,8 @@ def markdown(summary: dict) -> str:
         f"median over the rounds, load excluded)",
         f"- UNet calls (counted; one per DDIM step, cond + uncond batched): {steps['first_frame']} on frame 1 "
         f"(T → T0) + {steps['all_frames']} on all frames (T1 → 0) = {steps['total']}; s / step = wall / UNet calls",
-        f"- peak memory: {rows[0]['memory_kind']} of the timed run (reset after the warm-up), median over the rounds",
+        f"- peak memory: {rows[0]['memory_kind']} of the timed run (reset after the warm-up), median over the rounds;"
+        " above the loaded model: that peak minus the RSS at the reset (weights, libraries and what the warm-up left)",
         f"- parity: max |t2vz − diffusers| = {summary['parity_max_abs_diff']:.3g} over the frames in [0, 1] "
         f"({cfg['dtype']}; t2vz with ddpm_marginal=\"reference\")",
         "- FLOPs of one t2vz generation (FlopCounterMode: matmuls, convolutions, attention): "
@@ -455,7 +482,34 @@ def markdown(summary: dict) -> str:
         f"{machine['platform']}",
     ]
     title = "# t2vz vs diffusers TextToVideoZeroPipeline"
-    return "\n".join([title, "", *lines, "", *notes, ""])
+    return "\n".join([title, "", *lines, "", *notes, "", *long_video_table(summary)])
+
+
+def working_mib(record: dict) -> float | None:
+    """Peak memory above what the process held when the peak was reset (weights, libraries, caches)."""
+    at_reset = record.get("rss_at_reset_mib")
+    if at_reset is None or record["memory_kind"] != "peak RSS":
+        return None
+    return record["peak_memory_mib"] - at_reset
+
+
+def long_video_table(summary: dict) -> list[str]:
+    """Markdown lines: t2vz's peak memory for the short video, the long one chunked and the long one unchunked."""
+    records = summary.get("long_video") or []
+    if not records:
+        return []
+    base = records[0]
+    lines = ["## t2vz: peak memory as the video grows", "",
+             "| frames | chunk_size | wall (s) | peak memory (MiB) | vs first row | above the loaded model (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in records:
+        cells = [str(r["num_frames"]), str(r["chunk_size"] or "none (all at once)"), f"{r['wall_s']:.3f}",
+                 f"{r['peak_memory_mib']:.0f}", f"{r['peak_memory_mib'] / base['peak_memory_mib']:.3f}",
+                 fmt(working_mib(r), ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "- one fresh process per row (load, warm-up at the row's own length, reset, timed run); "
+              "\"above the loaded model\" = peak RSS − RSS at the reset", ""]
+    return lines
 
 
 def to_csv(rows: list[dict]) -> str:

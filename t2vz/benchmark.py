@@ -59,16 +59,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _vm_hwm_kib() -> int | None:
-    """This process's peak resident set size (VmHWM in /proc/self/status), KiB; None where there is no procfs."""
+def _proc_status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmHWM: peak resident set size, VmRSS: current), KiB; None where there
+    is no procfs."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def _vm_hwm_kib() -> int | None:
+    return _proc_status_kib("VmHWM")
+
+
+def current_rss_mib() -> float | None:
+    """This process's resident set size now (VmRSS), MiB; None where there is no procfs."""
+    rss = _proc_status_kib("VmRSS")
+    return None if rss is None else rss / 1024
 
 
 def reset_peak_memory(device: torch.device) -> bool:

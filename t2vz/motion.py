@@ -138,7 +138,9 @@ def sampling_grid(
         raise ValueError(f"grid_size must be a positive integer, got {grid_size}")
     axis = torch.arange(grid_size, device=device).float().to(dtype)
     y, x = torch.meshgrid(axis, axis, indexing="ij")  # (g, g) each, as RAFT's coords_grid
-    a = path.to(device=device, dtype=dtype)[:, :, :, None, None]  # (f, 2, 3, 1, 1)
-    coords = a[:, :, 0] * x + a[:, :, 1] * y + a[:, :, 2]  # (f, 2, g, g): 1·x + 0·y + b rounds as x + b
-    coords = coords / grid_size * 2.0 - 1.0
-    return F.interpolate(coords, size=tuple(size), mode="bilinear").permute(0, 2, 3, 1)
+    grids = []
+    for a in path.to(device=device, dtype=dtype)[:, :, :, None, None]:  # one frame at a time: a g² field per
+        coords = a[:, 0] * x + a[:, 1] * y + a[:, 2]  # frame is 2 MB at g = 512, so memory stays flat as the
+        coords = coords / grid_size * 2.0 - 1.0       # video grows; (2, g, g): 1·x + 0·y + b rounds as x + b
+        grids.append(F.interpolate(coords[None], size=tuple(size), mode="bilinear")[0].permute(1, 2, 0))
+    return torch.stack(grids) if grids else torch.empty(0, *size, 2, device=device, dtype=dtype)

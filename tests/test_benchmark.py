@@ -69,7 +69,8 @@ def test_small_preset_runs_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "preset=small", "repeats=1", "num_frames=2", "num_inference_steps=3", "t0=0",
-         "t1=1", "warmup_steps=1", f"workdir={tmp_path / 'work'}", f"hydra.run.dir={out_dir}"],
+         "t1=1", "warmup_steps=1", "long_video=true", "long_frames=3", "chunk_size=2", f"workdir={tmp_path / 'work'}",
+         f"hydra.run.dir={out_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out_dir / "benchmark.md").is_file() and (out_dir / "benchmark.csv").is_file()
@@ -91,5 +92,11 @@ def test_small_preset_runs_end_to_end(tmp_path):
         assert float(row["time_ratio_diffusers_over_t2vz"]) > 0 and float(row["memory_ratio_t2vz_over_diffusers"]) > 0
         assert row["peak_fraction"] == ""  # n/a on CPU
     assert rows["t2vz"]["unet_rows"] == rows["diffusers"]["unet_rows"]
-    runs = json.loads((out_dir / "benchmark.json").read_text())["runs"]
-    assert {r["impl"]: r["diffusers_loaded"] for r in runs} == {"t2vz": False, "diffusers": True}
+    summary = json.loads((out_dir / "benchmark.json").read_text())
+    assert {r["impl"]: r["diffusers_loaded"] for r in summary["runs"]} == {"t2vz": False, "diffusers": True}
+    for row in rows.values():
+        assert float(row["working_memory_mib"]) >= 0  # peak minus the RSS at the reset
+    # long_video: the short video, the long one in chunks, the long one at once; each its own measured run
+    assert [(r["num_frames"], r["chunk_size"]) for r in summary["long_video"]] == [(2, None), (3, 2), (3, None)]
+    assert all(r["peak_memory_mib"] > 0 and r["wall_s"] > 0 for r in summary["long_video"])
+    assert "peak memory as the video grows" in markdown

@@ -62,9 +62,20 @@ def build_loaded(cls, config, state_dict: dict[str, torch.Tensor], where: str = 
     return module
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusion:
+def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype when the model runs in `dtype`: float32 for float16, else `dtype` itself.
+
+    SD's VAE decoder reaches activations beyond float16's range (65504) on some latents, which decode to NaN,
+    i.e. black frames (a known upstream failure: diffusers' `force_upcast`). It is 4% of SD 1.5's parameters
+    and runs once per frame, so keeping it in float32 costs little; bfloat16 has float32's range and is kept."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         vae_dtype: torch.dtype | None = None) -> StableDiffusion:
     """Read a t2vz model folder (written by `python -m weights_convert`, or a shipped model's name such as
-    "toyworld") onto `device` in `dtype`, in eval mode."""
+    "toyworld") onto `device` in `dtype`, in eval mode. The VAE runs in `vae_dtype`, by default
+    `vae_dtype_for(dtype)` (float32 under float16); latents are cast to it at the VAE's door."""
     path = resolve_model_path(path)
     meta = read_model_config(path)
     unet = build_loaded(UNet, UNetConfig(**meta["unet"]), read_state_dict(path, "unet"), f"{path}/unet.safetensors")
@@ -73,6 +84,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     clip_weights = clip_state_dict_for(clip, read_state_dict(path, "text_encoder"))
     load_strict(clip, clip_weights, f"{path}/text_encoder.safetensors")
     text_encoder = TextEncoder(clip, load_tokenizer(os.path.join(path, "tokenizer")))
-    for module in (unet, vae, text_encoder):
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    for module, module_dtype in ((unet, dtype), (vae, vae_dtype or vae_dtype_for(dtype)), (text_encoder, dtype)):
+        module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
     return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta)

@@ -175,7 +175,7 @@ class AutoencoderKL(nn.Module):
 
     def posterior(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (b, 3, H, W) in [−1, 1] → q(z | x) over latents (b, 4, H/8, W/8)."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(images)))
+        return DiagonalGaussian(self.quant_conv(self.encoder(images.to(self.quant_conv.weight.dtype))))
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False):
         """images (b, 3, H, W) in [−1, 1] → unscaled latents (b, 4, H/8, W/8): the posterior's mode, or a sample
@@ -184,5 +184,6 @@ class AutoencoderKL(nn.Module):
         return posterior.sample(generator) if sample else posterior.mode()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """unscaled latents (b, 4, h, w) → images (b, 3, 8h, 8w), nominally in [−1, 1] (not clamped)."""
-        return self.decoder(self.post_quant_conv(latents))
+        """unscaled latents (b, 4, h, w), any float dtype → images (b, 3, 8h, 8w) in the VAE's dtype, nominally in
+        [−1, 1] (not clamped)."""
+        return self.decoder(self.post_quant_conv(latents.to(self.post_quant_conv.weight.dtype)))

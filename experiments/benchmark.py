@@ -84,6 +84,7 @@ WORKER_FLAG = "--worker"
 IMPLEMENTATIONS = ("t2vz", "diffusers")
 MODELS = ("tiny", "sd15")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+SDPA_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
 PRESETS = {
     "small": dict(model="tiny", device="cpu", dtype="fp32", num_frames=8, height=64, width=64,
                   num_inference_steps=10, t0=4, t1=7),
@@ -120,6 +121,8 @@ class BenchmarkConfig:
     warmup_steps: int = 2  # DDIM steps of the warm-up generation in every subprocess (0: no warm-up)
     threads: Optional[int] = None  # torch threads (and OMP_NUM_THREADS) of the subprocesses; None: inherited
     flops: bool = True  # count the FLOPs of one t2vz generation (an extra, untimed subprocess)
+    compile: bool = False  # torch.compile both implementations' UNets (the warm-up pays the compile time)
+    sdpa: str = "auto"  # scaled_dot_product_attention backend for both: auto (PyTorch picks) | flash | efficient | math | cudnn
     long_video: bool = False  # also measure t2vz's peak memory at long_frames frames, chunked and not
     long_frames: int = 48
     chunk_size: int = 8  # frames per chunk of the long video (frame 1 plus chunk_size - 1 new frames)
@@ -143,6 +146,8 @@ class BenchmarkConfig:
             check_int(key, low)
         if self.threads is not None:
             check_int("threads", 1)
+        if self.sdpa not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa={self.sdpa!r} is not one of {', '.join(SDPA_BACKENDS)}")
         if not self.t0 <= self.t1 <= self.num_inference_steps - 1:
             raise ValueError(f"t0={self.t0}, t1={self.t1} must satisfy 0 <= t0 <= t1 <= num_inference_steps - 1 = "
                              f"{self.num_inference_steps - 1} (they count DDIM steps from the end)")
@@ -171,14 +176,33 @@ register()
 
 
 # ------------------------------------------------------------------------------------------------ the worker
-def load_runner(impl: str, folder: str, device, dtype):
-    """(unet module, generate(settings) -> frames (F, H, W, 3) float32 on the CPU) for `impl`."""
+def with_sdpa_backend(generate, backend: str):
+    """generate, run under torch.nn.attention.sdpa_kernel(backend) unless backend is "auto"."""
+    if backend == "auto":
+        return generate
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def run(settings: dict):
+        with sdpa_kernel(chosen):
+            return generate(settings)
+    return run
+
+
+def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = False):
+    """(unet module, generate(settings) -> frames (F, H, W, 3) float32 on the CPU) for `impl`; with
+    compile_unet the pipeline's UNet is torch.compile'd (the returned module is the uncompiled one, for hooks)."""
     import torch
 
     if impl == "t2vz":
         from t2vz import TextToVideoZero
 
         pipe = TextToVideoZero.from_pretrained(folder, device=device, dtype=dtype)
+        unet = pipe.sd.unet
+        if compile_unet:
+            pipe.sd.unet = torch.compile(unet)
 
         def generate(s: dict) -> torch.Tensor:
             return pipe(s["prompt"], num_frames=s["num_frames"], height=s["height"], width=s["width"],
@@ -187,17 +211,20 @@ def load_runner(impl: str, folder: str, device, dtype):
                         ddpm_marginal="reference", generator=torch.Generator().manual_seed(s["seed"]),
                         chunk_size=s.get("chunk_size"), progress=False).float()
 
-        return pipe.sd.unet, generate
+        return unet, generate
     if impl == "diffusers":
         sys.path.insert(0, str(HERE))
         import bench_reference
 
         pipe = bench_reference.load_pipeline(folder, device, dtype)
+        unet = pipe.unet
+        if compile_unet:
+            pipe.unet = torch.compile(unet)
 
         def generate(s: dict) -> torch.Tensor:
             return bench_reference.generate(pipe, **s)
 
-        return pipe.unet, generate
+        return unet, generate
     raise ValueError(f"implementation {impl!r} is not one of {IMPLEMENTATIONS}")
 
 
@@ -228,9 +255,10 @@ def worker(spec: dict) -> dict:
     import_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    unet, generate = load_runner(spec["impl"], spec["folder"], device, dtype)
+    unet, generate = load_runner(spec["impl"], spec["folder"], device, dtype, spec.get("compile", False))
     bench.synchronize(device)
     load_s = time.perf_counter() - start
+    generate = with_sdpa_backend(generate, spec.get("sdpa", "auto"))
     settings = spec["settings"]
     record = {"impl": spec["impl"], "mode": spec["mode"], "import_s": import_s, "load_s": load_s,
               "machine": bench.machine_info(device)}
@@ -347,7 +375,8 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
     def spec(impl: str, mode: str, tag: str, frames: bool = False) -> dict:
         return {"impl": impl, "mode": mode, "folder": str(folders[impl].resolve()), "device": str(device),
                 "dtype": config.dtype, "settings": settings, "warmup_steps": config.warmup_steps,
-                "threads": config.threads, "result_path": str((runs_dir / f"{tag}.json").resolve()),
+                "threads": config.threads, "compile": config.compile, "sdpa": config.sdpa,
+                "result_path": str((runs_dir / f"{tag}.json").resolve()),
                 "frames_path": str((runs_dir / f"frames_{impl}.npy").resolve()) if frames else None}
 
     runs: list[dict] = []
@@ -463,7 +492,8 @@ def markdown(summary: dict) -> str:
         f"- preset `{summary['preset']}`: random `{cfg['model']}` model (seed {cfg['model_seed']}), {cfg['dtype']} on "
         f"{summary['device']}; prompt \"{cfg['prompt']}\", seed {cfg['seed']}, {cfg['num_frames']} frames "
         f"{cfg['height']}x{cfg['width']}, {cfg['num_inference_steps']} DDIM steps, guidance {cfg['guidance_scale']}, "
-        f"λ = {cfg['motion_strength']}, t0 = {cfg['t0']}, t1 = {cfg['t1']}",
+        f"λ = {cfg['motion_strength']}, t0 = {cfg['t0']}, t1 = {cfg['t1']}; UNets "
+        f"{'torch.compile' if cfg.get('compile') else 'eager'}, SDPA backend {cfg.get('sdpa', 'auto')}",
         f"- {rounds} round{'s' if rounds != 1 else ''}, alternating which implementation runs first; each run a "
         f"fresh process: load, a {cfg['warmup_steps']}-step warm-up generation, then the timed generation (wall: "
         f"median over the rounds, load excluded)",

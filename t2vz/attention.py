@@ -82,8 +82,8 @@ class Attention(nn.Module):
         folded into one sequence of g·n tokens. Every query attends independently, so this equals per-row
         attention with the context repeated g times. (b g) n c, (b, m, c_ctx) → (b g) n c.
         """
-        g, rest = divmod(x.shape[0], context.shape[0])
-        if rest or g == 0:
+        g = x.shape[0] // context.shape[0]  # not divmod: torch.compile cannot trace it
+        if g == 0 or g * context.shape[0] != x.shape[0]:
             raise ValueError(f"a batch of {x.shape[0]} rows cannot share {context.shape[0]} text contexts evenly")
         q = rearrange(self.to_q(x), "(b g) n c -> b (g n) c", g=g)
         out = self.attend(q, self.to_k(context), self.to_v(context))

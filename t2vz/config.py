@@ -154,6 +154,7 @@ class GenerateConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "fp32"
+    compile: bool = False  # torch.compile the UNet: the first video pays the compilation, later ones run faster
     video: VideoConfig = field(default_factory=VideoConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -206,7 +207,8 @@ KEY_OPTIONS = {
     "model": "toyworld (ships with t2vz) or a t2vz model folder (python -m weights_convert CHECKPOINT FOLDER)",
     "seed": "seeds every random draw: same seed, same video",
     "device": "auto: cuda if available, else cpu; or cpu, cuda, cuda:N",
-    "dtype": "weights and activations",
+    "dtype": "weights and activations (fp16 keeps the VAE in fp32: it can overflow fp16)",
+    "compile": "torch.compile the UNet (minutes of compilation first; see README's perf section)",
     "video.num_frames": "frames per video",
     "video.height": "pixels, a multiple of 8 (also video.width); null: the model's own size",
     "video.num_videos_per_prompt": "videos per run: video_0.mp4, video_1.mp4, ...",

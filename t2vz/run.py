@@ -57,8 +57,7 @@ def generate_from_config(config: GenerateConfig, pipe: TextToVideoZero | None = 
     """Load `config.model` (unless `pipe` is given) and generate: frames (f, h, w, 3) float in [0, 1], or
     (b, f, h, w, 3) when `video.num_videos_per_prompt` > 1. The seed fixes every random draw."""
     if pipe is None:
-        device = resolve_device(config.device)
-        pipe = TextToVideoZero.from_pretrained(config.model, device=device, dtype=DTYPES[config.dtype])
+        pipe = load_pipeline(config.model, config.device, config.dtype, config.compile)
     kwargs = pipeline_kwargs(config)
     return pipe(config.prompt, generator=torch.Generator().manual_seed(config.seed), **kwargs)
 
@@ -106,10 +105,18 @@ class OutputFolderCheck(Callback):
             sys.exit(2)
 
 
+def load_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False) -> TextToVideoZero:
+    """The pipeline for a config's model, device and dtype names; with compile_unet its UNet is torch.compile'd."""
+    pipe = TextToVideoZero.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype])
+    if compile_unet:
+        pipe.sd.unet = torch.compile(pipe.sd.unet)
+    return pipe
+
+
 @functools.lru_cache(maxsize=1)
-def cached_pipeline(model: str, device: str, dtype: str) -> TextToVideoZero:
+def cached_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False) -> TextToVideoZero:
     """The pipeline of the last job: a sweep that runs its jobs in one process loads the model once."""
-    return TextToVideoZero.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype])
+    return load_pipeline(model, device, dtype, compile_unet)
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,7 +172,7 @@ def run_experiment(cfg) -> float:
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name) as tracker:
         try:
             config = to_generate_config(cfg)
-            pipe = cached_pipeline(config.model, config.device, config.dtype)
+            pipe = cached_pipeline(config.model, config.device, config.dtype, config.compile)
             frames = generate_from_config(config, pipe)
             names = write_run(run_dir, frames, config, config_yaml, start)
             np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))

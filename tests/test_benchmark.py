@@ -43,7 +43,8 @@ def test_presets_compose(benchmark_module, preset):
 
 def test_bad_values_are_refused(benchmark_module):
     with initialize(version_base="1.3", config_path=None):
-        for overrides, match in ((["dtype=fp64"], "dtype"), (["t0=5", "t1=3"], "t0=5"), (["model=sdxl"], "model")):
+        for overrides, match in ((["dtype=fp64"], "dtype"), (["t0=5", "t1=3"], "t0=5"), (["model=sdxl"], "model"),
+                                 (["sdpa=fast"], "sdpa")):
             with pytest.raises(ValueError, match=match):
                 OmegaConf.to_object(compose("benchmark", overrides=overrides))
 

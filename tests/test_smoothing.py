@@ -111,3 +111,21 @@ def test_bad_smoothing_arguments(pipe):
         pipe("a horse", smooth_bg=True, smoothing="blur", **COMMON)
     with pytest.raises(ValueError, match="alpha=1.5 in \\[0, 1\\]"):
         pipe("a horse", smooth_bg=True, alpha=1.5, **COMMON)
+
+
+def test_attention_masks_record_through_a_compiled_unet():
+    """With compile=true the UNet is torch.compile'd; the cross-attention recording hooks, added to its modules
+    after compilation, still see every call, and the frames equal eager ones. Dynamo's "eager" backend traces as
+    the real one does, without code generation, so this stays fast."""
+    from t2vz.run import load_pipeline
+
+    assert isinstance(load_pipeline("toyworld", "cpu", "fp32", compile_unet=True).sd.unet,
+                      torch._dynamo.eval_frame.OptimizedModule)
+    eager = load_pipeline("toyworld", "cpu", "fp32")
+    compiled = load_pipeline("toyworld", "cpu", "fp32")
+    wrapper = compiled.sd.unet = torch.compile(compiled.sd.unet, backend="eager")
+    kwargs = dict(num_frames=2, num_inference_steps=2, t0=0, t1=1, smooth_bg=True, progress=False)
+    frames = compiled("a red circle on grass", generator=torch.Generator().manual_seed(0), **kwargs)
+    assert compiled.sd.unet is wrapper
+    reference = eager("a red circle on grass", generator=torch.Generator().manual_seed(0), **kwargs)
+    torch.testing.assert_close(frames, reference, rtol=1e-5, atol=1e-5)

@@ -79,3 +79,19 @@ def test_context_per_video_matches_diffusers_with_context_per_frame(tiny):
     assert_parity(ours(x, 500, context, cross_frame=CrossFrame(f)), expected)
     with pytest.raises(ValueError, match="context has 4 rows for a batch of 6"):
         ours(x, 500, torch.randn(4, 77, TINY_UNET.cross_attention_dim))
+
+
+def test_unet_compiles_as_one_graph(tiny):
+    """`torch.compile` of the UNet (benchmark.py compile=true, python -m t2vz compile=true) traces the whole forward,
+    cross-frame attention and the shared text context included, without graph breaks (each would fall back to
+    eager Python between compiled pieces)."""
+    from t2vz.attention import CrossFrame
+
+    _, ours = tiny
+    x, context = torch.randn(6, 4, 8, 8), torch.randn(2, 77, TINY_UNET.cross_attention_dim)
+    torch._dynamo.mark_dynamic(x, 0)  # as after the first recompile: frame-1-only calls have 2 rows, later ones 2·f
+    torch._dynamo.mark_dynamic(context, 0)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(ours)(x, torch.tensor(500), context, cross_frame=CrossFrame(3))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

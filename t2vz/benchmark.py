@@ -3,6 +3,8 @@ peak FLOP/s and machine info. Implementation-agnostic (they measure any nn.Modul
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import resource
@@ -82,9 +84,25 @@ def current_rss_mib() -> float | None:
     return None if rss is None else rss / 1024
 
 
+def trim_heap() -> bool:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc `malloc_trim(0)`), so that memory a
+    previous run freed but the allocator kept does not count as this process's resident set. Returns whether
+    the heap could be trimmed (glibc only)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak_memory(device: torch.device) -> bool:
     """Start a new peak: CUDA's allocator statistics, and on Linux the process's RSS high-water mark
-    (`echo 5 > /proc/self/clear_refs`). Returns whether the RSS peak could be reset."""
+    (`echo 5 > /proc/self/clear_refs`) after `trim_heap`, so that every implementation and video length starts
+    from the memory it holds, not from what its warm-up left in the allocator. Returns whether the RSS peak
+    could be reset."""
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:

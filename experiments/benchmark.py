@@ -122,7 +122,7 @@ class BenchmarkConfig:
     threads: Optional[int] = None  # torch threads (and OMP_NUM_THREADS) of the subprocesses; None: inherited
     flops: bool = True  # count the FLOPs of one t2vz generation (an extra, untimed subprocess)
     compile: bool = False  # torch.compile both implementations' UNets (the warm-up pays the compile time)
-    sdpa: str = "auto"  # scaled_dot_product_attention backend for both: auto (PyTorch picks) | flash | efficient | math | cudnn
+    sdpa: str = "auto"  # SDPA backend for both: auto (PyTorch picks) | flash | efficient | math | cudnn
     long_video: bool = False  # also measure t2vz's peak memory at long_frames frames, chunked and not
     long_frames: int = 48
     chunk_size: int = 8  # frames per chunk of the long video (frame 1 plus chunk_size - 1 new frames)

@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/judge_toyworld.py                  # the README's numbers (model=toyworld)
     .venv/bin/python experiments/judge_toyworld.py model=models/toy-quick images_per_prompt=4
+    .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 t0=25 t1=25   # motion only, warp at step 25
 
 1. Text faithfulness: for every held-out (colour, shape, background) combination of `world.HELD_OUT` (never in
    the training data) and as many combinations that were in it, `images_per_prompt` images from seeds the
@@ -88,7 +89,8 @@ def main(cfg) -> None:
                     samples.append(image)
         faith[name] = {"images": len(rows), "colour": rate([r["colour_ok"] for r in rows]),
                        "colour_and_shape": rate([r["shape_ok"] for r in rows]), "per_image": rows}
-    write_image(f"{out}/samples.png", contact_sheet(torch.stack(samples), columns=len(HELD_OUT)))
+    if samples:  # images_per_prompt=0 measures motion only
+        write_image(f"{out}/samples.png", contact_sheet(torch.stack(samples), columns=len(HELD_OUT)))
 
     # 2–3. motion and appearance consistency
     motion = []
@@ -126,10 +128,13 @@ def main(cfg) -> None:
     result = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)), "text_faithfulness": faith,
               "motion": {"all": summary(motion), "by_setting": by_setting, "per_video": motion}}
 
-    lines = ["| prompts | images | colour right | colour and shape right |", "| --- | --- | --- | --- |"]
-    for name, f in faith.items():
-        lines.append(f"| {name} | {f['images']} | {f['colour']:.1%} | {f['colour_and_shape']:.1%} |")
-    lines += ["", "| motion (per frame, requested −λ·δ·64/512 px) | videos | mean error px | error y px | "
+    lines = []
+    if cfg.images_per_prompt:  # 0: motion only
+        lines = ["| prompts | images | colour right | colour and shape right |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {f['images']} | {f['colour']:.1%} | {f['colour_and_shape']:.1%} |"
+                  for name, f in faith.items()]
+        lines.append("")
+    lines += ["| motion (per frame, requested −λ·δ·64/512 px) | videos | mean error px | error y px | "
               "error x px | videos within 1 px | object IoU | same shape |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in {**by_setting, "all": summary(motion)}.items():
         lines.append(f"| {name} | {m['videos']} | {m['motion_error_px']:.2f} | {m['motion_error_y_px']:.2f} | "

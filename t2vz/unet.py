@@ -60,6 +60,21 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(self.sinusoidal(t).to(dtype))))
 
 
+def check_context_rows(n: int, context: torch.Tensor) -> None:
+    """A batch of n rows takes one text context per row, or one per group of consecutive rows (one per video)."""
+    if n % context.shape[0]:
+        raise ValueError(f"context has {context.shape[0]} rows for a batch of {n}: it needs one row per batch "
+                         "row, or one per group of consecutive rows (the frames of a video)")
+
+
+def timesteps_for(t: torch.Tensor | int | float, n: int, device: torch.device) -> torch.Tensor:
+    """A scalar or (n,) timestep as (n,) on `device`."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t[None]
+    return t.expand(n)
+
+
 class DownBlock(nn.Module):
     """One resolution level of the encoder: `layers` resnets (each followed by a transformer where the level has
     attention), then a stride-2 downsampler except at the last level. Returns the output and the skips."""
@@ -176,6 +191,8 @@ class UNet(nn.Module):
         t: torch.Tensor | int | float,
         context: torch.Tensor,
         cross_frame: CrossFrame | None = None,
+        down_residuals: list[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar timestep, context (n, 77, 768) → ε (n, c_out, h, w).
 
@@ -183,15 +200,16 @@ class UNet(nn.Module):
         becomes cross-frame attention (T2V-Zero Eq. 8). Any h, w: upsampling matches each skip's size.
         `context` may also hold one row per group of n / len(context) consecutive rows (one per video, shared by
         its frames): the text keys and values are then projected once per video (`Attention.text_attention`).
+
+        `down_residuals` (one per skip, in encoder order, each the skip's shape) and `mid_residual` (the mid-block
+        output's shape), as `ControlNet.forward` returns them, are added to the skips and to the mid-block output:
+        the y_c = F(x; Θ) + Z(...) of ControlNet (Zhang et al. 2023, Eq. 2) for the locked UNet. The encoder path
+        itself is unchanged (the residuals reach the decoder only), as in diffusers' `down_block_additional_residuals`
+        / `mid_block_additional_residual`.
         """
         n = x.shape[0]
-        if n % context.shape[0]:
-            raise ValueError(f"context has {context.shape[0]} rows for a batch of {n}: it needs one row per batch "
-                             "row, or one per group of consecutive rows (the frames of a video)")
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t[None]
-        temb = self.time_embedding(t.expand(n), x.dtype)
+        check_context_rows(n, context)
+        temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
 
         x = self.conv_in(x)
         skips = [x]
@@ -199,6 +217,12 @@ class UNet(nn.Module):
             x, block_skips = block(x, temb, context, cross_frame)
             skips += block_skips
         x = self.mid_block(x, temb, context, cross_frame)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {len(skips)} skips")
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]  # (n, c, h_i, w_i) each
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             x = block(x, skips, temb, context, cross_frame)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from conftest import perturb_
 
+from t2vz.controlnet import ControlNetConfig
 from t2vz.unet import UNetConfig
 from t2vz.vae import VAEConfig
 
 TINY_UNET = UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), cross_attention_dim=32)
 SD15_UNET = UNetConfig()
+TINY_CONTROLNET = ControlNetConfig.from_unet(TINY_UNET, conditioning_embedding_out_channels=(8, 16, 16, 32))
 TINY_VAE = VAEConfig(block_out_channels=(32, 64))
 SD15_VAE = VAEConfig()
 TINY_CLIP = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
@@ -29,6 +31,21 @@ def diffusers_unet(cfg: UNetConfig, seed: int = 0):
         down_block_types=down, up_block_types=up, layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.num_attention_heads, cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+    )
+    return perturb_(model, seed).eval()
+
+
+def diffusers_controlnet(cfg: ControlNetConfig, seed: int = 0):
+    """diffusers' ControlNetModel of `cfg`'s shape; perturb_ moves its zero convolutions off zero."""
+    from diffusers import ControlNetModel
+
+    model = ControlNetModel(
+        in_channels=cfg.in_channels, conditioning_channels=cfg.conditioning_channels,
+        block_out_channels=cfg.block_out_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
+        layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.num_attention_heads,
+        cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+        conditioning_embedding_out_channels=cfg.conditioning_embedding_out_channels,
     )
     return perturb_(model, seed).eval()
 

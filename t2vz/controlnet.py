@@ -1,0 +1,170 @@
+"""ControlNet for the SD 1.5 UNet (Zhang, Rao & Agrawala 2023, "Adding Conditional Control to Text-to-Image Diffusion
+Models"): a trainable copy of the UNet's encoder, fed the noisy latent plus an embedded control image (edges, depth,
+pose, ...), whose features reach the locked UNet through zero convolutions added to its skips and mid-block output.
+
+Attribute names are diffusers' `ControlNetModel` state-dict keys (`controlnet_cond_embedding.blocks.0`,
+`controlnet_down_blocks.3`, `controlnet_mid_block`, and the UNet's own `down_blocks.*` / `mid_block.*`), so a
+converted SD 1.5 ControlNet checkpoint loads with `strict=True`.
+
+Axis letters: b batch, c channels, h w latent spatial, H W pixel spatial (H = 8h, W = 8w).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CrossFrame
+from .unet import DownBlock, MidBlock, TimestepEmbedding, UNetConfig, check_context_rows, timesteps_for
+
+
+@dataclass
+class ControlNetConfig:
+    """SD 1.5 defaults. The encoder fields are `UNetConfig`'s (a ControlNet copies its UNet's encoder, so they must
+    equal that UNet's); `conditioning_embedding_out_channels` are the widths of the control-image embedding E(·)."""
+
+    in_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    attention_levels: tuple[bool, ...] = (True, True, True, False)
+    layers_per_block: int = 2
+    num_attention_heads: int = 8
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        self.conditioning_embedding_out_channels = tuple(self.conditioning_embedding_out_channels)
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError(
+                f"attention_levels {self.attention_levels} and block_out_channels {self.block_out_channels} "
+                "must have one entry per resolution level"
+            )
+        if not self.conditioning_embedding_out_channels:
+            raise ValueError("conditioning_embedding_out_channels needs at least one width")
+
+    @classmethod
+    def from_unet(cls, unet_config: UNetConfig, **kwargs) -> ControlNetConfig:
+        """The ControlNet config matching `unet_config`'s encoder (`kwargs` set the conditioning fields)."""
+        shared = {f.name: getattr(unet_config, f.name) for f in fields(cls) if hasattr(unet_config, f.name)}
+        return cls(**{**shared, **kwargs})
+
+    @property
+    def control_downscale(self) -> int:
+        """Pixels per latent pixel the control image must have: 2 per stride-2 conv of E(·), 8 for SD 1.5."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+
+class ControlNetConditioningEmbedding(nn.Module):
+    """E(·): the control image c_i (b, 3, H, W) → c_f (b, c0, h, w), c_f = E(c_i), the "tiny network" of
+    Zhang et al. Sec. 3.2.
+
+    The paper describes four 4×4 stride-2 convs with ReLU; the released SD 1.5 ControlNets (and diffusers) use
+    3×3 conv → SiLU, then per width pair a 3×3 conv → SiLU → 3×3 stride-2 conv → SiLU, then a zero-initialised
+    3×3 `conv_out` to the UNet's first width c0. With the default widths (16, 32, 96, 256) that is 8× downscaling.
+    """
+
+    def __init__(self, out_channels: int, conditioning_channels: int, widths: tuple[int, ...]):
+        super().__init__()
+        self.conv_in = nn.Conv2d(conditioning_channels, widths[0], 3, padding=1)
+        blocks = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            blocks += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.Conv2d(c_in, c_out, 3, padding=1, stride=2)]
+        self.blocks = nn.ModuleList(blocks)  # keys blocks.0 .. blocks.{2·(len(widths)−1)−1}, as in diffusers
+        self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)  # zero-initialised: an untrained ControlNet leaves the UNet unchanged
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, control: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv_in(control))  # (b, w0, H, W)
+        for conv in self.blocks:
+            x = F.silu(conv(x))  # every second conv halves H, W
+        return self.conv_out(x)  # (b, c0, h, w)
+
+
+def zero_conv(channels: int) -> nn.Conv2d:
+    """Z(·; Θ_z): a 1×1 conv with weight and bias initialised to zero (Zhang et al. Sec. 3.1)."""
+    conv = nn.Conv2d(channels, channels, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ControlNet(nn.Module):
+    """The trainable copy of the UNet encoder, F(·; Θ_c), with its zero convolutions (Zhang et al. Eq. 2):
+
+        y_c = F(x; Θ) + Z(F(x + Z(c; Θ_z1); Θ_c); Θ_z2)
+
+    applied to SD 1.5 as in Sec. 3.2: x is the output of the UNet's `conv_in` on the noisy latent, the control enters
+    through E(·) (whose zero-initialised `conv_out` plays Z(·; Θ_z1)), and one Z(·; Θ_z2) per encoder skip
+    (`controlnet_down_blocks.N`) and one on the mid-block output (`controlnet_mid_block`) give the residuals the
+    locked UNet adds to its skips and mid-block output (`UNet.forward(down_residuals=..., mid_residual=...)`).
+    """
+
+    def __init__(self, config: ControlNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        channels = cfg.block_out_channels
+        levels = len(channels)
+        temb = 4 * channels[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
+            channels[0], cfg.conditioning_channels, cfg.conditioning_embedding_out_channels
+        )
+
+        self.down_blocks = nn.ModuleList()
+        skip_channels = [channels[0]]  # conv_in's output (plus the control) is the first skip
+        for i, c_out in enumerate(channels):
+            last = i == levels - 1
+            c_in = channels[max(i - 1, 0)]
+            self.down_blocks.append(DownBlock(c_in, c_out, temb, cfg, cfg.attention_levels[i], not last))
+            skip_channels += [c_out] * (cfg.layers_per_block + (0 if last else 1))
+        self.mid_block = MidBlock(channels[-1], temb, cfg)
+
+        self.controlnet_down_blocks = nn.ModuleList(zero_conv(c) for c in skip_channels)
+        self.controlnet_mid_block = zero_conv(channels[-1])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | int | float,
+        context: torch.Tensor,
+        control: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        cross_frame: CrossFrame | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x (n, c_in, h, w) noisy latents, t (n,) or a scalar, context (n, 77, 768), control (n or 1, 3, 8h, 8w)
+        in [0, 1] → (down residuals, one per UNet skip: (n, c_level, h_level, w_level); mid residual
+        (n, c_last, h_last, w_last)), each multiplied by `conditioning_scale`.
+
+        `cross_frame` and a `context` with one row per video are as in `UNet.forward`: every `attn1` of the copied
+        encoder becomes cross-frame attention (T2V-Zero Eq. 8), and the text keys and values are projected once per
+        video.
+        """
+        n, _, h, w = x.shape
+        check_context_rows(n, context)
+        s = self.config.control_downscale
+        if tuple(control.shape[-2:]) != (s * h, s * w):
+            raise ValueError(
+                f"control image is {control.shape[-2]}×{control.shape[-1]} px for a {h}×{w} latent: it must be "
+                f"{s}× the latent size, {s * h}×{s * w} px"
+            )
+        if control.shape[0] not in (1, n):
+            raise ValueError(f"control has {control.shape[0]} images for a batch of {n}: it needs 1 or {n}")
+        temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
+
+        x = self.conv_in(x) + self.controlnet_cond_embedding(control.to(x.dtype))  # x + Z(c; Θ_z1)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context, cross_frame)
+            skips += block_skips
+        x = self.mid_block(x, temb, context, cross_frame)
+
+        down = [zero(skip) * conditioning_scale for zero, skip in zip(self.controlnet_down_blocks, skips)]
+        return down, self.controlnet_mid_block(x) * conditioning_scale

@@ -10,49 +10,35 @@ Axis letters: b batch, c channels, h w latent spatial, H W pixel spatial (H = 8h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossFrame
-from .unet import DownBlock, MidBlock, TimestepEmbedding, UNetConfig, check_context_rows, timesteps_for
+from .unet import UNetConfig, add_encoder, check_context_rows, run_encoder, timesteps_for
 
 
 @dataclass
-class ControlNetConfig:
+class ControlNetConfig(UNetConfig):
     """SD 1.5 defaults. The encoder fields are `UNetConfig`'s (a ControlNet copies its UNet's encoder, so they must
-    equal that UNet's); `conditioning_embedding_out_channels` are the widths of the control-image embedding E(·)."""
+    equal that UNet's; `out_channels` is unused); `conditioning_embedding_out_channels` are the widths of the
+    control-image embedding E(·)."""
 
-    in_channels: int = 4
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    attention_levels: tuple[bool, ...] = (True, True, True, False)
-    layers_per_block: int = 2
-    num_attention_heads: int = 8
-    cross_attention_dim: int = 768
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
     conditioning_channels: int = 3
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
 
     def __post_init__(self):
-        self.block_out_channels = tuple(self.block_out_channels)
-        self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        super().__post_init__()
         self.conditioning_embedding_out_channels = tuple(self.conditioning_embedding_out_channels)
-        if len(self.attention_levels) != len(self.block_out_channels):
-            raise ValueError(
-                f"attention_levels {self.attention_levels} and block_out_channels {self.block_out_channels} "
-                "must have one entry per resolution level"
-            )
         if not self.conditioning_embedding_out_channels:
             raise ValueError("conditioning_embedding_out_channels needs at least one width")
 
     @classmethod
     def from_unet(cls, unet_config: UNetConfig, **kwargs) -> ControlNetConfig:
         """The ControlNet config matching `unet_config`'s encoder (`kwargs` set the conditioning fields)."""
-        shared = {f.name: getattr(unet_config, f.name) for f in fields(cls) if hasattr(unet_config, f.name)}
-        return cls(**{**shared, **kwargs})
+        return cls(**{**asdict(unet_config), **kwargs})
 
     @property
     def control_downscale(self) -> int:
@@ -110,23 +96,10 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         channels = cfg.block_out_channels
-        levels = len(channels)
-        temb = 4 * channels[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
+        skip_channels = add_encoder(self, cfg)  # conv_in, time_embedding, down_blocks, mid_block: the UNet's
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             channels[0], cfg.conditioning_channels, cfg.conditioning_embedding_out_channels
         )
-
-        self.down_blocks = nn.ModuleList()
-        skip_channels = [channels[0]]  # conv_in's output (plus the control) is the first skip
-        for i, c_out in enumerate(channels):
-            last = i == levels - 1
-            c_in = channels[max(i - 1, 0)]
-            self.down_blocks.append(DownBlock(c_in, c_out, temb, cfg, cfg.attention_levels[i], not last))
-            skip_channels += [c_out] * (cfg.layers_per_block + (0 if last else 1))
-        self.mid_block = MidBlock(channels[-1], temb, cfg)
-
         self.controlnet_down_blocks = nn.ModuleList(zero_conv(c) for c in skip_channels)
         self.controlnet_mid_block = zero_conv(channels[-1])
 
@@ -160,11 +133,7 @@ class ControlNet(nn.Module):
         temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
 
         x = self.conv_in(x) + self.controlnet_cond_embedding(control.to(x.dtype))  # x + Z(c; Θ_z1)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, context, cross_frame)
-            skips += block_skips
-        x = self.mid_block(x, temb, context, cross_frame)
+        x, skips = run_encoder(self, x, temb, context, cross_frame)
 
         down = [zero(skip) * conditioning_scale for zero, skip in zip(self.controlnet_down_blocks, skips)]
         return down, self.controlnet_mid_block(x) * conditioning_scale

@@ -150,6 +150,36 @@ class UpBlock(nn.Module):
         return x
 
 
+def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
+    """Give `module` the UNet's encoder under the checkpoints' names: `conv_in`, `time_embedding`, `down_blocks`,
+    `mid_block`. Shared by `UNet` and `ControlNet`, whose encoder is a copy of the UNet's. Returns the channels
+    of the skips in encoder order (conv_in's output first)."""
+    channels = cfg.block_out_channels
+    temb = 4 * channels[0]
+    module.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+    module.time_embedding = TimestepEmbedding(channels[0], temb)
+    module.down_blocks = nn.ModuleList()
+    skip_channels = [channels[0]]
+    for i, c_out in enumerate(channels):
+        last = i == len(channels) - 1
+        c_in = channels[max(i - 1, 0)]
+        module.down_blocks.append(DownBlock(c_in, c_out, temb, cfg, cfg.attention_levels[i], not last))
+        skip_channels += [c_out] * (cfg.layers_per_block + (0 if last else 1))
+    module.mid_block = MidBlock(channels[-1], temb, cfg)
+    return skip_channels
+
+
+def run_encoder(module: nn.Module, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                cross_frame: CrossFrame | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The down blocks and mid block of an `add_encoder` module on x = conv_in's output (n, c0, h, w) →
+    (the mid block's output, the skips in encoder order, x first)."""
+    skips = [x]
+    for block in module.down_blocks:
+        x, block_skips = block(x, temb, context, cross_frame)
+        skips += block_skips
+    return module.mid_block(x, temb, context, cross_frame), skips
+
+
 class UNet(nn.Module):
     """ε_θ(x_t, t, c): predicts the noise in x_t (Ho et al. 2020, Eq. 11) given the text tokens c."""
 
@@ -159,18 +189,7 @@ class UNet(nn.Module):
         channels = cfg.block_out_channels
         levels = len(channels)
         temb = 4 * channels[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(channels[0], temb)
-
-        self.down_blocks = nn.ModuleList()
-        skip_channels = [channels[0]]  # conv_in's output is the first skip
-        for i, c_out in enumerate(channels):
-            last = i == levels - 1
-            c_in = channels[max(i - 1, 0)]
-            self.down_blocks.append(DownBlock(c_in, c_out, temb, cfg, cfg.attention_levels[i], not last))
-            skip_channels += [c_out] * (cfg.layers_per_block + (0 if last else 1))
-
-        self.mid_block = MidBlock(channels[-1], temb, cfg)
+        skip_channels = add_encoder(self, cfg)
 
         self.up_blocks = nn.ModuleList()
         c_prev = channels[-1]
@@ -211,12 +230,7 @@ class UNet(nn.Module):
         check_context_rows(n, context)
         temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
 
-        x = self.conv_in(x)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, context, cross_frame)
-            skips += block_skips
-        x = self.mid_block(x, temb, context, cross_frame)
+        x, skips = run_encoder(self, self.conv_in(x), temb, context, cross_frame)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {len(skips)} skips")

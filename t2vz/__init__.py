@@ -5,7 +5,8 @@
     image = t2vz.text_to_image(sd, "a photo of a cat", generator=torch.Generator().manual_seed(0))
 """
 from .attention import CrossFrame
-from .loading import StableDiffusion, load
+from .controlnet import ControlNet, ControlNetConfig
+from .loading import StableDiffusion, load, load_controlnet
 from .model_folder import ModelFolderError
 from .pipeline import TextToVideoZero
 from .text_to_image import text_to_image
@@ -14,6 +15,6 @@ from .vae import AutoencoderKL, VAEConfig
 
 __version__ = "0.1.0"
 __all__ = [
-    "AutoencoderKL", "CrossFrame", "ModelFolderError", "StableDiffusion", "TextToVideoZero", "UNet", "UNetConfig", "VAEConfig",
-    "load", "text_to_image", "__version__",
+    "AutoencoderKL", "ControlNet", "ControlNetConfig", "CrossFrame", "ModelFolderError", "StableDiffusion",
+    "TextToVideoZero", "UNet", "UNetConfig", "VAEConfig", "load", "load_controlnet", "text_to_image", "__version__",
 ]

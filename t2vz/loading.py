@@ -1,13 +1,18 @@
-"""`t2vz.load`: a converted model folder → the SD 1.5 components, with strict key checks."""
+"""`t2vz.load`: a converted model folder → the SD 1.5 components; `t2vz.load_controlnet`: a converted ControlNet
+folder → a ControlNet; both with strict key checks."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .model_folder import ModelFolderError, read_model_config, read_state_dict, resolve_model_path
+from .controlnet import ControlNet, ControlNetConfig
+from .model_folder import (
+    CONTROLNET, ModelFolderError, read_controlnet_config, read_model_config, read_state_dict, resolve_model_path,
+)
 from .text_encoder import TextEncoder, build_clip_text_model, clip_state_dict_for, load_tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -88,3 +93,18 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     for module, module_dtype in ((unet, dtype), (vae, vae_dtype or vae_dtype_for(dtype)), (text_encoder, dtype)):
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
     return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta)
+
+
+def load_controlnet(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> ControlNet:
+    """Read a t2vz ControlNet folder (written by `python -m weights_convert` from a ControlNet checkpoint) onto
+    `device` in `dtype`, in eval mode; its config is `.config` (a ControlNetConfig)."""
+    path = Path(path)
+    meta = read_controlnet_config(path)
+    try:
+        config = ControlNetConfig(**meta[CONTROLNET])
+    except (TypeError, ValueError) as e:
+        raise ModelFolderError(f"{path}/t2vz_model.json has an invalid controlnet config ({e}); re-run the "
+                               "conversion") from None
+    model = build_loaded(ControlNet, config, read_state_dict(path, CONTROLNET), f"{path}/controlnet.safetensors")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -11,6 +11,10 @@ Layout (every state dict uses the diffusers SD 1.5 key names, which are t2vz's a
       tokenizer/merges.txt
       tokenizer/tokenizer_config.json
 
+A ControlNet folder (`python -m weights_convert` on a ControlNet checkpoint; `t2vz.load_controlnet`) holds
+`t2vz_model.json` (format "t2vz-controlnet", a "controlnet" config) and `controlnet.safetensors` (diffusers'
+ControlNetModel keys).
+
 A folder is written into a temporary sibling and renamed into place, so a crash never leaves a half-written model.
 """
 from __future__ import annotations
@@ -26,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT = "t2vz-model"
+CONTROLNET_FORMAT = "t2vz-controlnet"  # a ControlNet folder: t2vz_model.json + controlnet.safetensors
+CONTROLNET = "controlnet"
 FORMAT_VERSION = 1
 CONFIG_FILE = "t2vz_model.json"
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -65,26 +71,59 @@ def write_model_folder(
     state_dicts: {"unet": ..., "vae": ..., "text_encoder": ...}; config: {"unet": {...}, "vae": {...},
     "text_encoder": {...}, plus free-form entries such as "source"}; tokenizer_dir holds TOKENIZER_FILES.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ModelFolderError(f"output folder {out} already exists; pass --overwrite to replace it")
     missing = [c for c in COMPONENTS if c not in state_dicts or c not in config]
     if missing:
         raise ModelFolderError(f"cannot write a model folder without {missing}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         for name in COMPONENTS:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in state_dicts[name].items()}
-            save_file(tensors, str(tmp / f"{name}.safetensors"), metadata={"format": "pt"})
+            save_weights(tmp, name, state_dicts[name])
         (tmp / "tokenizer").mkdir()
         for fname in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / fname
             if not src.is_file():
                 raise ModelFolderError(f"tokenizer folder {tokenizer_dir} has no {fname}")
             shutil.copyfile(src, tmp / "tokenizer" / fname)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_meta(tmp, FORMAT, config)
+
+    return write_atomically(out_dir, fill, overwrite)
+
+
+def write_controlnet_folder(
+    out_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict, overwrite: bool = False
+) -> Path:
+    """Write a ControlNet folder atomically: `t2vz_model.json` (format CONTROLNET_FORMAT, a "controlnet" config
+    dict and free-form entries such as "source") and `controlnet.safetensors` (diffusers' ControlNetModel keys)."""
+    if CONTROLNET not in config:
+        raise ModelFolderError(f"cannot write a ControlNet folder without a {CONTROLNET!r} config")
+
+    def fill(tmp: Path) -> None:
+        save_weights(tmp, CONTROLNET, state_dict)
+        write_meta(tmp, CONTROLNET_FORMAT, config)
+
+    return write_atomically(out_dir, fill, overwrite)
+
+
+def save_weights(folder: Path, name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_file(tensors, str(folder / f"{name}.safetensors"), metadata={"format": "pt"})
+
+
+def write_meta(folder: Path, fmt: str, config: dict) -> None:
+    meta = {"format": fmt, "format_version": FORMAT_VERSION, **config}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def write_atomically(out_dir: str | os.PathLike, fill, overwrite: bool = False) -> Path:
+    """`fill(tmp)` writes the folder's files into a temporary sibling of `out_dir`, which one rename puts in place
+    (replacing `out_dir` only with `overwrite`); on any error the temporary folder goes and `out_dir` is untouched."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ModelFolderError(f"output folder {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        fill(tmp)
         apply_umask(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
@@ -109,8 +148,9 @@ def apply_umask(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def read_model_config(path: str | os.PathLike) -> dict:
-    """Read and check `t2vz_model.json` of a model folder."""
+def read_meta(path: str | os.PathLike, fmt: str = FORMAT) -> dict:
+    """Read and check `t2vz_model.json` of a folder of format `fmt` (FORMAT: a model, CONTROLNET_FORMAT: a
+    ControlNet); a folder of the other format gets an error saying which it is and what loads it."""
     folder = Path(path)
     if not folder.is_dir():
         raise ModelFolderError(
@@ -121,22 +161,41 @@ def read_model_config(path: str | os.PathLike) -> dict:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         hint = ""
-        if (folder / "model_index.json").is_file():
+        if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
             hint = " It looks like a diffusers folder: convert it with python -m weights_convert first."
-        raise ModelFolderError(f"{folder} is not a t2vz model folder (no {CONFIG_FILE}).{hint}")
+        raise ModelFolderError(f"{folder} is not a t2vz {'ControlNet' if fmt == CONTROLNET_FORMAT else 'model'} "
+                               f"folder (no {CONFIG_FILE}).{hint}")
     try:
         meta = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ModelFolderError(f"{cfg_path} is not valid JSON ({e}); re-run the conversion") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found == CONTROLNET_FORMAT and fmt == FORMAT:
+        raise ModelFolderError(f"{folder} is a t2vz ControlNet folder, not a Stable Diffusion model folder; load it "
+                               "with t2vz.load_controlnet, and the SD 1.5 model it controls with t2vz.load")
+    if found == FORMAT and fmt == CONTROLNET_FORMAT:
+        raise ModelFolderError(f"{folder} is a t2vz Stable Diffusion model folder, not a ControlNet folder; load it "
+                               "with t2vz.load, and pass t2vz.load_controlnet a folder converted from a ControlNet "
+                               "checkpoint")
+    if found != fmt or meta.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(
-            f"{cfg_path} has format {meta.get('format')!r} version {meta.get('format_version')!r}; "
-            f"this t2vz reads {FORMAT!r} version {FORMAT_VERSION}. Re-run the conversion."
+            f"{cfg_path} has format {found!r} version {meta.get('format_version')!r}; "
+            f"this t2vz reads {fmt!r} version {FORMAT_VERSION}. Re-run the conversion."
         )
-    for name in COMPONENTS:
+    for name in (COMPONENTS if fmt == FORMAT else (CONTROLNET,)):
         if name not in meta:
             raise ModelFolderError(f"{cfg_path} has no {name!r} entry; re-run the conversion")
     return meta
+
+
+def read_model_config(path: str | os.PathLike) -> dict:
+    """Read and check `t2vz_model.json` of a model folder."""
+    return read_meta(path, FORMAT)
+
+
+def read_controlnet_config(path: str | os.PathLike) -> dict:
+    """Read and check `t2vz_model.json` of a ControlNet folder."""
+    return read_meta(path, CONTROLNET_FORMAT)
 
 
 def read_state_dict(path: str | os.PathLike, component: str) -> dict[str, torch.Tensor]:

@@ -237,7 +237,8 @@ REFUSALS = {
     "sdxl-label-emb": (_add(model__diffusion_model__label_emb__0__0__weight=torch.zeros(128, 2816)),
                        r"Stable Diffusion XL checkpoint"),
     "controlnet": (_add(control_model__time_embed__0__weight=torch.zeros(128, 32)),
-                   r"ControlNet checkpoint \(control_model\.\* keys\); ControlNet is not supported yet"),
+                   r"has no control_model\.input_blocks\.0\.0\.weight, which gives the ControlNet's shape; is it a "
+                   r"complete ControlNet checkpoint\?"),
     "missing": (lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith("first_stage_model.decoder.up.0")]],
                 r"26 missing keys: first_stage_model\.decoder\.up\.0\.block\.0\.norm1\.weight, .* \.\.\. and 18 more"),
     "unexpected": (_add(model__diffusion_model__extra__weight=torch.zeros(3), lora_unet_down__alpha=torch.zeros(1)),
@@ -363,7 +364,7 @@ def test_cli_refusal_is_one_line_exit_2(tmp_path, capsys):
     src = tiny_file(tmp_path, REFUSALS["controlnet"][0])
     assert main([str(src), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "ControlNet is not supported yet" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "is it a complete ControlNet checkpoint?" in err and "Traceback" not in err
     run = subprocess.run([sys.executable, "-m", "weights_convert", str(src), str(tmp_path / "out")],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 2 and run.stdout == ""

@@ -46,8 +46,10 @@ Configs are read off the shapes (UNet heads = 8, CLIP heads = hidden // 64). LDM
 `alphas_cumprod`, ...), `model_ema.decay/num_updates`, `position_ids` and the VAE's training losses
 (`first_stage_model.loss.*`) are ignored by name; any other key that
 is not used is an error, as is every missing key or wrong shape, all checked against t2vz's own model classes.
-Refused with a `ConversionError` saying why: SD 2.x, SDXL, ControlNet, inpainting (unless --allow-inpainting),
-pickles that hold Python objects, truncated files.
+ControlNet checkpoints (`controlnet.py`: `control_model.*` single files, diffusers ControlNetModel folders) become
+ControlNet folders (`t2vz.load_controlnet`).
+Refused with a `ConversionError` saying why: SD 2.x, SDXL (models and ControlNets), inpainting (unless
+--allow-inpainting), pickles that hold Python objects, truncated files.
 """
 from .checkpoint_io import ConversionError
 from .convert import Report, convert

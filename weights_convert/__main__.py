@@ -18,14 +18,18 @@ SRC may be
     with or without EMA weights (model_ema.*: used by default);
   - a diffusers folder with unet/, vae/, text_encoder/ (and tokenizer/, scheduler/), weights as
     .safetensors or .bin, fp32 or the .fp16 variant.
+  - an SD 1.x ControlNet: a single file with control_model.* keys (ControlNet only, or beside a whole
+    SD model, which is left out), or a diffusers ControlNetModel folder (config.json +
+    diffusion_pytorch_model.safetensors); written as a ControlNet folder for t2vz.load_controlnet.
 SD 1.x text-to-image and InstructPix2Pix models convert; inpainting with --allow-inpainting.
-SD 2.x, SDXL and ControlNet files are refused with a message saying so.
+SD 2.x and SDXL files (models and ControlNets) are refused with a message saying so.
 """
 EXAMPLES = """\
 examples:
   python -m weights_convert v1-5-pruned-emaonly.safetensors models/sd15
   python -m weights_convert ./stable-diffusion-v1-5 models/sd15 --dtype fp16
   python -m weights_convert instruct-pix2pix-00-22000.ckpt models/ip2p --overwrite
+  python -m weights_convert control_v11p_sd15_canny.pth models/controlnet-canny
 """
 
 

@@ -1,4 +1,5 @@
-"""`convert`: an SD 1.x checkpoint (single file or diffusers folder) → a t2vz model folder, written atomically."""
+"""`convert`: an SD 1.x checkpoint (single file or diffusers folder) → a t2vz model folder, or an SD 1.x ControlNet
+checkpoint → a t2vz ControlNet folder; written atomically."""
 from __future__ import annotations
 
 import contextlib
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import torch
 
-from t2vz.model_folder import TOKENIZER_FILES, write_model_folder
+from t2vz.model_folder import TOKENIZER_FILES, write_controlnet_folder, write_model_folder
 from t2vz.text_encoder import shipped_tokenizer_dir
 
-from .checkpoint_io import ConversionError
+from .checkpoint_io import ConversionError, read_weights
 from .clip_vocab import TOKENIZER_CONFIG
+from .controlnet import (
+    controlnet_config_dict, is_controlnet_file, is_controlnet_folder, read_controlnet_file, read_controlnet_folder,
+)
 from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
 from .ldm import read_single_file
 from .target import Source, config_dicts
@@ -59,13 +63,19 @@ def check_paths(src: Path, out: Path, overwrite: bool) -> None:
 
 
 def read_source(src: Path, prefer_ema: bool, allow_inpainting: bool) -> Source:
+    """An SD 1.x model or a ControlNet (recognised by its keys, or its folder's config.json), read and checked."""
     if src.is_file():
-        return read_single_file(src, prefer_ema=prefer_ema, allow_inpainting=allow_inpainting)
+        weights = read_weights(src)
+        if is_controlnet_file(weights):
+            return read_controlnet_file(src, weights=weights)
+        return read_single_file(src, prefer_ema=prefer_ema, allow_inpainting=allow_inpainting, weights=weights)
     if is_diffusers_folder(src):
         return read_diffusers_folder(src, allow_inpainting=allow_inpainting)
+    if is_controlnet_folder(src):
+        return read_controlnet_folder(src)
     raise ConversionError(
         f"{src} is neither a checkpoint file nor a diffusers folder (which has unet/, vae/ and text_encoder/, "
-        "each with a config.json)"
+        "each with a config.json, or for a ControlNet config.json and diffusion_pytorch_model.safetensors)"
     )
 
 
@@ -100,7 +110,8 @@ def convert(
     allow_inpainting: bool = False,
     prefer_ema: bool = True,
 ) -> Report:
-    """Convert `src` into the t2vz model folder `out`; raises ConversionError with what to do when it cannot.
+    """Convert `src` into the t2vz model folder `out` (a ControlNet folder when `src` is a ControlNet checkpoint,
+    recognised by its keys or its config.json); raises ConversionError with what to do when it cannot.
 
     tokenizer: a folder with CLIP's vocab.json and merges.txt; default the checkpoint's own (diffusers folder) or
     the one that ships with t2vz. prefer_ema: take a single file's EMA UNet weights when it has them.
@@ -117,6 +128,17 @@ def convert(
     state_dicts = {c: {k: t.to(to) if t.is_floating_point() else t for k, t in sd.items()}
                    for c, sd in source.state_dicts.items()}
     source.state_dicts = None  # the file's tensors can go as soon as each is cast
+    if "controlnet" in source.configs:  # a ControlNet folder: no VAE, text encoder or tokenizer
+        config = controlnet_config_dict(source.configs["controlnet"])
+        config["source"] = {"path": str(src.resolve()), "layout": source.layout, "dtype": source_dtype}
+        config["variant"] = source.variant
+        config["dtype"] = str(to).removeprefix("torch.")
+        write_controlnet_folder(out, state_dicts["controlnet"], config, overwrite=overwrite)
+        notes = list(source.notes) + ["wrote a ControlNet folder: load it with t2vz.load_controlnet"]
+        if tokenizer:
+            notes.append(f"--tokenizer {tokenizer} ignored: a ControlNet has no text encoder")
+        return Report(src, out, source.layout, source_dtype, config["dtype"], False, source.variant,
+                      {"controlnet": sum(t.numel() for t in state_dicts["controlnet"].values())}, notes)
     config = config_dicts(source.configs["unet"], source.configs["vae"], source.configs["text_encoder"])
     config["source"] = {"path": str(src.resolve()), "layout": source.layout, "ema": source.ema, "dtype": source_dtype}
     config["variant"] = source.variant

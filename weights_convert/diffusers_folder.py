@@ -79,14 +79,15 @@ def refuse_other_pipelines(folder: Path, unet: dict, vae: dict, text: dict, wher
                               "it is not an SD 1.x UNet config")
 
 
-def unet_config(cfg: dict, where: str) -> UNetConfig:
-    """UNetConfig from unet/config.json. In SD 1.x, diffusers' `attention_head_dim` (8) is the number of heads."""
+def unet_config(cfg: dict, where: str, file: str = "unet/config.json") -> UNetConfig:
+    """UNetConfig from unet/config.json (`file`: the config's path in the folder, for messages). In SD 1.x,
+    diffusers' `attention_head_dim` (8) is the number of heads."""
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     down = list(cfg.get("down_block_types", ()))
     levels = ["CrossAttn" in t for t in down]
     up_expected = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)]
     if not isinstance(heads, int) or list(cfg.get("up_block_types", up_expected)) != up_expected:
-        raise ConversionError(f"{where}/unet/config.json: attention heads {heads!r}, down blocks {down}, up blocks "
+        raise ConversionError(f"{where}/{file}: attention heads {heads!r}, down blocks {down}, up blocks "
                               f"{cfg.get('up_block_types')} do not describe an SD 1.x UNet")
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),

@@ -97,8 +97,9 @@ def refuse_other_models(sd: dict, where: str) -> None:
     """Refuse, by their keys, the checkpoints that are not SD 1.x models."""
     keys = list(sd)
     if any(k.startswith("control_model.") for k in keys):
-        raise ConversionError(f"{where} is a ControlNet checkpoint (control_model.* keys); ControlNet is not "
-                              "supported yet. Convert the SD 1.5 base model it was trained on instead")
+        raise ConversionError(f"{where} is a ControlNet checkpoint (control_model.* keys), not an SD 1.x model; "
+                              "python -m weights_convert (convert()) writes it as a ControlNet folder for "
+                              "t2vz.load_controlnet")
     if any(k.startswith(("conditioner.embedders.", UNET + "label_emb.")) for k in keys):
         raise ConversionError(f"{where} is a Stable Diffusion XL checkpoint (conditioner.embedders.* / label_emb "
                               "keys); t2vz implements SD 1.x. Use an SD 1.5-based checkpoint")
@@ -111,51 +112,65 @@ def refuse_other_models(sd: dict, where: str) -> None:
                               f"checkpoint (a LoRA, VAE or embedding?). Its keys begin: {name_list(keys, 4)}.{hint}")
 
 
-def read_configs(sd: dict, where: str) -> tuple[UNetConfig, VAEConfig, dict, str]:
-    """UNet, VAE and text-encoder configs from the tensor shapes, and the prefix of the text encoder's keys."""
+def shape_reader(sd, where: str, hint: str):
+    """need(key, what): sd[key], or a ConversionError naming the key, what it gives the shape of, and `hint`."""
 
     def need(key: str, what: str) -> torch.Tensor:
         if key not in sd:
-            raise ConversionError(f"{where} has no {key}, which gives the {what}'s shape; is it a complete SD 1.x "
-                                  "checkpoint (UNet, VAE and text encoder)?")
+            raise ConversionError(f"{where} has no {key}, which gives the {what}'s shape; {hint}")
         return sd[key]
 
-    def indices(prefix: str, part: int) -> set[int]:
-        return {int(p[part]) for p in (k.split(".") for k in sd if k.startswith(prefix)) if p[part].isdigit()}
+    return need
 
-    # UNet: levels = downsamplers + 1; LDM has levels · (layers_per_block + 1) input blocks.
-    conv_in = need(UNET + "input_blocks.0.0.weight", "UNet")
-    blocks = indices(UNET + "input_blocks.", 3)
-    levels = 1 + sum(f"{UNET}input_blocks.{i}.0.op.weight" in sd for i in blocks)
+
+def indices(sd, prefix: str, part: int) -> set[int]:
+    """The integers at dot-separated position `part` of the keys that start with `prefix`."""
+    return {int(p[part]) for p in (k.split(".") for k in sd if k.startswith(prefix)) if p[part].isdigit()}
+
+
+def read_encoder_config(sd, prefix: str, where: str, need, what: str = "UNet") -> dict:
+    """The UNetConfig fields of the encoder under `prefix` (`input_blocks`, `middle_block`; SD 1.x's 8 heads) from
+    the tensor shapes; shared by the UNet and the ControlNet, whose encoder is a copy of the UNet's. Refuses SD 2.x."""
+    # levels = downsamplers + 1; LDM has levels · (layers_per_block + 1) input blocks.
+    conv_in = need(prefix + "input_blocks.0.0.weight", what)
+    blocks = indices(sd, prefix + "input_blocks.", prefix.count(".") + 1)
+    levels = 1 + sum(f"{prefix}input_blocks.{i}.0.op.weight" in sd for i in blocks)
     per_level, rest = divmod(len(blocks), levels)
     if rest or per_level < 2 or blocks != set(range(len(blocks))):
-        raise ConversionError(f"{where}: cannot read the UNet's layout from its {len(blocks)} input_blocks and "
-                              f"{levels - 1} downsamplers; it is not an SD 1.x UNet")
+        raise ConversionError(f"{where}: cannot read the {what}'s layout from its {len(blocks)} input_blocks and "
+                              f"{levels - 1} downsamplers; it is not an SD 1.x {what}")
     firsts = [1 + level * per_level for level in range(levels)]
-    proj_in = need(UNET + "middle_block.1.proj_in.weight", "UNet")
+    proj_in = need(prefix + "middle_block.1.proj_in.weight", what)
+    model = "ControlNet" if what == "ControlNet" else "model"
     if proj_in.ndim == 2:
-        raise refuse_sd2(where, "linear proj_in in the transformer blocks (use_linear_projection)")
-    context = need(UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", "UNet").shape[1]
+        raise refuse_sd2(where, "linear proj_in in the transformer blocks (use_linear_projection)", model)
+    context = need(prefix + "middle_block.1.transformer_blocks.0.attn2.to_k.weight", what).shape[1]
     if context == SD2_CONTEXT_DIM:
-        raise refuse_sd2(where, f"{context}-dim cross-attention context")
-    unet = UNetConfig(
+        raise refuse_sd2(where, f"{context}-dim cross-attention context", model)
+    return dict(
         in_channels=conv_in.shape[1],
-        out_channels=need(UNET + "out.2.weight", "UNet").shape[0],
-        block_out_channels=[need(f"{UNET}input_blocks.{i}.0.out_layers.3.weight", "UNet").shape[0] for i in firsts],
-        attention_levels=[f"{UNET}input_blocks.{i}.1.proj_in.weight" in sd for i in firsts],
+        block_out_channels=[need(f"{prefix}input_blocks.{i}.0.out_layers.3.weight", what).shape[0] for i in firsts],
+        attention_levels=[f"{prefix}input_blocks.{i}.1.proj_in.weight" in sd for i in firsts],
         layers_per_block=per_level - 1,
         cross_attention_dim=context,
     )
 
+
+def read_configs(sd: dict, where: str) -> tuple[UNetConfig, VAEConfig, dict, str]:
+    """UNet, VAE and text-encoder configs from the tensor shapes, and the prefix of the text encoder's keys."""
+    need = shape_reader(sd, where, "is it a complete SD 1.x checkpoint (UNet, VAE and text encoder)?")
+    encoder = read_encoder_config(sd, UNET, where, need)
+    unet = UNetConfig(**encoder, out_channels=need(UNET + "out.2.weight", "UNet").shape[0])
+
     enc = VAE + "encoder."
     need(enc + "conv_in.weight", "VAE")
-    vae_levels = len(indices(enc + "down.", 3))
+    vae_levels = len(indices(sd, enc + "down.", 3))
     vae = VAEConfig(
         in_channels=sd[enc + "conv_in.weight"].shape[1],
         out_channels=need(VAE + "decoder.conv_out.weight", "VAE").shape[0],
         latent_channels=need(VAE + "post_quant_conv.weight", "VAE").shape[0],
         block_out_channels=[need(f"{enc}down.{i}.block.0.conv2.weight", "VAE").shape[0] for i in range(vae_levels)],
-        layers_per_block=len(indices(enc + "down.0.block.", 5)),
+        layers_per_block=len(indices(sd, enc + "down.0.block.", 5)),
     )
 
     clip = CLIP + "text_model." if any(k.startswith(CLIP + "text_model.") for k in sd) else CLIP
@@ -166,7 +181,7 @@ def read_configs(sd: dict, where: str) -> tuple[UNetConfig, VAEConfig, dict, str
         vocab_size=tokens.shape[0],
         hidden_size=tokens.shape[1],
         intermediate_size=need(clip + "encoder.layers.0.mlp.fc1.weight", "text encoder").shape[0],
-        num_hidden_layers=len(indices(clip + "encoder.layers.", clip.count(".") + 2)),
+        num_hidden_layers=len(indices(sd, clip + "encoder.layers.", clip.count(".") + 2)),
         max_position_embeddings=need(clip + "embeddings.position_embedding.weight", "text encoder").shape[0],
     )
     return unet, vae, text, clip
@@ -177,10 +192,12 @@ def conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
     return t[:, :, 0, 0] if t.ndim == 4 and t.shape[2:] == (1, 1) else t
 
 
-def read_single_file(path: str | Path, prefer_ema: bool = True, allow_inpainting: bool = False) -> Source:
-    """Read and check an original SD 1.x checkpoint (.safetensors, or .ckpt/.pt/.pth holding plain tensors)."""
+def read_single_file(path: str | Path, prefer_ema: bool = True, allow_inpainting: bool = False,
+                     weights=None) -> Source:
+    """Read and check an original SD 1.x checkpoint (.safetensors, or .ckpt/.pt/.pth holding plain tensors);
+    `weights`: the file's tensors when already read (`read_weights(path)`)."""
     where = str(path)
-    sd = read_weights(path)
+    sd = read_weights(path) if weights is None else weights
     refuse_other_models(sd, where)
     unet_cfg, vae_cfg, text_cfg, clip = read_configs(sd, where)
     kind = variant(unet_cfg.in_channels, allow_inpainting, where)

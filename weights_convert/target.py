@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 
+from t2vz.controlnet import ControlNet
 from t2vz.text_encoder import build_clip_text_model, canonical_clip_state_dict
 from t2vz.unet import UNet, UNetConfig
 from t2vz.vae import AutoencoderKL, VAEConfig
@@ -36,7 +37,8 @@ def clip_config(vocab_size: int, hidden_size: int, intermediate_size: int, num_h
 
 
 def expected_shapes(component: str, config) -> dict[str, torch.Size]:
-    """t2vz's state-dict key → shape for `component` ("unet", "vae", "text_encoder"), built on the meta device.
+    """t2vz's state-dict key → shape for `component` ("unet", "vae", "text_encoder", "controlnet"), built on the
+    meta device.
 
     The text encoder's keys are canonical CLIP keys (`text_model.*`) whichever transformers version is installed.
     """
@@ -44,6 +46,8 @@ def expected_shapes(component: str, config) -> dict[str, torch.Size]:
         with torch.device("meta"):
             if component == "unet":
                 model = UNet(config)
+            elif component == "controlnet":
+                model = ControlNet(config)
             elif component == "vae":
                 model = AutoencoderKL(config)
             else:
@@ -69,14 +73,15 @@ def variant(in_channels: int, allow_inpainting: bool, where: str) -> str:
     return VARIANTS[in_channels]
 
 
-def refuse_sd2(where: str, why: str) -> ConversionError:
+def refuse_sd2(where: str, why: str, model: str = "model") -> ConversionError:
     return ConversionError(
-        f"{where} is a Stable Diffusion 2.x model ({why}); t2vz implements SD 1.x (CLIP ViT-L/14, 768-dim text). "
+        f"{where} is a Stable Diffusion 2.x {model} ({why}); t2vz implements SD 1.x (CLIP ViT-L/14, 768-dim text). "
         "Use an SD 1.5-based checkpoint"
     )
 
 
-def check_keys(where: str, components: dict, unexpected: list[str], hint: str = "") -> None:
+def check_keys(where: str, components: dict, unexpected: list[str], hint: str = "",
+               what: str = "an SD 1.x model") -> None:
     """Raise one ConversionError listing missing keys, unexpected keys and wrong shapes, by their names in the file.
 
     components: name → (found, expected, source_name) with found: t2vz key → tensor, expected: t2vz key → shape,
@@ -96,7 +101,7 @@ def check_keys(where: str, components: dict, unexpected: list[str], hint: str = 
         problems.append(f"{len(wrong)} wrong shapes: {name_list(wrong, 4)}")
     if problems:
         raise ConversionError(
-            f"{where} does not match an SD 1.x model: " + "; ".join(problems)
+            f"{where} does not match {what}: " + "; ".join(problems)
             + (hint or ". Is the file complete, and an SD 1.x model rather than a LoRA, VAE or merge fragment?")
         )
 

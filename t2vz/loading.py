@@ -44,6 +44,10 @@ class StableDiffusion:
         """The image size (pixels) the model was trained at: 512 for SD 1.5, `sample_size` of its folder if set."""
         return int(self.config.get("sample_size", 512))
 
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) with None replaced by the model's own size (`sample_size`)."""
+        return (self.sample_size if height is None else height, self.sample_size if width is None else width)
+
 
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict=True, assign=True) with an error that lists the offending keys by name."""

@@ -160,8 +160,7 @@ class TextToVideoZero:
         negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        height = self.sd.sample_size if height is None else height
-        width = self.sd.sample_size if width is None else width
+        height, width = self.sd.image_size(height, width)
         self.check_inputs(prompts, negatives, num_frames, height, width, motion_strength, direction, cross_frame,
                           ddpm_marginal, num_videos_per_prompt, chunk_size)
         if smooth_bg and (smoothing not in SMOOTHING_FORMS or not 0.0 <= float(alpha) <= 1.0):

@@ -91,8 +91,7 @@ def text_to_image(
     """prompt → image (H, W, 3) float in [0, 1]. `latents` (1, 4, H/8, W/8) scaled, replaces the drawn x_T;
     `callback(i, t, x)` is called after every DDIM step. height, width: None is the model's own size."""
     sd = components
-    height = sd.sample_size if height is None else height
-    width = sd.sample_size if width is None else width
+    height, width = sd.image_size(height, width)
     factor = sd.vae.downsample_factor
     check_size(height, width, factor)
     scheduler = DDIM(num_inference_steps, eta=eta)

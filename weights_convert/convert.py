@@ -128,25 +128,24 @@ def convert(
     state_dicts = {c: {k: t.to(to) if t.is_floating_point() else t for k, t in sd.items()}
                    for c, sd in source.state_dicts.items()}
     source.state_dicts = None  # the file's tensors can go as soon as each is cast
-    if "controlnet" in source.configs:  # a ControlNet folder: no VAE, text encoder or tokenizer
+    controlnet = "controlnet" in source.configs  # a ControlNet folder: no VAE, text encoder or tokenizer
+    if controlnet:
         config = controlnet_config_dict(source.configs["controlnet"])
-        config["source"] = {"path": str(src.resolve()), "layout": source.layout, "dtype": source_dtype}
-        config["variant"] = source.variant
-        config["dtype"] = str(to).removeprefix("torch.")
-        write_controlnet_folder(out, state_dicts["controlnet"], config, overwrite=overwrite)
-        notes = list(source.notes) + ["wrote a ControlNet folder: load it with t2vz.load_controlnet"]
-        if tokenizer:
-            notes.append(f"--tokenizer {tokenizer} ignored: a ControlNet has no text encoder")
-        return Report(src, out, source.layout, source_dtype, config["dtype"], False, source.variant,
-                      {"controlnet": sum(t.numel() for t in state_dicts["controlnet"].values())}, notes)
-    config = config_dicts(source.configs["unet"], source.configs["vae"], source.configs["text_encoder"])
+    else:
+        config = config_dicts(source.configs["unet"], source.configs["vae"], source.configs["text_encoder"])
     config["source"] = {"path": str(src.resolve()), "layout": source.layout, "ema": source.ema, "dtype": source_dtype}
     config["variant"] = source.variant
     config["dtype"] = str(to).removeprefix("torch.")
-    tok = Path(tokenizer) if tokenizer else source.tokenizer_dir or shipped_tokenizer_dir()
-    with tokenizer_files(Path(tok), source.configs["text_encoder"]["vocab_size"]) as tok_dir:
-        write_model_folder(out, state_dicts, config, tok_dir, overwrite=overwrite)
     notes = list(source.notes)
-    notes.append(f"tokenizer from {tok}")
+    if controlnet:
+        write_controlnet_folder(out, state_dicts["controlnet"], config, overwrite=overwrite)
+        notes.append("wrote a ControlNet folder: load it with t2vz.load_controlnet")
+        if tokenizer:
+            notes.append(f"--tokenizer {tokenizer} ignored: a ControlNet has no text encoder")
+    else:
+        tok = Path(tokenizer) if tokenizer else source.tokenizer_dir or shipped_tokenizer_dir()
+        with tokenizer_files(Path(tok), source.configs["text_encoder"]["vocab_size"]) as tok_dir:
+            write_model_folder(out, state_dicts, config, tok_dir, overwrite=overwrite)
+        notes.append(f"tokenizer from {tok}")
     return Report(src, out, source.layout, source_dtype, config["dtype"], source.ema, source.variant,
                   {c: sum(t.numel() for t in sd.values()) for c, sd in state_dicts.items()}, notes)

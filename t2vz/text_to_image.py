@@ -35,13 +35,34 @@ def encode_prompts(sd: StableDiffusion, prompts: list[str], negative_prompts: li
     return torch.cat([uncond, text])
 
 
-def guided_eps(sd: StableDiffusion, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+def guided_eps(unet: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                guidance_scale: float, **unet_kwargs) -> torch.Tensor:
-    """ε = ε_uncond + s·(ε_text − ε_uncond), both branches in one UNet batch: x (n, c, h, w) → (n, c, h, w)."""
+    """ε = ε_uncond + s·(ε_text − ε_uncond), both branches in one batch of `unet` (the UNet, or the UNet driven by
+    a ControlNet): x (n, c, h, w) → (n, c, h, w)."""
     if guidance_scale <= 1.0:
-        return sd.unet(x, t, context, **unet_kwargs)
-    eps_uncond, eps_text = sd.unet(torch.cat([x, x]), t, context, **unet_kwargs).chunk(2)
+        return unet(x, t, context, **unet_kwargs)
+    eps_uncond, eps_text = unet(torch.cat([x, x]), t, context, **unet_kwargs).chunk(2)
     return eps_uncond + guidance_scale * (eps_text - eps_uncond)
+
+
+def ddim_loop(
+    x: torch.Tensor,
+    scheduler: DDIM,
+    timesteps: torch.Tensor,
+    predict_eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    generator: torch.Generator | None = None,
+    step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+    desc: str = "DDIM",
+    progress: bool = True,
+) -> torch.Tensor:
+    """DDIM (Eq. 12) over `timesteps` with any noise prediction `predict_eps(x, t) -> ε` (guidance included):
+    x at timesteps[0] → x one DDIM step below timesteps[−1]. `step_callback(t, x)` may return a replacement x."""
+    for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
+        eps = predict_eps(x, t.to(x.device))
+        x, _ = scheduler.step(eps, t, x, generator=generator)
+        replaced = step_callback(int(t), x) if step_callback is not None else None
+        x = x if replaced is None else replaced
+    return x
 
 
 def ddim_denoise(
@@ -56,15 +77,15 @@ def ddim_denoise(
     step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     desc: str = "DDIM",
     progress: bool = True,
+    unet: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """DDIM (Eq. 12) with classifier-free guidance over `timesteps` (T2V-Zero steps 2 and 5); x ((b f), c, h, w) at
-    timesteps[0] → x one DDIM step below timesteps[−1]. `step_callback(t, x)` may return a replacement x."""
-    for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
-        eps = guided_eps(sd, x, t.to(x.device), context, guidance_scale, cross_frame=cross_frame)
-        x, _ = scheduler.step(eps, t, x, generator=generator)
-        replaced = step_callback(int(t), x) if step_callback is not None else None
-        x = x if replaced is None else replaced
-    return x
+    """DDIM with classifier-free guidance (T2V-Zero steps 2 and 5): x ((b f), c, h, w) at timesteps[0] → x one DDIM
+    step below timesteps[−1]. `unet(x, t, context, cross_frame=...)` replaces `sd.unet` (ControlVideo passes the
+    UNet driven by its ControlNet)."""
+    unet = sd.unet if unet is None else unet
+    return ddim_loop(x, scheduler, timesteps,
+                     lambda x, t: guided_eps(unet, x, t, context, guidance_scale, cross_frame=cross_frame),
+                     generator, step_callback, desc, progress)
 
 
 def decode_images(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:

@@ -233,3 +233,43 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None) -> torch.
     if not frames:
         raise VideoIOError(f"cannot read {path}: no frames found")
     return torch.from_numpy(np.stack(frames)).float() / 255
+
+
+def load_frames(source, name: str = "video", max_frames: int | None = None) -> torch.Tensor:
+    """A pipeline's video input → float tensor (f, h, w, 3) in [0, 1] on the CPU.
+
+    `source`: a video file or a folder of frames (`read_video`), or frames (f, h, w, 3): a uint8 or float array or
+    tensor (floats in [0, 1]), or a list of (h, w, 3) frames. `name` names the argument in errors."""
+    if isinstance(source, (str, os.PathLike)):
+        return read_video(source, max_frames)
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError(f"{name} is an empty list of frames")
+        source = np.stack([np.asarray(frame) for frame in source])
+    if not isinstance(source, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} must be a video path, a folder of frames or frames (F, H, W, 3); "
+                         f"got {type(source).__name__}")
+    try:
+        frames = _as_frames(source)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if frames.is_floating_point() and frames.numel() and not (0 <= frames.min() and frames.max() <= 1):
+        raise ValueError(f"{name} holds floats outside [0, 1] ({frames.min():.3g}..{frames.max():.3g}); "
+                         "give floats in [0, 1] or uint8 in 0..255")
+    return frames.cpu()[:max_frames]
+
+
+def resized_shape(h: int, w: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """(h, w) scaled so that the long side is `resolution`, each side rounded to the nearest multiple of `multiple`
+    (at least one multiple): the Text2Video-Zero authors' `prepare_video` with multiple=64."""
+    k = resolution / max(h, w)
+    return (max(multiple, round(h * k / multiple) * multiple), max(multiple, round(w * k / multiple) * multiple))
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """frames (f, h, w, 3) → (f, *size, 3), bilinear with antialiasing (unchanged when already that size)."""
+    if tuple(frames.shape[1:3]) == tuple(size):
+        return frames
+    x = frames.permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 1).permute(0, 2, 3, 1)

@@ -1,0 +1,204 @@
+"""Conditional Text2Video-Zero (Khachatryan et al., ICCV 2023, Sec. 3.4): a ControlNet (Zhang et al. 2023) steers
+every frame with its own control map (edges, pose, depth), and cross-frame attention keeps the frames one video.
+
+The steps, with the text-to-video ones they replace (see ../shared/METHOD.md):
+  1. `draw_video_noise`   x_T ~ N(0, I) once per video, the same for every frame: the control maps carry the motion,
+                          so there is no warp and no Δt (T′ = T = 1000)
+  2. `controlled_unet`    ε(x_t, t, c_text, c_control^k): the ControlNet, with cross-frame attention in its encoder
+                          too, turns frame k's control map into residuals for the locked UNet's skips and mid block
+  3. `ddim_denoise`       DDIM from T to 0 on all frames with classifier-free guidance and cross-frame attention
+                          (Eq. 8) in the UNet
+  4. `decode_video`       VAE decode of every frame
+Long videos are denoised in chunks of frames, each with frame 1 prepended (`TextToVideoZero.chunks`).
+
+The UNet batch is [uncond videos; text videos], each video's frames consecutive, `(2 b f) c h w`; the control maps
+are the same for every video and both branches, so they are repeated to that layout.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+import torch
+from einops import repeat
+
+from .attention import CROSS_FRAME_MODES, CrossFrame
+from .controlnet import ControlNet
+from .loading import StableDiffusion, load, load_controlnet
+from .model_folder import ModelFolderError
+from .pipeline import TextToVideoZero, decode_video, draw_first_frame_noise
+from .schedulers import DDIM
+from .text_to_image import check_size, ddim_denoise, encode_prompts
+from .video_io import load_frames, resize_frames, resized_shape
+
+# the UNet fields a ControlNet copies: they must be equal for its residuals to fit the UNet's skips
+ENCODER_FIELDS = ("in_channels", "block_out_channels", "attention_levels", "layers_per_block", "num_attention_heads",
+                  "cross_attention_dim", "norm_num_groups")
+
+
+def check_compatible(unet_config, controlnet: ControlNet) -> None:
+    """A ControlNet drives only the UNet whose encoder it copies: same widths, levels, heads and text width."""
+    unet, cn = asdict(unet_config), asdict(controlnet.config)
+    diffs = [f"{k} {cn[k]} vs {unet[k]}" for k in ENCODER_FIELDS if tuple(_as_tuple(cn[k])) != tuple(_as_tuple(unet[k]))]
+    if diffs:
+        hint = " (cross_attention_dim 1024 is SD 2.x)" if cn["cross_attention_dim"] == 1024 else ""
+        raise ModelFolderError(
+            f"the ControlNet does not fit this model's UNet: {'; '.join(diffs)} (ControlNet vs UNet){hint}. A ControlNet "
+            "is trained for one base model: use one made for SD 1.5 with an SD 1.5-shaped model")
+
+
+def _as_tuple(value):
+    return value if isinstance(value, (list, tuple)) else (value,)
+
+
+def draw_video_noise(shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:
+    """Step 1: x_T (b, c, h, w), one draw per video, shared by all its frames (the first draw from `generator`)."""
+    return draw_first_frame_noise(shape, generator, device, dtype)
+
+
+def control_rows(control: torch.Tensor, rows: int) -> torch.Tensor:
+    """Control maps (f, 3, H, W) → (rows, 3, H, W), repeated video-major to the UNet batch `(g f)` (g = branches ·
+    videos; each group takes the f maps in frame order)."""
+    return repeat(control, "f c h w -> (g f) c h w", g=rows // control.shape[0])
+
+
+class ControlVideo:
+    """`pipe = ControlVideo.from_pretrained(MODEL, controlnet=CONTROLNET)`;
+    `frames = pipe("a dancing astronaut", control="pose.mp4")`."""
+
+    def __init__(self, components: StableDiffusion, controlnet: ControlNet):
+        check_compatible(components.unet.config, controlnet)
+        factor = components.vae.downsample_factor
+        if controlnet.config.control_downscale != factor:
+            raise ModelFolderError(
+                f"the ControlNet embeds control maps at 1/{controlnet.config.control_downscale} scale but the VAE "
+                f"downsamples by {factor}: they must agree (SD 1.5: 8)")
+        self.sd = components
+        self.controlnet = controlnet.to(device=components.device, dtype=components.dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, controlnet: str | os.PathLike | ControlNet, device="cpu",
+                        dtype=torch.float32) -> ControlVideo:
+        """`path`: a t2vz model folder (any SD 1.5-shaped model: the base weights or a DreamBooth fine-tune);
+        `controlnet`: a t2vz ControlNet folder (both written by `python -m weights_convert`) or a ControlNet."""
+        sd = load(path, device=device, dtype=dtype)
+        if not isinstance(controlnet, ControlNet):
+            controlnet = load_controlnet(controlnet, device=device, dtype=dtype)
+        return cls(sd, controlnet)
+
+    def controlled_unet(self, control: torch.Tensor, scale: float) -> Callable[..., torch.Tensor]:
+        """Step 2: ε for a UNet batch driven by the control maps `control` (f, 3, H, W) of the batch's frames."""
+        def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None):
+            down, mid = self.controlnet(x, t, context, control_rows(control, x.shape[0]), scale, cross_frame)
+            return self.sd.unet(x, t, context, cross_frame, down_residuals=down, mid_residual=mid)
+        return unet
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        control,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        resolution: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | Sequence[str] | None = None,
+        controlnet_conditioning_scale: float = 1.0,
+        cross_frame: str = "first",
+        num_videos_per_prompt: int = 1,
+        chunk_size: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Generate videos that follow `control`: frames (F, H, W, 3) float in [0, 1] for one prompt and one video,
+        else (B, F, H, W, 3) with B = prompts × videos per prompt (prompt-major).
+
+        `control`: one control map per frame, as the ControlNet was trained on them (a canny ControlNet takes
+        white edges on black, `t2vz.canny.canny_edges`; pose and depth ControlNets take OpenPose skeletons and
+        MiDaS depth maps, made by their own detectors): a video file, a folder of frames, or frames (F, H, W, 3),
+        uint8 or float in [0, 1]. `num_frames`, `height` and `width` default to the control's; given, they must
+        match it. `resolution` first resizes the control so that its long side is `resolution` (each side a
+        multiple of 8). `controlnet_conditioning_scale` multiplies the ControlNet's residuals. `latents`
+        (B, 4, H/8, W/8) replace the drawn x_T. `chunk_size` bounds memory for long videos (frame 1 is prepended to
+        every chunk; with η = 0 and cross_frame "first" or "off" the frames equal unchunked generation).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        sd, factor = self.sd, self.sd.vae.downsample_factor
+        maps = load_frames(control, "control")  # (f, H, W, 3) in [0, 1]
+        if resolution is not None:
+            maps = resize_frames(maps, resized_shape(*maps.shape[1:3], int(resolution), factor))
+        f = self.check_inputs(prompts, negatives, maps, num_frames, height, width, guidance_scale,
+                              controlnet_conditioning_scale, cross_frame, num_videos_per_prompt, chunk_size)
+        prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
+        negatives = None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
+        b, (height, width) = len(prompts), maps.shape[1:3]
+        scheduler = DDIM(num_inference_steps, eta=eta)
+        context = encode_prompts(sd, prompts, negatives, guidance_scale)  # one row per video and branch
+
+        shape = (b, sd.unet.config.out_channels, height // factor, width // factor)
+        if latents is None:
+            x_T = draw_video_noise(shape, generator, sd.device, sd.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} (one x_T per video)")
+        else:
+            x_T = latents.to(device=sd.device, dtype=sd.dtype)
+        maps = maps.permute(0, 3, 1, 2).to(device=sd.device, dtype=sd.dtype)  # (f, 3, H, W)
+
+        counter = itertools.count()
+        on_step = None if callback is None else (lambda t, x: callback(next(counter), t, x))
+        out = []
+        for i, ids in enumerate(TextToVideoZero.chunks(f, chunk_size)):
+            x = repeat(x_T, "b c h w -> (b f) c h w", f=len(ids))  # the same x_T for every frame
+            x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
+                             CrossFrame(len(ids), cross_frame), on_step, "DDIM (ControlNet, all frames)", progress,
+                             unet=self.controlled_unet(maps[ids], controlnet_conditioning_scale))
+            frames = decode_video(sd, x, len(ids))
+            out.append(frames if i == 0 else frames[:, 1:])  # drop frame 1, prepended to every later chunk
+        video = torch.cat(out, dim=1)
+        return video[0] if video.shape[0] == 1 else video
+
+    def check_inputs(self, prompts, negatives, maps, num_frames, height, width, guidance_scale, scale, cross_frame,
+                     num_videos_per_prompt, chunk_size) -> int:
+        """Check the arguments against each other and the control maps (f, H, W, 3); returns f."""
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        f, H, W = maps.shape[:3]
+        if num_frames is not None and num_frames != f:
+            raise ValueError(f"num_frames={num_frames} but the control video has {f} frames: give one control map "
+                             "per frame (or num_frames=None to use them all)")
+        for name, value, actual in (("height", height, H), ("width", width, W)):
+            if value is not None and value != actual:
+                raise ValueError(f"{name}={value} but the control maps are {H}×{W} (height×width): resize the "
+                                 f"control video, pass resolution=..., or leave {name}=None")
+        try:
+            check_size(H, W, self.sd.vae.downsample_factor)
+        except ValueError as e:
+            raise ValueError(f"control maps of {H}×{W}: {e}; pass resolution=... to resize them") from None
+        if not (math.isfinite(float(guidance_scale)) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale={guidance_scale} must be a finite number >= 0")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"controlnet_conditioning_scale={scale} must be a finite number")
+        if cross_frame not in CROSS_FRAME_MODES:
+            raise ValueError(f"cross_frame={cross_frame!r} is not one of {CROSS_FRAME_MODES}")
+        if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
+        if chunk_size is not None:
+            if int(chunk_size) != chunk_size or chunk_size < 2:
+                raise ValueError(f"chunk_size={chunk_size} must be an integer >= 2 (frame 1 plus new frames)")
+            if cross_frame == "first+previous" and chunk_size < f:
+                raise ValueError("chunked generation needs cross_frame 'first' or 'off': with 'first+previous' "
+                                 "every frame depends on the one before, across chunk borders")
+        return f

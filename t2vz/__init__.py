@@ -7,6 +7,7 @@
 from .attention import CrossFrame
 from .controlnet import ControlNet, ControlNetConfig
 from .controlvideo import ControlVideo
+from .instruct import VideoInstructPix2Pix
 from .loading import StableDiffusion, load, load_controlnet
 from .model_folder import ModelFolderError
 from .pipeline import TextToVideoZero
@@ -17,5 +18,5 @@ from .vae import AutoencoderKL, VAEConfig
 __version__ = "0.1.0"
 __all__ = [
     "AutoencoderKL", "ControlNet", "ControlNetConfig", "ControlVideo", "CrossFrame", "ModelFolderError", "StableDiffusion",
-    "TextToVideoZero", "UNet", "UNetConfig", "VAEConfig", "load", "load_controlnet", "text_to_image", "__version__",
+    "TextToVideoZero", "UNet", "UNetConfig", "VAEConfig", "VideoInstructPix2Pix", "load", "load_controlnet", "text_to_image", "__version__",
 ]

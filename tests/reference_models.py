@@ -120,3 +120,25 @@ def tiny_reference_folder(path):
     """Tiny perturbed reference models and a t2vz model folder holding their weights: (folder, (unet, vae, clip))."""
     refs = diffusers_unet(TINY_UNET), diffusers_vae(TINY_VAE), clip_text_model(TINY_CLIP)
     return write_t2vz_folder(path, TINY_UNET, TINY_VAE, TINY_CLIP, *refs), refs
+
+
+def tiny_instruct_pix2pix_folder(path):
+    """Tiny perturbed InstructPix2Pix reference models (8-channel UNet) and a t2vz model folder holding their
+    weights: (folder, (unet, vae, clip))."""
+    import dataclasses
+
+    unet_cfg = dataclasses.replace(TINY_UNET, in_channels=8)
+    refs = diffusers_unet(unet_cfg), diffusers_vae(TINY_VAE), clip_text_model(TINY_CLIP)
+    return write_t2vz_folder(path, unet_cfg, TINY_VAE, TINY_CLIP, *refs), refs
+
+
+def instruct_pix2pix_pipeline(ref_unet, ref_vae, ref_clip):
+    """diffusers' StableDiffusionInstructPix2PixPipeline with the DDIM scheduler and Text2Video-Zero's cross-frame
+    attention over its three guidance branches (CrossFrameAttnProcessor(batch_size=3), as in diffusers' docs)."""
+    from diffusers.pipelines.deprecated.text_to_video_synthesis.pipeline_text_to_video_zero import (
+        CrossFrameAttnProcessor,
+    )
+
+    pipe = reference_pipeline("StableDiffusionInstructPix2PixPipeline", ref_unet, ref_vae, ref_clip)
+    pipe.unet.set_attn_processor(CrossFrameAttnProcessor(batch_size=3))
+    return pipe

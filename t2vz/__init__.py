@@ -5,6 +5,7 @@
     image = t2vz.text_to_image(sd, "a photo of a cat", generator=torch.Generator().manual_seed(0))
 """
 from .attention import CrossFrame
+from .canny import canny_edges
 from .controlnet import ControlNet, ControlNetConfig
 from .controlvideo import ControlVideo
 from .instruct import VideoInstructPix2Pix
@@ -17,6 +18,7 @@ from .vae import AutoencoderKL, VAEConfig
 
 __version__ = "0.1.0"
 __all__ = [
-    "AutoencoderKL", "ControlNet", "ControlNetConfig", "ControlVideo", "CrossFrame", "ModelFolderError", "StableDiffusion",
-    "TextToVideoZero", "UNet", "UNetConfig", "VAEConfig", "VideoInstructPix2Pix", "load", "load_controlnet", "text_to_image", "__version__",
+    "AutoencoderKL", "ControlNet", "ControlNetConfig", "ControlVideo", "CrossFrame", "ModelFolderError",
+    "StableDiffusion", "TextToVideoZero", "UNet", "UNetConfig", "VAEConfig", "VideoInstructPix2Pix", "load",
+    "canny_edges", "load_controlnet", "text_to_image", "__version__",
 ]

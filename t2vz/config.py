@@ -236,19 +236,26 @@ def override_syntax(value: Any) -> str:
     return str(value)
 
 
-def help_template() -> str:
-    """The `--help` text: what the command does, key options with defaults, examples, where outputs go."""
-    defaults = OmegaConf.structured(GenerateConfig)
+def option_lines(node, key_options: dict[str, str], choices: dict[str, tuple]) -> str:
+    """`--help`'s table: one line per key of `key_options`, `key=DEFAULT  what it does (allowed values)`, with the
+    defaults read from the config dataclass `node` (`key=...` where required)."""
+    defaults = OmegaConf.structured(node)
     lines = []
-    for key, text in KEY_OPTIONS.items():
-        if OmegaConf.is_missing(defaults, key):
+    for key, text in key_options.items():
+        parent, _, leaf = key.rpartition(".")
+        if OmegaConf.is_missing(OmegaConf.select(defaults, parent) if parent else defaults, leaf):
             option = f"{key}=..."
         else:
             value = OmegaConf.select(defaults, key)
             option = f"{key}={override_syntax(OmegaConf.to_object(value) if OmegaConf.is_config(value) else value)}"
-        choices = f" ({' | '.join(map(str, CHOICES[key]))})" if key in CHOICES else ""
-        lines.append(f"  {option:<32} {text}{choices}")
-    options = "\n".join(lines)
+        allowed = f" ({' | '.join(map(str, choices[key]))})" if key in choices else ""
+        lines.append(f"  {option:<32} {text}{allowed}")
+    return "\n".join(lines)
+
+
+def help_template() -> str:
+    """The `--help` text: what the command does, key options with defaults, examples, where outputs go."""
+    options = option_lines(GenerateConfig, KEY_OPTIONS, CHOICES)
     return f"""\
 t2vz: Text2Video-Zero on Stable Diffusion 1.5 (Khachatryan et al., ICCV 2023): a short video from a text
 prompt with a text-to-image model, zero-shot: no training, no video data.

@@ -42,16 +42,16 @@ ENCODER_FIELDS = ("in_channels", "block_out_channels", "attention_levels", "laye
 def check_compatible(unet_config, controlnet: ControlNet) -> None:
     """A ControlNet drives only the UNet whose encoder it copies: same widths, levels, heads and text width."""
     unet, cn = asdict(unet_config), asdict(controlnet.config)
-    diffs = [f"{k} {cn[k]} vs {unet[k]}" for k in ENCODER_FIELDS if tuple(_as_tuple(cn[k])) != tuple(_as_tuple(unet[k]))]
+    diffs = [f"{k} {cn[k]} vs {unet[k]}" for k in ENCODER_FIELDS if _as_tuple(cn[k]) != _as_tuple(unet[k])]
     if diffs:
         hint = " (cross_attention_dim 1024 is SD 2.x)" if cn["cross_attention_dim"] == 1024 else ""
         raise ModelFolderError(
-            f"the ControlNet does not fit this model's UNet: {'; '.join(diffs)} (ControlNet vs UNet){hint}. A ControlNet "
-            "is trained for one base model: use one made for SD 1.5 with an SD 1.5-shaped model")
+            f"the ControlNet does not fit this model's UNet: {'; '.join(diffs)} (ControlNet vs UNet){hint}. A "
+            "ControlNet is trained for one base model: use one made for SD 1.5 with an SD 1.5-shaped model")
 
 
-def _as_tuple(value):
-    return value if isinstance(value, (list, tuple)) else (value,)
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def draw_video_noise(shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:

@@ -14,7 +14,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from hydra.experimental.callback import Callback
 
 from . import __version__
 from .cli import DTYPES
-from .config import GenerateConfig
+from .config import GenerateConfig, to_generate_config
 from .model_folder import ModelFolderError
 from .pipeline import TextToVideoZero
 from .video_io import VideoIOError, to_uint8, write_outputs, write_text
@@ -126,16 +129,17 @@ def cached_scorer(name: str, device: str):
     return ClipScorer.from_pretrained(name, device=resolve_device(device))
 
 
-def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None, toyworld: bool = False
-            ) -> dict[str, float]:
-    """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3); on the toy model
-    (`toyworld`) also its judge's metrics (`toyworld.judge.judge_video`): text faithfulness, appearance consistency,
-    motion error against what λ and δ ask for."""
+def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None, toyworld: bool = False,
+            text: str | None = None) -> dict[str, float]:
+    """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3), with the CLIP text
+    score against `text` (default: `config.prompt`); on the toy model (`toyworld`) also its judge's metrics
+    (`toyworld.judge.judge_video`): text faithfulness, appearance consistency, motion error against what λ and δ
+    ask for."""
     from .metrics import video_metrics
 
     scorer = cached_scorer(clip_model, config.device) if clip_model else None
     videos = frames if frames.ndim == 5 else [frames]
-    per_video = [video_metrics(video, config.prompt, scorer) for video in videos]
+    per_video = [video_metrics(video, config.prompt if text is None else text, scorer) for video in videos]
     from .toyworld.world import parse_caption
 
     if toyworld and parse_caption(config.prompt)[0]:  # a prompt with no coloured shape: nothing to judge
@@ -148,15 +152,38 @@ def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None
     return {key: sum(m[key] for m in per_video) / len(per_video) for key in per_video[0]}
 
 
-def run_experiment(cfg) -> float:
-    """One Hydra job of `experiments/run.py`: generate, write the run folder, measure, log to W&B.
+@dataclass(frozen=True)
+class Task:
+    """What one experiment job runs: `to_config` turns the composed config into its checked dataclass (ValueError on
+    a bad value, before any model loads); `generate(config)` returns frames (f, h, w, 3) or (b, f, h, w, 3) and the
+    loaded components; `measure(frames, config, sd)` returns the job's metrics."""
+
+    to_config: Callable[[Any], Any]
+    generate: Callable[[Any], tuple[torch.Tensor, Any]]
+    measure: Callable[[torch.Tensor, Any, Any], dict[str, float]]
+
+
+def _generate_text_to_video(config: GenerateConfig) -> tuple[torch.Tensor, Any]:
+    pipe = cached_pipeline(config.model, config.device, config.dtype, config.compile)
+    return generate_from_config(config, pipe), pipe.sd
+
+
+def _measure_text_to_video(frames: torch.Tensor, config, sd) -> dict[str, float]:
+    return measure(frames, config, config.metrics.clip_model, sd.config.get("variant") == "toyworld")
+
+
+TEXT_TO_VIDEO = Task(to_generate_config, _generate_text_to_video, _measure_text_to_video)
+
+
+def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
+    """One Hydra job of `experiments/run.py` (or of another `task`'s entry point): generate, write the run folder,
+    measure, log to W&B.
 
     Writes `metrics.json` (metrics, the job's overrides, status "ok"/"failed", error) in every case: a job whose
     input is bad is recorded as failed and returns NaN, so the other points of a sweep still run."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from .config import to_generate_config
     from .tracking import LoggerConfig, Tracker
 
     start = time.perf_counter()
@@ -171,12 +198,11 @@ def run_experiment(cfg) -> float:
     headline = float("nan")
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name) as tracker:
         try:
-            config = to_generate_config(cfg)
-            pipe = cached_pipeline(config.model, config.device, config.dtype, config.compile)
-            frames = generate_from_config(config, pipe)
+            config = task.to_config(cfg)
+            frames, sd = task.generate(config)
             names = write_run(run_dir, frames, config, config_yaml, start)
             np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
-            metrics = measure(frames, config, config.metrics.clip_model, pipe.sd.config.get("variant") == "toyworld")
+            metrics = task.measure(frames, config, sd)
             if config.metrics.headline not in metrics:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
             record.update(metrics)

@@ -153,7 +153,7 @@ class ControlVideo:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} (one x_T per video)")
         else:
             x_T = latents.to(device=sd.device, dtype=sd.dtype)
-        maps = maps.permute(0, 3, 1, 2).to(device=sd.device, dtype=sd.dtype)  # (f, 3, H, W)
+        maps = maps.permute(0, 3, 1, 2)  # (f, 3, H, W), on the CPU: each chunk moves only its own maps
 
         counter = itertools.count()
         on_step = None if callback is None else (lambda t, x: callback(next(counter), t, x))
@@ -162,7 +162,8 @@ class ControlVideo:
             x = repeat(x_T, "b c h w -> (b f) c h w", f=len(ids))  # the same x_T for every frame
             x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
                              CrossFrame(len(ids), cross_frame), on_step, "DDIM (ControlNet, all frames)", progress,
-                             unet=self.controlled_unet(maps[ids], controlnet_conditioning_scale))
+                             unet=self.controlled_unet(maps[ids].to(device=sd.device, dtype=sd.dtype),
+                                                       controlnet_conditioning_scale))
             frames = decode_video(sd, x, len(ids))
             out.append(frames if i == 0 else frames[:, 1:])  # drop frame 1, prepended to every later chunk
         video = torch.cat(out, dim=1)

@@ -28,8 +28,8 @@ from .video_io import load_frames
 DETECTORS = ("none", "canny")
 
 
-def check_common(config) -> None:
-    """The keys every conditional job has: dtype, cross_frame, chunk_size."""
+def check_common(config: JobConfig) -> None:
+    """The values of the keys every conditional job has: dtype, cross_frame, chunk_size."""
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
     if config.cross_frame not in CROSS_FRAME_MODES:
@@ -56,6 +56,24 @@ def to_config(cfg: DictConfig, required: tuple[str, ...]):
         raise ValueError(f"missing {', '.join(missing)}; give {' '.join(k + '=...' for k in missing)} on the "
                          "command line (--help lists the options)")
     return OmegaConf.to_object(cfg)
+
+
+@dataclass
+class JobConfig:
+    """The keys every conditional job shares; `seed` seeds every random draw, `device` auto is cuda if available."""
+
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    compile: bool = False
+    cross_frame: str = "first"
+    chunk_size: Optional[int] = None
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self):
+        check_common(self)
 
 
 # ------------------------------------------------------------------------------------------------ ControlVideo
@@ -86,7 +104,7 @@ class ControlConfig:
 
 
 @dataclass
-class ControlExperimentConfig:
+class ControlExperimentConfig(JobConfig):
     """`python experiments/control_video.py`: a video that follows a control video (T2V-Zero Sec. 3.4)."""
 
     defaults: list[Any] = field(default_factory=lambda: [
@@ -96,21 +114,9 @@ class ControlExperimentConfig:
     prompt: str = MISSING
     model: str = MISSING  # a t2vz model folder: SD 1.5 or any SD 1.5-shaped fine-tune (DreamBooth)
     controlnet: str = MISSING  # a t2vz ControlNet folder (`python -m weights_convert CONTROLNET_FILE OUT`)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "fp32"
-    compile: bool = False
-    cross_frame: str = "first"
-    chunk_size: Optional[int] = None
     name: str = "control_video"
     control: ControlConfig = field(default_factory=ControlConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-
-    def __post_init__(self):
-        check_common(self)
 
 
 def control_maps(control: ControlConfig) -> torch.Tensor:
@@ -186,7 +192,7 @@ class InstructSamplerConfig(SamplerConfig):
 
 
 @dataclass
-class InstructExperimentConfig:
+class InstructExperimentConfig(JobConfig):
     """`python experiments/instruct_video.py`: Video Instruct-Pix2Pix, a video edited by an instruction (Sec. 3.5)."""
 
     defaults: list[Any] = field(default_factory=lambda: [
@@ -195,21 +201,9 @@ class InstructExperimentConfig:
         {"override hydra/help": "t2vz_instruct"}])
     instruction: str = MISSING
     model: str = MISSING  # a t2vz InstructPix2Pix model folder (8-channel UNet)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "fp32"
-    compile: bool = False
-    cross_frame: str = "first"
-    chunk_size: Optional[int] = None
     name: str = "instruct_video"
     source: SourceConfig = field(default_factory=SourceConfig)
     sampler: InstructSamplerConfig = field(default_factory=InstructSamplerConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-
-    def __post_init__(self):
-        check_common(self)
 
 
 @functools.lru_cache(maxsize=1)

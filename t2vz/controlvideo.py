@@ -16,7 +16,6 @@ are the same for every video and both branches, so they are repeated to that lay
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -29,9 +28,9 @@ from .attention import CROSS_FRAME_MODES, CrossFrame
 from .controlnet import ControlNet
 from .loading import StableDiffusion, load, load_controlnet
 from .model_folder import ModelFolderError
-from .pipeline import TextToVideoZero, decode_video, draw_first_frame_noise
+from .pipeline import TextToVideoZero, check_chunking, decode_video, draw_first_frame_noise
 from .schedulers import DDIM
-from .text_to_image import check_size, ddim_denoise, encode_prompts
+from .text_to_image import check_size, ddim_denoise, encode_prompts, step_counter
 from .video_io import load_frames, resize_frames, resized_shape
 
 # the UNet fields a ControlNet copies: they must be equal for its residuals to fit the UNet's skips
@@ -155,8 +154,7 @@ class ControlVideo:
             x_T = latents.to(device=sd.device, dtype=sd.dtype)
         maps = maps.permute(0, 3, 1, 2)  # (f, 3, H, W), on the CPU: each chunk moves only its own maps
 
-        counter = itertools.count()
-        on_step = None if callback is None else (lambda t, x: callback(next(counter), t, x))
+        on_step = step_counter(callback)
         out = []
         for i, ids in enumerate(TextToVideoZero.chunks(f, chunk_size)):
             x = repeat(x_T, "b c h w -> (b f) c h w", f=len(ids))  # the same x_T for every frame
@@ -196,10 +194,5 @@ class ControlVideo:
             raise ValueError(f"cross_frame={cross_frame!r} is not one of {CROSS_FRAME_MODES}")
         if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
-        if chunk_size is not None:
-            if int(chunk_size) != chunk_size or chunk_size < 2:
-                raise ValueError(f"chunk_size={chunk_size} must be an integer >= 2 (frame 1 plus new frames)")
-            if cross_frame == "first+previous" and chunk_size < f:
-                raise ValueError("chunked generation needs cross_frame 'first' or 'off': with 'first+previous' "
-                                 "every frame depends on the one before, across chunk borders")
+        check_chunking(chunk_size, cross_frame, f)
         return f

@@ -28,7 +28,6 @@ Long videos are edited in chunks (`TextToVideoZero.chunks`), each with frame 1 p
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable
@@ -37,9 +36,9 @@ import torch
 
 from .attention import CROSS_FRAME_MODES, CrossFrame
 from .loading import StableDiffusion, load
-from .pipeline import TextToVideoZero, decode_video
+from .pipeline import TextToVideoZero, check_chunking, decode_video
 from .schedulers import DDIM, draw_noise
-from .text_to_image import check_size, ddim_loop
+from .text_to_image import check_size, ddim_loop, step_counter
 from .video_io import load_frames, resize_frames, resized_shape
 
 
@@ -154,9 +153,7 @@ class VideoInstructPix2Pix:
         if num_frames is not None and f < num_frames:
             raise ValueError(f"num_frames={num_frames} but the video has only {f} frames; pass num_frames <= {f} "
                              "or None for all of them")
-        if chunk_size is not None and chunk_size < f and cross_frame == "first+previous":
-            raise ValueError("chunked editing needs cross_frame 'first' or 'off': with 'first+previous' every frame "
-                             "depends on the one before, across chunk borders")
+        check_chunking(chunk_size, cross_frame, f)
         height, width = source_size(h, w, resolution, size_multiple, factor)
         check_size(height, width, factor)
         scheduler = DDIM(num_inference_steps, eta=eta)
@@ -171,11 +168,7 @@ class VideoInstructPix2Pix:
         else:
             x_T = latents.to(device=sd.device, dtype=sd.dtype)
 
-        counter = itertools.count()
-
-        def on_step(t: int, x: torch.Tensor) -> None:
-            if callback is not None:
-                callback(next(counter), t, x)
+        on_step = step_counter(callback)
 
         out = []
         for i, ids in enumerate(TextToVideoZero.chunks(f, chunk_size)):

@@ -14,7 +14,6 @@ Layouts: a video's latents are (b, c, f, h, w); the UNet sees frames folded into
 """
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from .schedulers import DDIM, DDPM, draw_noise
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
 )
-from .text_to_image import check_size, ddim_denoise, decode_images, encode_prompts
+from .text_to_image import check_size, ddim_denoise, decode_images, encode_prompts, step_counter
 
 DDPM_MARGINALS = ("exact", "reference")
 
@@ -43,6 +42,18 @@ def fold_frames(video: torch.Tensor) -> torch.Tensor:
 def unfold_frames(frames: torch.Tensor, f: int) -> torch.Tensor:
     """((b f), c, h, w) → (b, c, f, h, w)."""
     return rearrange(frames, "(b f) c h w -> b c f h w", f=f)
+
+
+def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) -> None:
+    """Chunks (`TextToVideoZero.chunks`) need chunk_size ≥ 2 (frame 1 plus new frames), and a cross-frame mode in
+    which a frame depends on frame 1 and itself only."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 2:
+        raise ValueError(f"chunk_size={chunk_size} must be an integer >= 2 (frame 1 plus new frames)")
+    if cross_frame == "first+previous" and chunk_size < num_frames:
+        raise ValueError("chunked generation needs cross_frame 'first' or 'off': with 'first+previous' every frame "
+                         "depends on the one before, across chunk borders")
 
 
 def draw_first_frame_noise(shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:
@@ -181,11 +192,7 @@ class TextToVideoZero:
         else:
             x_T = latents.to(device=sd.device, dtype=sd.dtype)
 
-        counter = itertools.count()
-
-        def on_step(t: int, x: torch.Tensor) -> None:
-            if callback is not None:
-                callback(next(counter), t, x)
+        on_step = step_counter(callback)
 
         path = (motion or (lambda ids: motion_path(ids, motion_strength, direction)))(list(range(f)))
         if tuple(path.shape) != (f, 2, 3):
@@ -317,9 +324,4 @@ class TextToVideoZero:
             raise ValueError(f"ddpm_marginal={ddpm_marginal!r} is not one of {DDPM_MARGINALS}")
         if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
-        if chunk_size is not None:
-            if int(chunk_size) != chunk_size or chunk_size < 2:
-                raise ValueError(f"chunk_size={chunk_size} must be an integer >= 2 (frame 1 plus new frames)")
-            if cross_frame == "first+previous" and chunk_size < num_frames:
-                raise ValueError("chunked generation needs cross_frame 'first' or 'off': with 'first+previous' "
-                                 "every frame depends on the one before, across chunk borders")
+        check_chunking(chunk_size, cross_frame, num_frames)

@@ -6,6 +6,7 @@ first draw from `generator` (a CPU generator draws on the CPU, whatever the devi
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,15 @@ def guided_eps(unet: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tens
         return unet(x, t, context, **unet_kwargs)
     eps_uncond, eps_text = unet(torch.cat([x, x]), t, context, **unet_kwargs).chunk(2)
     return eps_uncond + guidance_scale * (eps_text - eps_uncond)
+
+
+def step_counter(callback: Callable[[int, int, torch.Tensor], None] | None):
+    """A user's `callback(i, t, x)` as a DDIM step callback `(t, x)`, i counting the steps across every loop it
+    is passed to (a pipeline's several phases and chunks); None for None."""
+    if callback is None:
+        return None
+    counter = itertools.count()
+    return lambda t, x: callback(next(counter), t, x)
 
 
 def ddim_loop(
@@ -123,8 +133,7 @@ def text_to_image(
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {height}×{width}")
     x = latents.to(device=sd.device, dtype=sd.dtype)
-    steps = iter(range(num_inference_steps))
-    on_step = None if callback is None else (lambda t, x: callback(next(steps), t, x))
+    on_step = step_counter(callback)
     x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
                      step_callback=on_step, progress=progress)
     return decode_images(sd, x)[0].permute(1, 2, 0).float().cpu()

@@ -30,7 +30,7 @@ from .loading import StableDiffusion, load, load_controlnet
 from .model_folder import ModelFolderError
 from .pipeline import TextToVideoZero, check_chunking, decode_video, draw_first_frame_noise
 from .schedulers import DDIM
-from .text_to_image import check_size, ddim_denoise, encode_prompts, step_counter
+from .text_to_image import check_size, checked_latents, ddim_denoise, encode_prompts, step_counter
 from .video_io import load_frames, resize_frames, resized_shape
 
 # the UNet fields a ControlNet copies: they must be equal for its residuals to fit the UNet's skips
@@ -146,12 +146,8 @@ class ControlVideo:
         context = encode_prompts(sd, prompts, negatives, guidance_scale)  # one row per video and branch
 
         shape = (b, sd.unet.config.out_channels, height // factor, width // factor)
-        if latents is None:
-            x_T = draw_video_noise(shape, generator, sd.device, sd.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} (one x_T per video)")
-        else:
-            x_T = latents.to(device=sd.device, dtype=sd.dtype)
+        x_T = (draw_video_noise(shape, generator, sd.device, sd.dtype) if latents is None
+               else checked_latents(sd, latents, shape, " (one x_T per video)"))
         maps = maps.permute(0, 3, 1, 2)  # (f, 3, H, W), on the CPU: each chunk moves only its own maps
 
         on_step = step_counter(callback)

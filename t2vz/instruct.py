@@ -38,7 +38,7 @@ from .attention import CROSS_FRAME_MODES, CrossFrame
 from .loading import StableDiffusion, load
 from .pipeline import TextToVideoZero, check_chunking, decode_video
 from .schedulers import DDIM, draw_noise
-from .text_to_image import check_size, ddim_loop, step_counter
+from .text_to_image import check_size, checked_latents, ddim_loop, step_counter
 from .video_io import load_frames, resize_frames, resized_shape
 
 
@@ -160,13 +160,8 @@ class VideoInstructPix2Pix:
         context = branch_contexts(sd, instruction, negative_prompt)
 
         shape = (f, sd.vae.config.latent_channels, height // factor, width // factor)
-        if latents is None:
-            x_T = draw_noise(shape, generator, sd.device, sd.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {f} frames of "
-                             f"{height}×{width} (F, latent channels, H/{factor}, W/{factor})")
-        else:
-            x_T = latents.to(device=sd.device, dtype=sd.dtype)
+        x_T = (draw_noise(shape, generator, sd.device, sd.dtype) if latents is None else checked_latents(
+            sd, latents, shape, f" for {f} frames of {height}×{width} (F, latent channels, H/{factor}, W/{factor})"))
 
         on_step = step_counter(callback)
 

@@ -29,7 +29,9 @@ from .schedulers import DDIM, DDPM, draw_noise
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
 )
-from .text_to_image import check_size, ddim_denoise, decode_images, encode_prompts, step_counter
+from .text_to_image import (
+    check_size, checked_latents, ddim_denoise, decode_images, encode_prompts, step_counter,
+)
 
 DDPM_MARGINALS = ("exact", "reference")
 
@@ -185,12 +187,8 @@ class TextToVideoZero:
         context = encode_prompts(sd, prompts, negatives, guidance_scale)
 
         shape = (b, sd.unet.config.in_channels, height // factor, width // factor)
-        if latents is None:
-            x_T = draw_first_frame_noise(shape, generator, sd.device, sd.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        else:
-            x_T = latents.to(device=sd.device, dtype=sd.dtype)
+        x_T = (draw_first_frame_noise(shape, generator, sd.device, sd.dtype) if latents is None
+               else checked_latents(sd, latents, shape))
 
         on_step = step_counter(callback)
 

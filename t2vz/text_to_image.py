@@ -46,6 +46,14 @@ def guided_eps(unet: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tens
     return eps_uncond + guidance_scale * (eps_text - eps_uncond)
 
 
+def checked_latents(sd: StableDiffusion, latents: torch.Tensor, shape: tuple[int, ...], what: str = "") -> torch.Tensor:
+    """A caller's x_T: checked against `shape` (ValueError naming both, plus `what`), moved to the model's device
+    and dtype."""
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}{what}")
+    return latents.to(device=sd.device, dtype=sd.dtype)
+
+
 def step_counter(callback: Callable[[int, int, torch.Tensor], None] | None):
     """A user's `callback(i, t, x)` as a DDIM step callback `(t, x)`, i counting the steps across every loop it
     is passed to (a pipeline's several phases and chunks); None for None."""
@@ -128,11 +136,8 @@ def text_to_image(
     scheduler = DDIM(num_inference_steps, eta=eta)
     context = encode_prompts(sd, [prompt], [negative_prompt] if negative_prompt else None, guidance_scale)
     shape = (1, sd.unet.config.in_channels, height // factor, width // factor)
-    if latents is None:
-        latents = draw_noise(shape, generator, sd.device, sd.dtype)
-    elif tuple(latents.shape) != shape:
-        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {height}×{width}")
-    x = latents.to(device=sd.device, dtype=sd.dtype)
+    x = (draw_noise(shape, generator, sd.device, sd.dtype) if latents is None
+         else checked_latents(sd, latents, shape, f" for {height}×{width}"))
     on_step = step_counter(callback)
     x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
                      step_callback=on_step, progress=progress)

@@ -185,7 +185,8 @@ def test_controlnet_for_another_base_model_is_refused(tiny, tmp_path):
         ControlVideo.from_pretrained(folder, controlnet=cn_folder)
     wrong_scale = ControlNetConfig.from_unet(TINY_UNET)  # embeds at 1/8 but the tiny VAE downsamples by 2
     cn = diffusers_controlnet(wrong_scale, seed=1)
-    cn_folder = write_controlnet_folder(tmp_path / "cn8", cn.state_dict(), {"controlnet": dataclasses.asdict(wrong_scale)})
+    cn_folder = write_controlnet_folder(tmp_path / "cn8", cn.state_dict(),
+                                        {"controlnet": dataclasses.asdict(wrong_scale)})
     with pytest.raises(ModelFolderError, match=r"1/8 scale but the VAE downsamples by 2"):
         ControlVideo.from_pretrained(folder, controlnet=cn_folder)
 

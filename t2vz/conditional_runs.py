@@ -6,7 +6,7 @@
 
 One dataclass per config node, registered with Hydra's ConfigStore (`control_experiment`, `instruct_experiment`);
 field names are the pipelines' argument names where one exists. `__post_init__` checks values before any model loads.
-Sweeps live in conf/control/experiment/ and conf/instruct/experiment/ (`+experiment=NAME -m`).
+Sweeps live in conf/experiment/control/ and conf/experiment/instruct/ (`+experiment=control/NAME -m`).
 """
 from __future__ import annotations
 
@@ -21,19 +21,20 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .attention import CROSS_FRAME_MODES
 from .cli import DTYPES
-from .config import LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_int, option_lines
-from .run import Task, measure, resolve_device
+from .config import (
+    LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_choice, check_int, option_lines,
+)
+from .run import Task, compiled, measure, resolve_device
 from .video_io import load_frames
 
 DETECTORS = ("none", "canny")
+CHOICES = {"cross_frame": CROSS_FRAME_MODES, "control.detector": DETECTORS}  # the enum-like keys' allowed values
 
 
 def check_common(config: JobConfig) -> None:
     """The values of the keys every conditional job has: dtype, cross_frame, chunk_size."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
-    if config.cross_frame not in CROSS_FRAME_MODES:
-        raise ValueError(f"cross_frame={config.cross_frame!r} is not one of {', '.join(CROSS_FRAME_MODES)}")
+    check_choice("dtype", config.dtype)
+    check_choice("cross_frame", config.cross_frame, CHOICES)
     if config.chunk_size is not None:
         check_int("chunk_size", config.chunk_size, 2)
 
@@ -90,8 +91,7 @@ class ControlConfig:
     conditioning_scale: float = 1.0  # multiplies the ControlNet's residuals
 
     def __post_init__(self):
-        if self.detector not in DETECTORS:
-            raise ValueError(f"control.detector={self.detector!r} is not one of {', '.join(DETECTORS)}")
+        check_choice("control.detector", self.detector, CHOICES)
         low, high = self.low_threshold, self.high_threshold
         if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
             raise ValueError(f"control.low_threshold={low!r} and control.high_threshold={high!r} must be finite "
@@ -135,10 +135,8 @@ def control_maps(control: ControlConfig) -> torch.Tensor:
 def cached_control_video(model: str, controlnet: str, device: str, dtype: str, compile_unet: bool):
     from .controlvideo import ControlVideo
 
-    pipe = ControlVideo.from_pretrained(model, controlnet, device=resolve_device(device), dtype=DTYPES[dtype])
-    if compile_unet:
-        pipe.sd.unet = torch.compile(pipe.sd.unet)
-    return pipe
+    return compiled(ControlVideo.from_pretrained(model, controlnet, device=resolve_device(device),
+                                                 dtype=DTYPES[dtype]), compile_unet)
 
 
 def generate_control_video(config: ControlExperimentConfig):
@@ -210,10 +208,8 @@ class InstructExperimentConfig(JobConfig):
 def cached_instruct_video(model: str, device: str, dtype: str, compile_unet: bool):
     from .instruct import VideoInstructPix2Pix
 
-    pipe = VideoInstructPix2Pix.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype])
-    if compile_unet:
-        pipe.sd.unet = torch.compile(pipe.sd.unet)
-    return pipe
+    return compiled(VideoInstructPix2Pix.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype]),
+                    compile_unet)
 
 
 def generate_instruct_video(config: InstructExperimentConfig):
@@ -272,7 +268,7 @@ def help_text(script: str, what: str, node, options: dict[str, str], example: st
 Usage: python experiments/{script} KEY=VALUE ...        (-m: a sweep, one job per value; +experiment=NAME -m)
 
 Key options, with their defaults (every key of the config below can be set with key=value):
-{option_lines(node, options, {"cross_frame": CROSS_FRAME_MODES, "control.detector": DETECTORS})}
+{option_lines(node, options, CHOICES)}
 
 Example:
   {example}

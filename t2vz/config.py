@@ -38,9 +38,10 @@ CHOICES = {"dtype": tuple(DTYPES), "method.ddpm_marginal": DDPM_MARGINALS, "meth
 SIZE_MULTIPLE = 8  # SD 1.5's VAE downsamples by 8; the pipeline re-checks against the loaded model's factor
 
 
-def check_choice(key: str, value: Any) -> None:
-    if value not in CHOICES[key]:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}")
+def check_choice(key: str, value: Any, choices: dict[str, tuple] = CHOICES) -> None:
+    """ValueError naming `key`, `value` and the allowed values unless `value` is one of `choices[key]`."""
+    if value not in choices[key]:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(choices[key])}")
 
 
 def check_int(key: str, value: Any, low: int) -> None:

@@ -28,7 +28,7 @@ from .attention import CROSS_FRAME_MODES, CrossFrame
 from .controlnet import ControlNet
 from .loading import StableDiffusion, load, load_controlnet
 from .model_folder import ModelFolderError
-from .pipeline import TextToVideoZero, check_chunking, decode_video, draw_first_frame_noise
+from .pipeline import TextToVideoZero, check_chunking, decode_video, draw_first_frame_noise, video_prompts
 from .schedulers import DDIM
 from .text_to_image import check_size, checked_latents, ddim_denoise, encode_prompts, step_counter
 from .video_io import load_frames, resize_frames, resized_shape
@@ -129,18 +129,13 @@ class ControlVideo:
         (B, 4, H/8, W/8) replace the drawn x_T. `chunk_size` bounds memory for long videos (frame 1 is prepended to
         every chunk; with η = 0 and cross_frame "first" or "off" the frames equal unchunked generation).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
         sd, factor = self.sd, self.sd.vae.downsample_factor
         maps = load_frames(control, "control")  # (f, H, W, 3) in [0, 1]
         if resolution is not None:
             maps = resize_frames(maps, resized_shape(*maps.shape[1:3], int(resolution), factor))
-        f = self.check_inputs(prompts, negatives, maps, num_frames, height, width, guidance_scale,
-                              controlnet_conditioning_scale, cross_frame, num_videos_per_prompt, chunk_size)
-        prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
-        negatives = None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
+        f = self.check_inputs(maps, num_frames, height, width, guidance_scale, controlnet_conditioning_scale,
+                              cross_frame, chunk_size)
         b, (height, width) = len(prompts), maps.shape[1:3]
         scheduler = DDIM(num_inference_steps, eta=eta)
         context = encode_prompts(sd, prompts, negatives, guidance_scale)  # one row per video and branch
@@ -163,13 +158,8 @@ class ControlVideo:
         video = torch.cat(out, dim=1)
         return video[0] if video.shape[0] == 1 else video
 
-    def check_inputs(self, prompts, negatives, maps, num_frames, height, width, guidance_scale, scale, cross_frame,
-                     num_videos_per_prompt, chunk_size) -> int:
+    def check_inputs(self, maps, num_frames, height, width, guidance_scale, scale, cross_frame, chunk_size) -> int:
         """Check the arguments against each other and the control maps (f, H, W, 3); returns f."""
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
-        if negatives is not None and len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         f, H, W = maps.shape[:3]
         if num_frames is not None and num_frames != f:
             raise ValueError(f"num_frames={num_frames} but the control video has {f} frames: give one control map "
@@ -188,7 +178,5 @@ class ControlVideo:
             raise ValueError(f"controlnet_conditioning_scale={scale} must be a finite number")
         if cross_frame not in CROSS_FRAME_MODES:
             raise ValueError(f"cross_frame={cross_frame!r} is not one of {CROSS_FRAME_MODES}")
-        if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
         check_chunking(chunk_size, cross_frame, f)
         return f

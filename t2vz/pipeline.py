@@ -46,6 +46,25 @@ def unfold_frames(frames: torch.Tensor, f: int) -> torch.Tensor:
     return rearrange(frames, "(b f) c h w -> b c f h w", f=f)
 
 
+def video_prompts(prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
+                  num_videos_per_prompt: int) -> tuple[list[str], list[str] | None]:
+    """The prompt and negative prompt of every video, prompt-major: each of the prompts repeated
+    `num_videos_per_prompt` times (a single negative prompt serves every prompt). Checked: ValueError naming the
+    bad value."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = None
+    if negative_prompt is not None:
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
+    if negatives is not None and len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
+        raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
+    prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
+    return prompts, None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
+
+
 def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) -> None:
     """Chunks (`TextToVideoZero.chunks`) need chunk_size ≥ 2 (frame 1 plus new frames), and a cross-frame mode in
     which a frame depends on frame 1 and itself only."""
@@ -169,18 +188,13 @@ class TextToVideoZero:
         (F, H, W) or (B, F, H, W) in [0, 1], or else from the UNet's cross-attention to `mask_tokens` (words of
         the prompt; all of its words when None), recorded in an extra denoising pass.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
         height, width = self.sd.image_size(height, width)
-        self.check_inputs(prompts, negatives, num_frames, height, width, motion_strength, direction, cross_frame,
-                          ddpm_marginal, num_videos_per_prompt, chunk_size)
+        self.check_inputs(num_frames, height, width, motion_strength, direction, cross_frame, ddpm_marginal,
+                          chunk_size)
         if smooth_bg and (smoothing not in SMOOTHING_FORMS or not 0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"smoothing={smoothing!r} must be one of {SMOOTHING_FORMS} and alpha={alpha} in [0, 1]")
         sd, f = self.sd, int(num_frames)
-        prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
-        negatives = None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
         b, factor = len(prompts), sd.vae.downsample_factor
         scheduler = DDIM(num_inference_steps, eta=eta)
         motion_timesteps(scheduler.timesteps, t0, t1)  # validate t0, t1 before any work
@@ -303,12 +317,8 @@ class TextToVideoZero:
             [0] + new[i : i + chunk_size - 1] for i in range(chunk_size - 1, len(new), chunk_size - 1)
         ]
 
-    def check_inputs(self, prompts, negatives, num_frames, height, width, motion_strength, direction, cross_frame,
-                     ddpm_marginal, num_videos_per_prompt, chunk_size) -> None:
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
-        if negatives is not None and len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    def check_inputs(self, num_frames, height, width, motion_strength, direction, cross_frame, ddpm_marginal,
+                     chunk_size) -> None:
         if isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1:
             raise ValueError(f"num_frames={num_frames} must be an integer >= 1")
         check_size(height, width, self.sd.vae.downsample_factor)
@@ -320,6 +330,4 @@ class TextToVideoZero:
             raise ValueError(f"cross_frame={cross_frame!r} is not one of {CROSS_FRAME_MODES}")
         if ddpm_marginal not in DDPM_MARGINALS:
             raise ValueError(f"ddpm_marginal={ddpm_marginal!r} is not one of {DDPM_MARGINALS}")
-        if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
         check_chunking(chunk_size, cross_frame, num_frames)

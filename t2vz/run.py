@@ -108,12 +108,17 @@ class OutputFolderCheck(Callback):
             sys.exit(2)
 
 
-def load_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False) -> TextToVideoZero:
-    """The pipeline for a config's model, device and dtype names; with compile_unet its UNet is torch.compile'd."""
-    pipe = TextToVideoZero.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype])
+def compiled(pipe, compile_unet: bool):
+    """`pipe` (any t2vz pipeline: its components are `pipe.sd`) with its UNet torch.compile'd when asked."""
     if compile_unet:
         pipe.sd.unet = torch.compile(pipe.sd.unet)
     return pipe
+
+
+def load_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False) -> TextToVideoZero:
+    """The pipeline for a config's model, device and dtype names; with compile_unet its UNet is torch.compile'd."""
+    return compiled(TextToVideoZero.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype]),
+                    compile_unet)
 
 
 @functools.lru_cache(maxsize=1)
@@ -140,8 +145,8 @@ def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None
     scorer = cached_scorer(clip_model, config.device) if clip_model else None
     videos = frames if frames.ndim == 5 else [frames]
     per_video = [video_metrics(video, config.prompt if text is None else text, scorer) for video in videos]
-    from .toyworld.world import parse_caption
-
+    if toyworld:
+        from .toyworld.world import parse_caption
     if toyworld and parse_caption(config.prompt)[0]:  # a prompt with no coloured shape: nothing to judge
         from .toyworld.judge import judge_video, requested_motion
 

@@ -253,7 +253,7 @@ def load_frames(source, name: str = "video", max_frames: int | None = None) -> t
         frames = _as_frames(source)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    if frames.is_floating_point() and frames.numel() and not (0 <= frames.min() and frames.max() <= 1):
+    if frames.numel() and not (0 <= frames.min() and frames.max() <= 1):  # uint8 is already scaled
         raise ValueError(f"{name} holds floats outside [0, 1] ({frames.min():.3g}..{frames.max():.3g}); "
                          "give floats in [0, 1] or uint8 in 0..255")
     return frames.cpu()[:max_frames]

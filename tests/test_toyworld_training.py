@@ -65,6 +65,20 @@ def test_a_unet_checkpoint_on_another_vae_is_refused(tmp_path):
         train(longer_vae, "cmd", "")
 
 
+def test_checkpoints_made_on_another_world_are_refused_not_resumed(tmp_path, monkeypatch):
+    """The caches and checkpoints are keyed on what the world renders, so a changed renderer (here, another
+    horizon range) starts from fresh data instead of resuming on the old world's images."""
+    from t2vz.toyworld import training, world
+
+    cfg = tiny(tmp_path, "d", vae_steps=2, unet_steps=0)
+    train(cfg, "cmd", "")
+    before = training.dataset_key(cfg.data)
+    monkeypatch.setattr(world, "HORIZON", (0.3, 0.4))
+    assert training.dataset_key(cfg.data) != before
+    with pytest.raises(ValueError, match="another dataset .*new workdir"):
+        train(cfg, "cmd", "")
+
+
 def test_the_entry_point_has_help_and_rejects_a_typo(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     script = str(REPO / "experiments" / "train_toyworld.py")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -58,7 +59,7 @@ class VAETrainConfig:
 @dataclass
 class UNetTrainConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    attention_levels: list[bool] = field(default_factory=lambda: [True, True, True])  # 16×16, 8×8, 4×4
     layers_per_block: int = 1
     num_attention_heads: int = 4
     norm_num_groups: int = 8
@@ -130,9 +131,28 @@ def load_checkpoint(path: Path) -> dict | None:
 
 # ---- stage 1: data ---------------------------------------------------------------------------------------------
 
+def dataset_key(cfg: DataConfig) -> str:
+    """A name for the dataset `cfg` draws from the world as the code now renders it: seed, size and a hash of its
+    first scenes. Caches and checkpoints carry it, so a change to the world is never trained on stale data."""
+    digest = hashlib.sha1()
+    for i in range(8):
+        scene = scene_for_index(cfg.seed, i)
+        digest.update(render(scene).tobytes())
+        digest.update(scene.caption.encode())
+    return f"{cfg.seed}_{cfg.num_images}_{digest.hexdigest()[:10]}"
+
+
+def check_same_data(state: dict, path: Path, key: str) -> None:
+    """Refuse to resume a checkpoint made on another dataset (another world, seed or size)."""
+    if state.get("data") != key:
+        raise ValueError(f"{path} was trained on another dataset ({state.get('data') or 'an older world'}; now "
+                         f"{key}): the world or the data settings changed since. Train in a new workdir=..., or "
+                         f"delete {path.parent} to start again")
+
+
 def build_dataset(cfg: DataConfig, workdir: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
     """Render (or read the cached) images (n, 64, 64, 3) uint8 and their captions."""
-    cache = workdir / f"data_{cfg.seed}_{cfg.num_images}.npz"
+    cache = workdir / f"data_{dataset_key(cfg)}.npz"
     if cache.is_file():
         with np.load(cache) as f:
             return f["images"], [str(c) for c in f["captions"]]
@@ -169,6 +189,7 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Trac
     state = load_checkpoint(path)
     step = 0
     if state is not None:
+        check_same_data(state, path, dataset_key(cfg.data))
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -197,24 +218,26 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Trac
             tracker.log_metrics({"vae/reconstruction_mse": rec.item(), "vae/kl": kl.item(), "vae/step": step})
         if step % cfg.checkpoint_every == 0 or step == cfg.vae.steps:
             save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "rng": torch.get_rng_state()}, path)
+                         "rng": torch.get_rng_state(), "data": dataset_key(cfg.data)}, path)
     bar.close()
     return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, images: np.ndarray, workdir: Path, vae_step: int, progress: bool
-                   ) -> torch.Tensor:
-    """The posterior means of every image, unscaled (n, 4, 16, 16), cached in `workdir` for the VAE of `vae_step`."""
+def encode_dataset(vae: AutoencoderKL, images: np.ndarray, workdir: Path, vae_step: int, progress: bool,
+                   data: str = "") -> torch.Tensor:
+    """The posterior means of every image, unscaled (n, 4, 16, 16), cached in `workdir` for the VAE of `vae_step`
+    and the dataset named `data` (`dataset_key`)."""
     cache = workdir / "latents.pt"
     state = load_checkpoint(cache)
-    if state is not None and state["n"] == len(images) and state.get("vae_step") == vae_step:
+    if state is not None and state["n"] == len(images) and state.get("vae_step") == vae_step \
+            and state.get("data", "") == data:
         return state["latents"]
     out = []
     for i in tqdm(range(0, len(images), 256), desc="encoding the dataset", disable=not progress):
         out.append(vae.encode(to_model_range(images[i:i + 256])))
     latents = torch.cat(out)
-    save_atomic({"latents": latents, "n": len(images), "vae_step": vae_step}, cache)
+    save_atomic({"latents": latents, "n": len(images), "vae_step": vae_step, "data": data}, cache)
     return latents
 
 
@@ -257,6 +280,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], wor
     step = 0
     state = load_checkpoint(path)
     if state is not None:
+        check_same_data(state, path, dataset_key(cfg.data))
         if state.get("vae_step", vae_step) != vae_step:
             raise ValueError(f"{path} was trained on the latents of the VAE after {state['vae_step']} steps, but the "
                              f"VAE now has {vae_step}; delete {path} to train the UNet again on the new latents")
@@ -305,7 +329,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], wor
             tracker.log_metrics({"unet/loss": loss.item(), "unet/step": step})
         if step % cfg.checkpoint_every == 0 or step == cfg.unet.steps:
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step, "vae_step": vae_step}, path)
+                         "step": step, "vae_step": vae_step, "data": dataset_key(cfg.data)}, path)
     bar.close()
     return ema.eval()
 
@@ -345,7 +369,7 @@ def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
         timings["data_s"] = round(time.time() - start, 1)
         vae = train_vae(cfg, images, workdir, tracker)
         timings["vae_s"] = round(time.time() - start - sum(timings.values()), 1)
-        latents = encode_dataset(vae, images, workdir, cfg.vae.steps, cfg.progress)
+        latents = encode_dataset(vae, images, workdir, cfg.vae.steps, cfg.progress, dataset_key(cfg.data))
         scale = latent_scale(latents)
         denoiser = train_unet(cfg, latents * scale, captions, workdir, tracker, cfg.vae.steps)
         timings["unet_s"] = round(time.time() - start - sum(timings.values()), 1)

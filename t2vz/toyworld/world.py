@@ -52,6 +52,11 @@ BACKGROUND_TONES = (SKY_TOP, SKY_HORIZON, CLOUD, *[t for pair in GROUND.values()
                     *WALL_TONES, WALL_FLOOR, *FLOOR_TONES)
 
 RADIUS = (6, 13)  # object radius range in pixels (12…26 px wide)
+# Where the horizon (sky over ground) and the wall's floor line fall, as fractions of the height. Wide ranges, so
+# that a scene moved up or down by the method's motion dynamics is still a scene of this world: with the horizon
+# only between 35% and 60% the model trained on it drew the horizon back into that band when asked to move down.
+HORIZON = (0.15, 0.85)
+WALL_FLOOR_LINE = (0.5, 0.95)
 TWO_OBJECTS = 0.25  # fraction of scenes with two objects
 
 # (colour, shape, background) combinations never shown in training: the judge's held-out prompts. Fixed here so
@@ -199,7 +204,7 @@ def _vertical_gradient(y, y0, y1, top, bottom):
 def _background(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The background (h, w, 3) float: sky over ground with clouds and patches, a striped wall, or a floor."""
     if kind in GROUND:
-        horizon = rng.uniform(0.35, 0.6) * SIZE
+        horizon = rng.uniform(*HORIZON) * SIZE
         top, low = SNOW_SKY if kind == "snow" else (SKY_TOP, SKY_HORIZON)
         img = _vertical_gradient(y, 0, horizon, top, low)
         _ellipses(img, rng, x, y, rng.integers(1, 4), (5, 11), (2, 4), CLOUD, 3, horizon - 4)
@@ -216,7 +221,7 @@ def _background(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarra
         edges = np.cumsum(rng.uniform(4, 10, size=40)) - rng.uniform(0, 10)
         band = np.searchsorted(edges, x) % 2
         img[band == 0], img[band == 1] = WALL_TONES[a], WALL_TONES[b]
-        img[y >= rng.uniform(0.7, 0.85) * SIZE] = WALL_FLOOR
+        img[y >= rng.uniform(*WALL_FLOOR_LINE) * SIZE] = WALL_FLOOR
         return img
     if kind == "floor":
         a, b = rng.choice(len(FLOOR_TONES), size=2, replace=False)

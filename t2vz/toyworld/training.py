@@ -150,9 +150,9 @@ def check_same_data(state: dict, path: Path, key: str) -> None:
                          f"delete {path.parent} to start again")
 
 
-def build_dataset(cfg: DataConfig, workdir: Path, progress: bool = True) -> tuple[np.ndarray, list[str]]:
-    """Render (or read the cached) images (n, 64, 64, 3) uint8 and their captions."""
-    cache = workdir / f"data_{dataset_key(cfg)}.npz"
+def build_dataset(cfg: DataConfig, workdir: Path, key: str, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Render (or read the cached) images (n, 64, 64, 3) uint8 and their captions; `key` is `dataset_key(cfg)`."""
+    cache = workdir / f"data_{key}.npz"
     if cache.is_file():
         with np.load(cache) as f:
             return f["images"], [str(c) for c in f["captions"]]
@@ -180,8 +180,9 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
 
 # ---- stage 2: the autoencoder -----------------------------------------------------------------------------------
 
-def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Tracker) -> AutoencoderKL:
-    """Stage 2. Returns the trained VAE (fp32, eval mode) with `scaling_factor` still 1 (set by `latent_scale`)."""
+def train_vae(cfg: TrainConfig, images: np.ndarray, data: str, workdir: Path, tracker: Tracker) -> AutoencoderKL:
+    """Stage 2 on the dataset named `data` (`dataset_key`). Returns the trained VAE (fp32, eval mode) with
+    `scaling_factor` still 1 (set by `latent_scale`)."""
     path = workdir / "vae.pt"
     torch.manual_seed(cfg.seed * 1000 + 1)  # the init and the posterior noise
     vae = AutoencoderKL(vae_config(cfg.vae))
@@ -189,7 +190,7 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Trac
     state = load_checkpoint(path)
     step = 0
     if state is not None:
-        check_same_data(state, path, dataset_key(cfg.data))
+        check_same_data(state, path, data)
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -218,20 +219,20 @@ def train_vae(cfg: TrainConfig, images: np.ndarray, workdir: Path, tracker: Trac
             tracker.log_metrics({"vae/reconstruction_mse": rec.item(), "vae/kl": kl.item(), "vae/step": step})
         if step % cfg.checkpoint_every == 0 or step == cfg.vae.steps:
             save_atomic({"model": vae.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "rng": torch.get_rng_state(), "data": dataset_key(cfg.data)}, path)
+                         "rng": torch.get_rng_state(), "data": data}, path)
     bar.close()
     return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, images: np.ndarray, workdir: Path, vae_step: int, progress: bool,
-                   data: str = "") -> torch.Tensor:
+def encode_dataset(vae: AutoencoderKL, images: np.ndarray, data: str, workdir: Path, vae_step: int, progress: bool
+                   ) -> torch.Tensor:
     """The posterior means of every image, unscaled (n, 4, 16, 16), cached in `workdir` for the VAE of `vae_step`
     and the dataset named `data` (`dataset_key`)."""
     cache = workdir / "latents.pt"
     state = load_checkpoint(cache)
     if state is not None and state["n"] == len(images) and state.get("vae_step") == vae_step \
-            and state.get("data", "") == data:
+            and state.get("data") == data:
         return state["latents"]
     out = []
     for i in tqdm(range(0, len(images), 256), desc="encoding the dataset", disable=not progress):
@@ -267,9 +268,10 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1.0 - decay)
 
 
-def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], workdir: Path,
+def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], data: str, workdir: Path,
                tracker: Tracker, vae_step: int) -> Denoiser:
-    """Stage 3 on scaled latents (n, 4, h, w) of the VAE trained for `vae_step` steps. Returns the EMA model
+    """Stage 3 on scaled latents (n, 4, h, w) of the dataset named `data`, encoded by the VAE trained for
+    `vae_step` steps. Returns the EMA model
     (fp32, eval mode). A checkpoint made on another VAE's latents is refused rather than resumed."""
     path = workdir / "unet.pt"
     torch.manual_seed(cfg.seed * 1000 + 3)
@@ -280,7 +282,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], wor
     step = 0
     state = load_checkpoint(path)
     if state is not None:
-        check_same_data(state, path, dataset_key(cfg.data))
+        check_same_data(state, path, data)
         if state.get("vae_step", vae_step) != vae_step:
             raise ValueError(f"{path} was trained on the latents of the VAE after {state['vae_step']} steps, but the "
                              f"VAE now has {vae_step}; delete {path} to train the UNet again on the new latents")
@@ -329,7 +331,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], wor
             tracker.log_metrics({"unet/loss": loss.item(), "unet/step": step})
         if step % cfg.checkpoint_every == 0 or step == cfg.unet.steps:
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step, "vae_step": vae_step, "data": dataset_key(cfg.data)}, path)
+                         "step": step, "vae_step": vae_step, "data": data}, path)
     bar.close()
     return ema.eval()
 
@@ -365,13 +367,14 @@ def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
     start = time.time()
     timings = {}
     with Tracker(cfg.logger, workdir, dataclasses.asdict(cfg), name="train_toyworld", job_type="train") as tracker:
-        images, captions = build_dataset(cfg.data, workdir, cfg.progress)
+        data = dataset_key(cfg.data)
+        images, captions = build_dataset(cfg.data, workdir, data, cfg.progress)
         timings["data_s"] = round(time.time() - start, 1)
-        vae = train_vae(cfg, images, workdir, tracker)
+        vae = train_vae(cfg, images, data, workdir, tracker)
         timings["vae_s"] = round(time.time() - start - sum(timings.values()), 1)
-        latents = encode_dataset(vae, images, workdir, cfg.vae.steps, cfg.progress, dataset_key(cfg.data))
+        latents = encode_dataset(vae, images, data, workdir, cfg.vae.steps, cfg.progress)
         scale = latent_scale(latents)
-        denoiser = train_unet(cfg, latents * scale, captions, workdir, tracker, cfg.vae.steps)
+        denoiser = train_unet(cfg, latents * scale, captions, data, workdir, tracker, cfg.vae.steps)
         timings["unet_s"] = round(time.time() - start - sum(timings.values()), 1)
         recipe = {"command": command, "seed": cfg.seed, "config": config_yaml, "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "seconds_this_run": timings, "python": sys.version.split()[0]}

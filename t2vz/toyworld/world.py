@@ -54,7 +54,8 @@ BACKGROUND_TONES = (SKY_TOP, SKY_HORIZON, CLOUD, *[t for pair in GROUND.values()
 RADIUS = (6, 13)  # object radius range in pixels (12…26 px wide)
 # Where the horizon (sky over ground) and the wall's floor line fall, as fractions of the height. The shipped model
 # was trained on these; a scene moved far up or down leaves them, and the model draws the horizon back into its band
-# (README, "Motion"); a retrain on 15–85% and 50–95% is the fix being trained.
+# (README, "Motion"). A retrain on 15–85% and 50–95% follows the asked motion but has not yet learnt the shapes
+# as well.
 HORIZON = (0.35, 0.6)
 WALL_FLOOR_LINE = (0.7, 0.85)
 TWO_OBJECTS = 0.25  # fraction of scenes with two objects

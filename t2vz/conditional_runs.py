@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .attention import CROSS_FRAME_MODES
 from .cli import DTYPES
 from .config import (
-    LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_choice, check_int, option_lines,
+    HYDRA_HELP_TAIL, LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_choice, check_int, option_lines,
 )
 from .run import Task, compiled, measure, resolve_device
 from .video_io import load_frames
@@ -277,11 +277,7 @@ Each job writes into its Hydra folder (outputs/DATE/TIME/, multirun/DATE/TIME/N/
 video_sheet.png, frames.npz, config.yaml, run.json, metrics.json; and logs them to W&B (logger.mode=offline|online|
 disabled). Bad input fails the job with one line; a sweep goes on.
 
-== Configuration groups (group=option) ==
-$APP_CONFIG_GROUPS
-== Config, with the overrides given ==
-$CONFIG
-${{hydra.help.footer}}"""
+{HYDRA_HELP_TAIL}"""
 
 
 def register() -> ConfigStore:

@@ -254,6 +254,14 @@ def option_lines(node, key_options: dict[str, str], choices: dict[str, tuple]) -
     return "\n".join(lines)
 
 
+# The end of every `--help` template: Hydra fills in the config groups, the composed config and the footer.
+HYDRA_HELP_TAIL = """== Configuration groups (group=option) ==
+$APP_CONFIG_GROUPS
+== Config, with the overrides given ==
+$CONFIG
+${hydra.help.footer}"""
+
+
 def help_template() -> str:
     """The `--help` text: what the command does, key options with defaults, examples, where outputs go."""
     options = option_lines(GenerateConfig, KEY_OPTIONS, CHOICES)
@@ -278,11 +286,7 @@ hydra.run.dir=PATH, or hydra.sweep.dir=PATH with -m): video.mp4, video.gif, vide
 ... for several videos per prompt), config.yaml (the resolved config) and run.json (versions, device, dtype, seed,
 wall time, file names).
 
-== Configuration groups (group=option) ==
-$APP_CONFIG_GROUPS
-== Config, with the overrides given ==
-$CONFIG
-${{hydra.help.footer}}"""
+{HYDRA_HELP_TAIL}"""
 
 
 def register() -> ConfigStore:

@@ -59,11 +59,11 @@ class VAETrainConfig:
 @dataclass
 class UNetTrainConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
+    attention_levels: list[bool] = field(default_factory=lambda: [True, True, True])  # 16×16, 8×8, 4×4
     layers_per_block: int = 1
     num_attention_heads: int = 4
     norm_num_groups: int = 8
-    steps: int = 8000
+    steps: int = 12000
     batch_size: int = 32
     lr: float = 5e-4
     warmup: int = 200

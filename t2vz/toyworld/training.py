@@ -271,8 +271,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], data: str, workdir: Path,
                tracker: Tracker, vae_step: int) -> Denoiser:
     """Stage 3 on scaled latents (n, 4, h, w) of the dataset named `data`, encoded by the VAE trained for
-    `vae_step` steps. Returns the EMA model
-    (fp32, eval mode). A checkpoint made on another VAE's latents is refused rather than resumed."""
+    `vae_step` steps. Returns the EMA model (fp32, eval mode). A checkpoint made on another dataset or another
+    VAE's latents is refused rather than resumed."""
     path = workdir / "unet.pt"
     torch.manual_seed(cfg.seed * 1000 + 3)
     text_cfg = text_config(cfg.text)

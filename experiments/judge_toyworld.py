@@ -3,6 +3,7 @@
     .venv/bin/python experiments/judge_toyworld.py                  # the README's numbers (model=toyworld)
     .venv/bin/python experiments/judge_toyworld.py model=models/toy-quick images_per_prompt=4
     .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 t0=25 t1=25   # motion only, warp at step 25
+    .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 t0=15 t1=15 cross_frame=off  # without Sec. 3.3
 
 1. Text faithfulness: for every held-out (colour, shape, background) combination of `world.HELD_OUT` (never in
    the training data) and as many combinations that were in it, `images_per_prompt` images from seeds the
@@ -10,7 +11,9 @@
    sees (`judge.judge_image`). Chance: 1/5 for the colour, 1/20 for both.
 2. Motion: 8-frame videos at λ = `motion_strengths` in each of `directions`; the translation between consecutive
    frames measured by phase correlation against the requested one, −λ·δ·64/512 pixels a frame
-   (`judge.requested_motion`): mean and 95th percentile of the per-frame error, per axis.
+   (`judge.requested_motion`): the mean per-frame error, per axis, and how many videos and how many frame pairs
+   are within 1 px; judge.json also has each video's error per frame pair, and their mean per pair and setting.
+   `cross_frame` is the pipeline's (`first`, the method; `off`, its ablation).
 3. Appearance consistency of the object across frames (`judge.appearance_consistency`), in the same videos.
 
 Writes `judge.json` and `judge.md` into Hydra's output folder and prints the tables.
@@ -29,7 +32,8 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import t2vz
-from t2vz.toyworld.judge import judge_image, judge_video, requested_motion
+from t2vz.attention import CROSS_FRAME_MODES
+from t2vz.toyworld.judge import judge_image, judge_video, motion_errors, requested_motion
 from t2vz.toyworld.world import BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, caption, is_held_out
 from t2vz.video_io import contact_sheet, write_image, write_text
 
@@ -49,6 +53,7 @@ class JudgeConfig:
     motion_strengths: list[float] = field(default_factory=lambda: [32.0, 64.0])
     directions: list[list[float]] = field(default_factory=lambda: [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     video_prompts: int = 4  # the first N prompts of each set (held-out and seen) also make videos
+    cross_frame: str = "first"  # the videos' cross-frame attention: "first" (the method) or "off" (its ablation)
 
 
 ConfigStore.instance().store(name="judge_toyworld", node=JudgeConfig)
@@ -68,6 +73,8 @@ def rate(values) -> float:
 @hydra.main(version_base="1.3", config_path=None, config_name="judge_toyworld")
 def main(cfg) -> None:
     cfg: JudgeConfig = OmegaConf.to_object(cfg)
+    if cfg.cross_frame not in CROSS_FRAME_MODES:  # before the text-faithfulness part, not after it
+        raise SystemExit(f"cross_frame={cfg.cross_frame!r} is not one of {', '.join(CROSS_FRAME_MODES)}")
     out = HydraConfig.get().runtime.output_dir
     pipe = t2vz.TextToVideoZero.from_pretrained(cfg.model)
     sets = {"held-out": list(HELD_OUT), "seen": seen_prompts(len(HELD_OUT))}
@@ -104,12 +111,15 @@ def main(cfg) -> None:
                 for j in range(cfg.video_seeds):
                     gen = torch.Generator().manual_seed(SEED_OFFSET + 100 * k + j)
                     frames = pipe(text, num_frames=cfg.num_frames, motion_strength=lam, direction=direction,
-                                  t0=cfg.t0, t1=cfg.t1, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                  t0=cfg.t0, t1=cfg.t1, cross_frame=cfg.cross_frame,
+                                  num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                   generator=gen, progress=False)
                     requested = requested_motion(lam, direction, *frames.shape[1:3])
                     m = judge_video(frames, text, requested)
+                    per_pair = motion_errors(frames, requested).norm(dim=1).tolist()  # frame k → k + 1, px
                     motion.append({"prompt": text, "lambda": lam, "direction": direction, "seed": j,
-                                   "requested_dy": requested[0], "requested_dx": requested[1], **m})
+                                   "requested_dy": requested[0], "requested_dx": requested[1], **m,
+                                   "motion_error_per_pair": per_pair})
                     bar.update(1)
     bar.close()
 
@@ -118,6 +128,8 @@ def main(cfg) -> None:
         return {"videos": len(rows), "motion_error_px": rate([r["motion_error"] for r in rows]),
                 "motion_error_y_px": float(err[:, 0].mean()), "motion_error_x_px": float(err[:, 1].mean()),
                 "videos_within_1px": rate([r["motion_error"] <= 1.0 for r in rows]),
+                "frame_pairs_within_1px": rate([r["motion_pairs_within_1px"] for r in rows]),
+                "motion_error_by_pair_px": np.mean([r["motion_error_per_pair"] for r in rows], axis=0).tolist(),
                 "object_iou": float(np.nanmean([r["object_iou"] for r in rows])),
                 "object_same_shape": float(np.nanmean([r["object_same_shape"] for r in rows])),
                 "text_shape_ok_frames": rate([r["text_shape_ok"] for r in rows])}
@@ -135,10 +147,12 @@ def main(cfg) -> None:
                   for name, f in faith.items()]
         lines.append("")
     lines += ["| motion (per frame, requested −λ·δ·64/512 px) | videos | mean error px | error y px | "
-              "error x px | videos within 1 px | object IoU | same shape |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "error x px | videos within 1 px | frame pairs within 1 px | object IoU | same shape |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in {**by_setting, "all": summary(motion)}.items():
         lines.append(f"| {name} | {m['videos']} | {m['motion_error_px']:.2f} | {m['motion_error_y_px']:.2f} | "
-                     f"{m['motion_error_x_px']:.2f} | {m['videos_within_1px']:.0%} | {m['object_iou']:.3f} | "
+                     f"{m['motion_error_x_px']:.2f} | {m['videos_within_1px']:.0%} | "
+                     f"{m['frame_pairs_within_1px']:.0%} | {m['object_iou']:.3f} | "
                      f"{m['object_same_shape']:.3f} |")
     table = "\n".join(lines) + "\n"
     write_text(f"{out}/judge.json", json.dumps(result, indent=2) + "\n")

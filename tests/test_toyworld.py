@@ -230,6 +230,22 @@ def test_appearance_consistency_of_a_translated_object():
         assert 25 < c["object_colour_shift"] < 45 and c["object_iou"] >= 0.9, (shape, c)
 
 
+def test_judge_video_measures_motion_per_frame_pair():
+    """judge_video's motion error on rendered frames moved by known whole-pixel shifts (circular, so that every
+    frame is all scene): near 0 and every pair within 1 px when the shift is the requested one; one wrong pair of
+    four is a quarter of the pairs off; the opposite request is off everywhere."""
+    from t2vz.toyworld.judge import judge_video
+
+    image = render(one_object_scene("blue", "square", "floor", seed=5, r=9.0, cx=30.0, cy=33.0))
+    video = lambda offsets: np.stack([np.roll(image, -o, axis=0) for o in offsets])  # noqa: E731  content moves up
+    steady = judge_video(video([0, 4, 8, 12, 16]), "a blue square on a checkered floor", (-4.0, 0.0))
+    assert steady["motion_error"] < 0.2 and steady["motion_pairs_within_1px"] == 1.0, steady
+    jump = judge_video(video([0, 4, 8, 20, 24]), "a blue square on a checkered floor", (-4.0, 0.0))
+    assert jump["motion_pairs_within_1px"] == 0.75 and abs(jump["motion_error"] - 2.0) < 0.2, jump  # 8 px / 4
+    opposite = judge_video(video([0, 4, 8, 12, 16]), "a blue square on a checkered floor", (4.0, 0.0))
+    assert opposite["motion_pairs_within_1px"] == 0.0, opposite
+
+
 def test_appearance_consistency_without_the_object():
     scene = one_object_scene("green", "square", "sand", seed=300, r=9.0)
     with_object, without = render(scene), render(Scene(scene.background, (), scene.seed))

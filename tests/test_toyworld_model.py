@@ -52,7 +52,8 @@ def test_the_shipped_model_generates_a_short_video_the_judge_can_read():
     assert 0.0 <= frames.min() and frames.max() <= 1.0 and frames.std() > 0.05  # an image, not a flat field
     metrics = judge_video(frames, "a red circle on grass", requested_motion(32, (1, 0), 64, 64))
     assert set(metrics) >= {"text_colour_ok", "text_shape_ok", "object_iou", "motion_error"}
-    assert all(0.0 <= metrics[k] <= 1.0 for k in ("text_colour_ok", "text_shape_ok", "text_all_ok"))
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("text_colour_ok", "text_shape_ok", "text_all_ok",
+                                                  "motion_pairs_within_1px"))
 
 
 @pytest.mark.parametrize("images_per_prompt", [1, 0])

@@ -196,6 +196,15 @@ def requested_motion(motion_strength: float, direction, height: int, width: int)
     return -motion_strength * dy * height / 512, -motion_strength * dx * width / 512
 
 
+def motion_errors(frames, requested: tuple[float, float]) -> torch.Tensor:
+    """(f, h, w, 3) frames (uint8 or float in [0, 1]) → (f − 1, 2) float64: the translation between consecutive
+    frames measured by phase correlation (`metrics.measured_motion`) minus the requested (dy, dx) per frame."""
+    from ..metrics import measured_motion
+
+    motion = measured_motion(torch.from_numpy(as_uint8(frames)).float() / 255.0).double()
+    return motion - torch.tensor(requested, dtype=torch.float64)
+
+
 def judge_video(frames, text: str, requested: tuple[float, float] | None = None) -> dict[str, float]:
     """The toy world's video metrics for frames (f, h, w, 3) and their caption:
 
@@ -204,10 +213,9 @@ def judge_video(frames, text: str, requested: tuple[float, float] | None = None)
     - object_iou, object_colour_shift, object_same_shape: `appearance_consistency` of that object,
     - with `requested` (dy, dx) per frame: motion_error, the mean over consecutive frame pairs of the distance
       (pixels) between the translation measured by phase correlation and the requested one; motion_error_x/_y
-      per axis (mean |difference|).
+      per axis (mean |difference|); motion_pairs_within_1px, the fraction of frame pairs whose distance is ≤ 1 px
+      (the mean hides whether a video is a little off everywhere or far off in one pair).
     """
-    from ..metrics import measured_motion
-
     frames_u8 = as_uint8(frames)
     verdicts = [judge_image(f, text) for f in frames_u8]
     colour = verdicts[0]["colour"]
@@ -216,8 +224,9 @@ def judge_video(frames, text: str, requested: tuple[float, float] | None = None)
            "text_all_ok": float(np.mean([v["all_ok"] for v in verdicts])),
            **appearance_consistency(frames_u8, colour)}
     if requested is not None and len(frames_u8) > 1:
-        motion = measured_motion(torch.from_numpy(frames_u8).float() / 255.0).double()  # (f − 1, 2) as (dy, dx)
-        diff = motion - torch.tensor(requested, dtype=torch.float64)
-        out.update(motion_error=diff.norm(dim=1).mean().item(), motion_error_y=diff[:, 0].abs().mean().item(),
-                   motion_error_x=diff[:, 1].abs().mean().item())
+        diff = motion_errors(frames_u8, requested)
+        distance = diff.norm(dim=1)
+        out.update(motion_error=distance.mean().item(), motion_error_y=diff[:, 0].abs().mean().item(),
+                   motion_error_x=diff[:, 1].abs().mean().item(),
+                   motion_pairs_within_1px=(distance <= 1.0).double().mean().item())
     return out

@@ -7,7 +7,7 @@ is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`
     prompt  model=toyworld  seed=0  device=auto  dtype=fp32
     video:   num_frames=8  height=null  width=null  chunk_size=null  num_videos_per_prompt=1
     sampler: num_inference_steps=50  guidance_scale=7.5  eta=0.0  negative_prompt=null
-    method:  motion_strength=12.0  direction=[1.0, 1.0]  t0=44  t1=47  ddpm_marginal=exact  cross_frame=first
+    method:  motion_strength=null  direction=[1.0, 1.0]  t0=null  t1=null  ddpm_marginal=exact  cross_frame=first
              motion_dynamics=true  smooth_bg=false  alpha=0.6  smoothing=paper  mask_tokens=null
     output:  fps=4.0  formats=[mp4, gif]  stem=video  progress=true
 
@@ -15,6 +15,9 @@ is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`
 `conf/` add options and experiments. Hydra checks key names and types at composition (`method.lamda=3` and
 `video.num_frames=abc` fail there); `__post_init__` checks values (`dtype=fp64`, `video.height=36`, t0 > t1) and
 runs when `to_generate_config` turns the composed config into these dataclasses, before any model is loaded.
+`method.motion_strength`, `method.t0` and `method.t1` left null are the model's own, filled in from its folder's
+`t2vz_model.json` (`fill_method_defaults`; the paper's 12, 44, 47 unless the folder sets others), so the saved
+config and the W&B run show the values the video was made with.
 """
 from __future__ import annotations
 
@@ -91,12 +94,13 @@ class SamplerConfig:
 @dataclass
 class MethodConfig:
     """Text2Video-Zero: motion dynamics in the latents (λ, δ, t0 ≤ t1) and cross-frame attention (Sec. 3.2–3.3);
-    optional background smoothing with weight α inside the mask from the `mask_tokens` words (None: all words)."""
+    optional background smoothing with weight α inside the mask from the `mask_tokens` words (None: all words).
+    λ, t0, t1 None: the model's own (`model_folder.method_defaults`; the paper's 12, 44, 47; toyworld 32, 15, 15)."""
 
-    motion_strength: float = 12.0
+    motion_strength: Optional[float] = None
     direction: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    t0: int = 44
-    t1: int = 47
+    t0: Optional[int] = None
+    t1: Optional[int] = None
     ddpm_marginal: str = "exact"
     motion_dynamics: bool = True  # False: the paper's ablation, an independent x_T per frame
     cross_frame: str = "first"
@@ -106,13 +110,15 @@ class MethodConfig:
     mask_tokens: Optional[str] = None
 
     def __post_init__(self):
-        if not math.isfinite(self.motion_strength):
+        if self.motion_strength is not None and not math.isfinite(self.motion_strength):
             raise ValueError(f"method.motion_strength={self.motion_strength!r} must be a finite number")
         if len(self.direction) != 2 or not all(math.isfinite(d) for d in self.direction):
             raise ValueError(f"method.direction={list(self.direction)!r} must be two finite numbers [dx, dy]")
-        check_int("method.t0", self.t0, 0)
-        check_int("method.t1", self.t1, 1)
-        if self.t0 > self.t1:
+        if self.t0 is not None:
+            check_int("method.t0", self.t0, 0)
+        if self.t1 is not None:
+            check_int("method.t1", self.t1, 1)
+        if self.t0 is not None and self.t1 is not None and self.t0 > self.t1:
             raise ValueError(f"method.t0={self.t0} must not exceed method.t1={self.t1} "
                              f"(t1 - t0 DDIM steps of motion; the paper uses t0=44 t1=47)")
         check_choice("method.ddpm_marginal", self.ddpm_marginal)
@@ -163,7 +169,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         check_choice("dtype", self.dtype)
-        if self.method.t1 > self.sampler.num_inference_steps - 1:
+        if self.method.t1 is not None and self.method.t1 > self.sampler.num_inference_steps - 1:
             raise ValueError(
                 f"method.t1={self.method.t1} needs more than sampler.num_inference_steps="
                 f"{self.sampler.num_inference_steps} DDIM steps: t0 < t1 count steps from the end, so t1 must be "
@@ -194,12 +200,28 @@ class ExperimentConfig(GenerateConfig):
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+def fill_method_defaults(cfg: DictConfig) -> DictConfig:
+    """Replace null `method.motion_strength`, `method.t0`, `method.t1` of a composed config, in place, by its model's
+    own (`model_folder.model_method_defaults`: read from the folder's t2vz_model.json, no weights loaded)."""
+    from .model_folder import model_method_defaults
+
+    if OmegaConf.is_missing(cfg, "model") or "method" not in cfg:
+        return cfg
+    keys = [k for k in ("motion_strength", "t0", "t1") if k in cfg.method and cfg.method[k] is None]
+    if keys:
+        own = model_method_defaults(cfg.model)
+        for key in keys:
+            cfg.method[key] = own[key]
+    return cfg
+
+
 def to_generate_config(cfg: DictConfig) -> GenerateConfig:
-    """The composed config → GenerateConfig, running every `__post_init__` check (ValueError on a bad value).
-    A missing `prompt` is a ValueError that says how to give it."""
+    """The composed config → GenerateConfig, with the model's own λ, t0, t1 where they are null
+    (`fill_method_defaults`), running every `__post_init__` check (ValueError on a bad value). A missing `prompt`
+    is a ValueError that says how to give it."""
     if OmegaConf.is_missing(cfg, "prompt"):
         raise ValueError('no prompt given; add prompt="a red circle on grass" to the command line')
-    return OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(fill_method_defaults(cfg))
 
 
 # key → what it does: `--help` lists these with their defaults and, from CHOICES, their allowed values
@@ -215,9 +237,11 @@ KEY_OPTIONS = {
     "video.num_videos_per_prompt": "videos per run: video_0.mp4, video_1.mp4, ...",
     "sampler.num_inference_steps": "DDIM steps",
     "sampler.guidance_scale": "classifier-free guidance weight",
-    "method.motion_strength": "lambda: motion per frame, in pixels of a 512x512 frame",
+    "method.motion_strength": "lambda: motion per frame, in pixels of a 512x512 frame (null: the model's own, "
+                              "12 for SD 1.5 as in the paper, 32 for toyworld)",
     "method.direction": "delta = [dx, dy], the motion's direction",
-    "method.t0": "motion is added between DDIM steps t0 < t1, counted from the end (also method.t1)",
+    "method.t0": "motion is added between DDIM steps t0 <= t1, counted from the end (also method.t1); null: the "
+                 "model's own, 44 and 47 for SD 1.5 as in the paper, 15 and 15 for toyworld",
     "method.cross_frame": "what self-attention of every frame looks at",
     "method.motion_dynamics": "false: independent noise per frame (the paper's ablation)",
     "method.smooth_bg": "background smoothing (Sec. 3.3) with weight method.alpha",
@@ -277,7 +301,7 @@ Key options, with their defaults (every key of the config below can be set with 
 {options}
 
 Examples:
-  python -m t2vz prompt="a red circle on grass" method.motion_strength=32
+  python -m t2vz prompt="a red circle on grass" method.direction=[0,1]
   python -m t2vz prompt="a horse galloping on the street" model=models/sd15
   python -m t2vz -m prompt="a panda surfing on a wave" model=models/sd15 method.motion_strength=0,12,24
 

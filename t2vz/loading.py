@@ -13,6 +13,7 @@ from .controlnet import ControlNet, ControlNetConfig
 from .model_folder import (
     CONTROLNET, ModelFolderError, read_controlnet_config, read_model_config, read_state_dict, resolve_model_path,
 )
+from .model_folder import method_defaults as folder_method_defaults
 from .text_encoder import TextEncoder, build_clip_text_model, clip_state_dict_for, load_tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -43,6 +44,12 @@ class StableDiffusion:
     def sample_size(self) -> int:
         """The image size (pixels) the model was trained at: 512 for SD 1.5, `sample_size` of its folder if set."""
         return int(self.config.get("sample_size", 512))
+
+    @property
+    def method_defaults(self) -> dict:
+        """λ (motion_strength), t0 and t1 where a call gives none: the paper's 12, 44, 47, or the model folder's
+        own "method" entry (`model_folder.method_defaults`; the toy model warps at t0 = t1 = 15 with λ = 32)."""
+        return folder_method_defaults(self.config)
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) with None replaced by the model's own size (`sample_size`)."""
@@ -96,6 +103,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     text_encoder = TextEncoder(clip, load_tokenizer(os.path.join(path, "tokenizer")))
     for module, module_dtype in ((unet, dtype), (vae, vae_dtype or vae_dtype_for(dtype)), (text_encoder, dtype)):
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
+    folder_method_defaults(meta)  # a bad "method" entry fails here, at load, not in the middle of a run
     return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta)
 
 

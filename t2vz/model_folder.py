@@ -20,6 +20,7 @@ A folder is written into a temporary sibling and renamed into place, so a crash 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,6 +40,11 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 SHIPPED_MODELS = ("toyworld",)  # model folders inside the package (t2vz/data/models/NAME), loadable by name
+
+# The paper's motion settings (Sec. 4.1: λ = 12 along δ = (1, 1), t0 = 44, t1 = 47 of 50 DDIM steps). A model folder
+# may set its own in a "method" entry of t2vz_model.json (the toy model: warped at step 15, when it follows a warp);
+# `method_defaults` merges the two, and the pipeline and `python -m t2vz` use them wherever no value is given.
+PAPER_METHOD = {"motion_strength": 12.0, "t0": 44, "t1": 47}
 
 
 def shipped_model_dir(name: str) -> Path:
@@ -191,6 +197,32 @@ def read_meta(path: str | os.PathLike, fmt: str = FORMAT) -> dict:
 def read_model_config(path: str | os.PathLike) -> dict:
     """Read and check `t2vz_model.json` of a model folder."""
     return read_meta(path, FORMAT)
+
+
+def method_defaults(meta: dict) -> dict:
+    """λ, t0 and t1 for a model folder's `t2vz_model.json` contents: its "method" entry over `PAPER_METHOD`.
+    ModelFolderError on an unknown key or a bad value (λ a finite number, 0 <= t0 <= t1 integers)."""
+    own = meta.get("method", {})
+    if not isinstance(own, dict) or set(own) - set(PAPER_METHOD):
+        raise ModelFolderError(f"the 'method' entry of {CONFIG_FILE}, {own!r}, must be an object with keys among "
+                               f"{', '.join(PAPER_METHOD)}")
+    out = {**PAPER_METHOD, **own}
+    lam, t0, t1 = out["motion_strength"], out["t0"], out["t1"]
+    ok_lam = isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam)
+    ok_t = all(isinstance(t, int) and not isinstance(t, bool) for t in (t0, t1)) and 0 <= t0 <= t1
+    if not (ok_lam and ok_t):
+        raise ModelFolderError(f"the 'method' entry of {CONFIG_FILE} gives motion_strength={lam!r}, t0={t0!r}, "
+                               f"t1={t1!r}; it needs a finite motion_strength and integers 0 <= t0 <= t1")
+    return {"motion_strength": float(lam), "t0": t0, "t1": t1}
+
+
+def model_method_defaults(model: str | os.PathLike) -> dict:
+    """`method_defaults` of a model argument (a folder or a shipped name), read without loading any weights; the
+    paper's (`PAPER_METHOD`) when the folder cannot be read or its entry is bad: loading it then says why."""
+    try:
+        return method_defaults(read_model_config(resolve_model_path(model)))
+    except ModelFolderError:
+        return dict(PAPER_METHOD)
 
 
 def read_controlnet_config(path: str | os.PathLike) -> dict:

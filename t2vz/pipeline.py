@@ -91,7 +91,7 @@ def motion_timesteps(timesteps: torch.Tensor, t0: int, t1: int) -> tuple[int, in
         if isinstance(value, bool) or int(value) != value or not 0 <= value <= n - 1:
             raise ValueError(
                 f"{name}={value} is out of range for {n} DDIM steps: t0 and t1 count steps from the end of the "
-                f"timestep list and must lie in 0..{n - 1} (defaults t0=44, t1=47 need at least 48 steps)"
+                f"timestep list and must lie in 0..{n - 1} (the paper's t0=44, t1=47 need at least 48 steps)"
             )
     if t0 > t1:
         raise ValueError(f"t0={t0} must not exceed t1={t1} (Δt = t1 − t0 DDIM steps; 0 warps at T₁ itself)")
@@ -149,10 +149,10 @@ class TextToVideoZero:
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         negative_prompt: str | Sequence[str] | None = None,
-        motion_strength: float = 12.0,
+        motion_strength: float | None = None,
         direction: Sequence[float] = (1.0, 1.0),
-        t0: int = 44,
-        t1: int = 47,
+        t0: int | None = None,
+        t1: int | None = None,
         cross_frame: str = "first",
         smooth_bg: bool = False,
         alpha: float = 0.6,
@@ -175,8 +175,9 @@ class TextToVideoZero:
 
         height, width default to the model's own size (`sd.sample_size`: 512 for SD 1.5, 64 for toyworld).
         motion_strength λ is in pixels of a 512×512 reference grid (both references' convention); direction δ is
-        (δx, δy); t0 < t1 count DDIM steps from the end (Δt = t1 − t0). `latents` (B, 4, H/8, W/8) replaces the
-        drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM step. `chunk_size` bounds memory for long
+        (δx, δy); t0 ≤ t1 count DDIM steps from the end (Δt = t1 − t0). λ, t0 and t1 left None are the model's own
+        (`sd.method_defaults`): the paper's 12, 44 and 47 unless its folder sets others (toyworld: 32, 15, 15).
+        `latents` (B, 4, H/8, W/8) replaces the drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM step. `chunk_size` bounds memory for long
         videos: frames are denoised in chunks of at most chunk_size frames, each with frame 1 prepended; with
         η = 0 and cross_frame "first" or "off" the result equals unchunked generation.
 
@@ -190,6 +191,9 @@ class TextToVideoZero:
         """
         prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
         height, width = self.sd.image_size(height, width)
+        own = self.sd.method_defaults
+        motion_strength = own["motion_strength"] if motion_strength is None else motion_strength
+        t0, t1 = (own[k] if v is None else v for k, v in (("t0", t0), ("t1", t1)))
         self.check_inputs(num_frames, height, width, motion_strength, direction, cross_frame, ddpm_marginal,
                           chunk_size)
         if smooth_bg and (smoothing not in SMOOTHING_FORMS or not 0.0 <= float(alpha) <= 1.0):

@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 
 from . import __version__
 from .cli import DTYPES
-from .config import GenerateConfig, to_generate_config
+from .config import GenerateConfig, fill_method_defaults, to_generate_config
 from .model_folder import ModelFolderError
 from .pipeline import TextToVideoZero
 from .video_io import VideoIOError, to_uint8, write_outputs, write_text
@@ -195,6 +195,7 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     record: dict = {"overrides": list(hydra_cfg.overrides.task), "status": "ok"}
+    fill_method_defaults(cfg)  # the model's own λ, t0, t1 where null, so config.yaml and W&B show what ran
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     try:
         logger = OmegaConf.to_object(cfg.logger)

@@ -91,6 +91,56 @@ def test_bad_values_fail_before_any_model_loads(override, message):
         to_generate_config(compose_generate(["prompt=p", "model=m", override]))
 
 
+def test_null_motion_settings_are_the_models_own():
+    """method.motion_strength, t0 and t1 left null take the model folder's own, before any weights load: the paper's
+    12, 44, 47 for a folder without a "method" entry (or none at all yet), toyworld's 32, 15, 15; given values win,
+    and are checked against the filled-in ones."""
+    paper = to_generate_config(compose_generate(["prompt=p", "model=models/sd15"])).method
+    assert (paper.motion_strength, paper.t0, paper.t1) == (12.0, 44, 47)
+    toy = to_generate_config(compose_generate(["prompt=p"])).method
+    assert (toy.motion_strength, toy.t0, toy.t1) == (32.0, 15, 15)
+    cfg = compose_generate(["prompt=p", "method.t0=10", "method.motion_strength=64"])
+    given = to_generate_config(cfg).method
+    assert (given.motion_strength, given.t0, given.t1) == (64.0, 10, 15)
+    assert (cfg.method.motion_strength, cfg.method.t0, cfg.method.t1) == (64.0, 10, 15)  # filled in place: config.yaml
+    with pytest.raises(ValueError, match="method.t0=20 must not exceed method.t1=15"):
+        to_generate_config(compose_generate(["prompt=p", "method.t0=20"]))
+
+
+def test_a_model_folder_sets_its_own_motion_defaults(tiny_model, tmp_path):
+    """A "method" entry in t2vz_model.json is what the pipeline uses where a call gives no λ, t0, t1 (the same video
+    as passing them); a bad entry fails at load with a message naming it."""
+    import shutil
+
+    from t2vz.model_folder import ModelFolderError, method_defaults
+
+    folder = tmp_path / "own"
+    shutil.copytree(tiny_model, folder)
+    meta_path = folder / "t2vz_model.json"
+    meta = json.loads(meta_path.read_text())
+    own = {"motion_strength": 128.0, "t0": 2, "t1": 5}  # λ = 128: one latent pixel a frame on 4×4 latents
+    meta_path.write_text(json.dumps({**meta, "method": own}))
+    pipe = TextToVideoZero.from_pretrained(folder)
+    assert pipe.sd.method_defaults == own
+
+    def video(**kwargs):
+        return pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_frames=3, height=32, width=32,
+                    num_inference_steps=10, progress=False, **kwargs)
+
+    default = video()
+    assert torch.equal(default, video(**own))
+    assert not torch.equal(default, video(**{**own, "motion_strength": 0.0}))
+    assert not torch.equal(default, video(**{**own, "t0": 3}))
+    assert method_defaults({}) == {"motion_strength": 12.0, "t0": 44, "t1": 47}
+    for bad, message in [({"lambda": 3}, "keys among motion_strength, t0, t1"),
+                         ({"t0": 9, "t1": 5}, "integers 0 <= t0 <= t1"),
+                         ({"motion_strength": float("nan")}, "finite motion_strength"),
+                         ({"t0": True}, "integers 0 <= t0 <= t1")]:
+        meta_path.write_text(json.dumps({**meta, "method": bad}))
+        with pytest.raises(ModelFolderError, match=message):
+            t2vz.load(folder)
+
+
 def test_every_option_is_a_pipeline_argument():
     """STYLE item 7: field names equal the arguments they feed, so the mapping is by name with no table."""
     params = inspect.signature(TextToVideoZero.__call__).parameters
@@ -143,7 +193,8 @@ def test_same_seed_same_video(first_run, tmp_path):
 def test_help(tmp_path):
     (proc,) = run_t2vz(["--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for text in ("prompt=", "model=", "method.motion_strength=12.0", "Examples:", "python -m t2vz prompt=",
+    for text in ("prompt=", "model=", "method.motion_strength=null", "the model's own", "Examples:",
+                 "python -m t2vz prompt=",
                  "python -m t2vz -m ", "outputs/DATE/TIME/", "fp32 | fp16 | bf16"):
         assert text in proc.stdout, text
 

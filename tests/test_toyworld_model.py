@@ -8,6 +8,7 @@ import torch
 import t2vz
 from t2vz.model_folder import SHIPPED_MODELS, read_model_config, resolve_model_path, shipped_model_dir
 from t2vz.toyworld.judge import judge_video, requested_motion
+from t2vz.toyworld.training import TOY_METHOD
 
 TOY = shipped_model_dir("toyworld")
 
@@ -26,6 +27,7 @@ def test_the_recipe_is_recorded_beside_the_weights():
     assert source["layout"] == "toyworld" and isinstance(source["seed"], int)
     assert source["command"].startswith("python experiments/train_toyworld.py")
     assert "unet:" in source["config"] and "vae:" in source["config"]  # the resolved training config
+    assert meta["method"] == TOY_METHOD  # its motion defaults, as the recipe writes them
 
 
 def test_the_weights_are_fp16_and_load_by_name_like_any_model_folder():

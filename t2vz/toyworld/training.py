@@ -338,6 +338,12 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], dat
 
 # ---- stage 4: export --------------------------------------------------------------------------------------------
 
+# The motion settings the model folder carries as its defaults (`model_folder.method_defaults`): λ = 32 is one
+# latent pixel (4 image pixels) a frame on 16×16 latents; this model lays out its scene late, and follows a warp at
+# DDIM step 15 (of 50) where at the paper's 44 → 47 it composes a new scene in every frame (README, "Motion").
+TOY_METHOD = {"motion_strength": 32.0, "t0": 15, "t1": 15}
+
+
 def fp16(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in state_dict.items()}
 
@@ -352,6 +358,7 @@ def export(cfg: TrainConfig, vae: AutoencoderKL, scale: float, denoiser: Denoise
         "source": {"layout": "toyworld", **recipe},
         "variant": "toyworld",
         "sample_size": SIZE,
+        "method": dict(TOY_METHOD),
     }
     state_dicts = {"unet": fp16(denoiser.unet.state_dict()), "vae": fp16(vae.state_dict()),
                    "text_encoder": fp16(canonical_clip_state_dict(denoiser.clip.state_dict()))}

@@ -3,7 +3,8 @@
 Layout (every state dict uses the diffusers SD 1.5 key names, which are t2vz's attribute names)::
 
     MODEL/
-      t2vz_model.json          format tag, the three model configs, where the weights came from
+      t2vz_model.json          format tag, the three model configs, where the weights came from; optionally
+                               "sample_size" and "method" (the model's own λ, t0, t1: `method_defaults`)
       unet.safetensors
       vae.safetensors
       text_encoder.safetensors CLIP text transformer, keys as CLIP checkpoints store them (text_model.*)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import t2vz
 from t2vz.attention import CROSS_FRAME_MODES
-from t2vz.toyworld.judge import judge_image, judge_video, motion_errors, requested_motion
+from t2vz.toyworld.judge import judge_image, judge_video, motion_errors, motion_scores, requested_motion
 from t2vz.toyworld.world import BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, caption, is_held_out
 from t2vz.video_io import contact_sheet, write_image, write_text
 
@@ -115,11 +115,11 @@ def main(cfg) -> None:
                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                   generator=gen, progress=False)
                     requested = requested_motion(lam, direction, *frames.shape[1:3])
-                    m = judge_video(frames, text, requested)
-                    per_pair = motion_errors(frames, requested).norm(dim=1).tolist()  # frame k → k + 1, px
+                    errors = motion_errors(frames, requested)  # (f − 1, 2), measured once for both uses
+                    m = {**judge_video(frames, text), **motion_scores(errors)}
                     motion.append({"prompt": text, "lambda": lam, "direction": direction, "seed": j,
                                    "requested_dy": requested[0], "requested_dx": requested[1], **m,
-                                   "motion_error_per_pair": per_pair})
+                                   "motion_error_per_pair": errors.norm(dim=1).tolist()})  # frame k → k + 1, px
                     bar.update(1)
     bar.close()
 

@@ -30,6 +30,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .attention import CROSS_FRAME_MODES
 from .cli import DTYPES
+from .model_folder import model_method_defaults
 from .pipeline import DDPM_MARGINALS
 from .smoothing import SMOOTHING_FORMS
 from .tracking import LoggerConfig
@@ -203,8 +204,6 @@ class ExperimentConfig(GenerateConfig):
 def fill_method_defaults(cfg: DictConfig) -> DictConfig:
     """Replace null `method.motion_strength`, `method.t0`, `method.t1` of a composed config, in place, by its model's
     own (`model_folder.model_method_defaults`: read from the folder's t2vz_model.json, no weights loaded)."""
-    from .model_folder import model_method_defaults
-
     if OmegaConf.is_missing(cfg, "model") or "method" not in cfg:
         return cfg
     keys = [k for k in ("motion_strength", "t0", "t1") if k in cfg.method and cfg.method[k] is None]

@@ -177,9 +177,10 @@ class TextToVideoZero:
         motion_strength λ is in pixels of a 512×512 reference grid (both references' convention); direction δ is
         (δx, δy); t0 ≤ t1 count DDIM steps from the end (Δt = t1 − t0). λ, t0 and t1 left None are the model's own
         (`sd.method_defaults`): the paper's 12, 44 and 47 unless its folder sets others (toyworld: 32, 15, 15).
-        `latents` (B, 4, H/8, W/8) replaces the drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM step. `chunk_size` bounds memory for long
-        videos: frames are denoised in chunks of at most chunk_size frames, each with frame 1 prepended; with
-        η = 0 and cross_frame "first" or "off" the result equals unchunked generation.
+        `latents` (B, 4, H/8, W/8) replaces the drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM
+        step. `chunk_size` bounds memory for long videos: frames are denoised in chunks of at most chunk_size
+        frames, each with frame 1 prepended; with η = 0 and cross_frame "first" or "off" the result equals
+        unchunked generation.
 
         `motion_dynamics=False` is the paper's ablation without Sec. 3.2: every frame starts from its own x_T and
         all frames are denoised from T together (with cross-frame attention unless cross_frame="off").
@@ -191,9 +192,9 @@ class TextToVideoZero:
         """
         prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
         height, width = self.sd.image_size(height, width)
-        own = self.sd.method_defaults
-        motion_strength = own["motion_strength"] if motion_strength is None else motion_strength
-        t0, t1 = (own[k] if v is None else v for k, v in (("t0", t0), ("t1", t1)))
+        own = self.sd.method_defaults  # λ, t0, t1 not given: the model's own
+        motion_strength, t0, t1 = (own[k] if v is None else v
+                                   for k, v in (("motion_strength", motion_strength), ("t0", t0), ("t1", t1)))
         self.check_inputs(num_frames, height, width, motion_strength, direction, cross_frame, ddpm_marginal,
                           chunk_size)
         if smooth_bg and (smoothing not in SMOOTHING_FORMS or not 0.0 <= float(alpha) <= 1.0):

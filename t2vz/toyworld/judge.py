@@ -205,6 +205,14 @@ def motion_errors(frames, requested: tuple[float, float]) -> torch.Tensor:
     return motion - torch.tensor(requested, dtype=torch.float64)
 
 
+def motion_scores(errors: torch.Tensor) -> dict[str, float]:
+    """`motion_errors` (f − 1, 2) → judge_video's motion metrics (see there)."""
+    distance = errors.norm(dim=1)
+    return {"motion_error": distance.mean().item(), "motion_error_y": errors[:, 0].abs().mean().item(),
+            "motion_error_x": errors[:, 1].abs().mean().item(),
+            "motion_pairs_within_1px": (distance <= 1.0).double().mean().item()}
+
+
 def judge_video(frames, text: str, requested: tuple[float, float] | None = None) -> dict[str, float]:
     """The toy world's video metrics for frames (f, h, w, 3) and their caption:
 
@@ -224,9 +232,5 @@ def judge_video(frames, text: str, requested: tuple[float, float] | None = None)
            "text_all_ok": float(np.mean([v["all_ok"] for v in verdicts])),
            **appearance_consistency(frames_u8, colour)}
     if requested is not None and len(frames_u8) > 1:
-        diff = motion_errors(frames_u8, requested)
-        distance = diff.norm(dim=1)
-        out.update(motion_error=distance.mean().item(), motion_error_y=diff[:, 0].abs().mean().item(),
-                   motion_error_x=diff[:, 1].abs().mean().item(),
-                   motion_pairs_within_1px=(distance <= 1.0).double().mean().item())
+        out.update(motion_scores(motion_errors(frames_u8, requested)))
     return out

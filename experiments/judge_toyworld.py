@@ -13,7 +13,8 @@
    frames measured by phase correlation against the requested one, −λ·δ·64/512 pixels a frame
    (`judge.requested_motion`): the mean per-frame error, per axis, and how many videos and how many frame pairs
    are within 1 px; judge.json also has each video's error per frame pair, and their mean per pair and setting.
-   `cross_frame` is the pipeline's (`first`, the method; `off`, its ablation).
+   `cross_frame` is the pipeline's (`first`, the method; `off`, its ablation); `cross_frame_levels=[0]` keeps
+   it to the UNet's finest level (16×16 on the toy model), an ablation of where it acts.
 3. Appearance consistency of the object across frames (`judge.appearance_consistency`), in the same videos.
 
 Writes `judge.json` and `judge.md` into Hydra's output folder and prints the tables.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Optional
 
 import hydra
 import numpy as np
@@ -33,6 +35,7 @@ from tqdm.auto import tqdm
 
 import t2vz
 from t2vz.attention import CROSS_FRAME_MODES
+from t2vz.pipeline import check_cross_frame_levels
 from t2vz.toyworld.judge import judge_image, judge_video, motion_errors, motion_scores, requested_motion
 from t2vz.toyworld.world import BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, caption, is_held_out
 from t2vz.video_io import contact_sheet, write_image, write_text
@@ -54,6 +57,7 @@ class JudgeConfig:
     directions: list[list[float]] = field(default_factory=lambda: [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     video_prompts: int = 4  # the first N prompts of each set (held-out and seen) also make videos
     cross_frame: str = "first"  # the videos' cross-frame attention: "first" (the method) or "off" (its ablation)
+    cross_frame_levels: Optional[list[int]] = None  # only these UNet levels mix frames (an ablation); None: all
 
 
 ConfigStore.instance().store(name="judge_toyworld", node=JudgeConfig)
@@ -77,6 +81,10 @@ def main(cfg) -> None:
         raise SystemExit(f"cross_frame={cfg.cross_frame!r} is not one of {', '.join(CROSS_FRAME_MODES)}")
     out = HydraConfig.get().runtime.output_dir
     pipe = t2vz.TextToVideoZero.from_pretrained(cfg.model)
+    try:
+        check_cross_frame_levels(cfg.cross_frame_levels, cfg.cross_frame, len(pipe.sd.unet.config.block_out_channels))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     sets = {"held-out": list(HELD_OUT), "seen": seen_prompts(len(HELD_OUT))}
 
     # 1. text faithfulness
@@ -112,6 +120,7 @@ def main(cfg) -> None:
                     gen = torch.Generator().manual_seed(SEED_OFFSET + 100 * k + j)
                     frames = pipe(text, num_frames=cfg.num_frames, motion_strength=lam, direction=direction,
                                   t0=cfg.t0, t1=cfg.t1, cross_frame=cfg.cross_frame,
+                                  cross_frame_levels=cfg.cross_frame_levels,
                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                   generator=gen, progress=False)
                     requested = requested_motion(lam, direction, *frames.shape[1:3])

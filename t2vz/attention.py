@@ -24,16 +24,41 @@ class CrossFrame:
       first           every frame attends to the first frame's keys and values (the paper)
       first+previous  to the first and the previous frame's (Tune-A-Video's sparse-causal attention)
       off             ordinary per-frame self-attention
+    `levels` (an ablation, not the paper): the UNet levels whose self-attention mixes frames, 0 the full latent
+    resolution, 1 half of it, and so on (the mid block is at the deepest level); the others keep per-frame
+    self-attention. None: every level, as in the paper.
     """
 
     num_frames: int
     mode: str = "first"
+    levels: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.mode not in CROSS_FRAME_MODES:
             raise ValueError(f"cross_frame mode {self.mode!r} is not one of {CROSS_FRAME_MODES}")
         if int(self.num_frames) < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
+        if self.levels is not None:
+            object.__setattr__(self, "levels", check_levels(self.levels))
+
+    def at_level(self, level: int) -> CrossFrame | None:
+        """The cross-frame attention of UNet level `level`: this one, or None (per-frame) if `levels` leaves it out."""
+        return self if self.levels is None or level in self.levels else None
+
+
+def check_levels(levels) -> tuple[int, ...]:
+    """`levels` as a sorted tuple of distinct integers >= 0, or ValueError naming it."""
+    values = list(levels)
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values) \
+            or len(set(values)) != len(values):
+        raise ValueError(f"cross_frame_levels={values!r} must be distinct UNet levels (integers >= 0; 0 is the full "
+                         f"latent resolution), or None (null in a config) for every level, the paper")
+    return tuple(sorted(values))
+
+
+def at_level(cross_frame: CrossFrame | None, level: int) -> CrossFrame | None:
+    """`cross_frame.at_level(level)`, None staying None (the UNet without cross-frame attention)."""
+    return None if cross_frame is None else cross_frame.at_level(level)
 
 
 class Attention(nn.Module):

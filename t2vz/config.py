@@ -8,7 +8,8 @@ is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`
     video:   num_frames=8  height=null  width=null  chunk_size=null  num_videos_per_prompt=1
     sampler: num_inference_steps=50  guidance_scale=7.5  eta=0.0  negative_prompt=null
     method:  motion_strength=null  direction=[1.0, 1.0]  t0=null  t1=null  ddpm_marginal=exact  cross_frame=first
-             motion_dynamics=true  smooth_bg=false  alpha=0.6  smoothing=paper  mask_tokens=null
+             cross_frame_levels=null  motion_dynamics=true  smooth_bg=false  alpha=0.6  smoothing=paper
+             mask_tokens=null
     output:  fps=4.0  formats=[mp4, gif]  stem=video  progress=true
 
 `video`, `sampler`, `method` and `output` are config groups with one option each, `default`; YAML files in
@@ -28,7 +29,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .attention import CROSS_FRAME_MODES
+from .attention import CROSS_FRAME_MODES, check_levels
 from .cli import DTYPES
 from .model_folder import model_method_defaults
 from .pipeline import DDPM_MARGINALS
@@ -105,6 +106,7 @@ class MethodConfig:
     ddpm_marginal: str = "exact"
     motion_dynamics: bool = True  # False: the paper's ablation, an independent x_T per frame
     cross_frame: str = "first"
+    cross_frame_levels: Optional[list[int]] = None  # an ablation: UNet levels with cross-frame attention; None: all
     smooth_bg: bool = False
     alpha: float = 0.6
     smoothing: str = "paper"
@@ -124,6 +126,14 @@ class MethodConfig:
                              f"(t1 - t0 DDIM steps of motion; the paper uses t0=44 t1=47)")
         check_choice("method.ddpm_marginal", self.ddpm_marginal)
         check_choice("method.cross_frame", self.cross_frame)
+        if self.cross_frame_levels is not None:
+            try:
+                check_levels(self.cross_frame_levels)
+            except ValueError as error:
+                raise ValueError(f"method.{error}") from None
+            if self.cross_frame == "off":
+                raise ValueError(f"method.cross_frame_levels={list(self.cross_frame_levels)} needs cross-frame "
+                                 f"attention; with method.cross_frame=off leave it null")
         check_choice("method.smoothing", self.smoothing)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"method.alpha={self.alpha!r} must lie in [0, 1]")
@@ -242,6 +252,8 @@ KEY_OPTIONS = {
     "method.t0": "motion is added between DDIM steps t0 <= t1, counted from the end (also method.t1); null: the "
                  "model's own, 44 and 47 for SD 1.5 as in the paper, 15 and 15 for toyworld",
     "method.cross_frame": "what self-attention of every frame looks at",
+    "method.cross_frame_levels": "an ablation: only these UNet levels (0: full latent resolution) mix frames, "
+                                 "e.g. [0]; null: every level, the paper",
     "method.motion_dynamics": "false: independent noise per frame (the paper's ablation)",
     "method.smooth_bg": "background smoothing (Sec. 3.3) with weight method.alpha",
     "method.smoothing": "paper: every step; authors: once, at T1",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from .attention import CROSS_FRAME_MODES, CrossFrame
+from .attention import CROSS_FRAME_MODES, CrossFrame, check_levels
 from .loading import StableDiffusion, load
 from .motion import translation_path, warp_latents
 from .schedulers import DDIM, DDPM, draw_noise
@@ -63,6 +63,20 @@ def video_prompts(prompt: str | Sequence[str], negative_prompt: str | Sequence[s
         raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
     prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
     return prompts, None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
+
+
+def check_cross_frame_levels(levels: Sequence[int] | None, cross_frame: str, depth: int) -> None:
+    """ValueError unless `levels` is None or distinct levels of a UNet with `depth` levels, with cross-frame
+    attention on (`cross_frame` not "off")."""
+    if levels is None:
+        return
+    levels = check_levels(levels)
+    if cross_frame == "off":
+        raise ValueError(f"cross_frame_levels={list(levels)} needs cross-frame attention, but cross_frame='off'; "
+                         f"leave cross_frame_levels None")
+    if levels[-1] >= depth:
+        raise ValueError(f"cross_frame_levels={list(levels)}: this UNet has levels 0..{depth - 1} "
+                         f"(0 is the full latent resolution, {depth - 1} the deepest, with the mid block)")
 
 
 def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) -> None:
@@ -154,6 +168,7 @@ class TextToVideoZero:
         t0: int | None = None,
         t1: int | None = None,
         cross_frame: str = "first",
+        cross_frame_levels: Sequence[int] | None = None,
         smooth_bg: bool = False,
         alpha: float = 0.6,
         ddpm_marginal: str = "exact",
@@ -180,7 +195,8 @@ class TextToVideoZero:
         `latents` (B, 4, H/8, W/8) replaces the drawn x_T¹. `callback(i, t, x)` sees the latents after every DDIM
         step. `chunk_size` bounds memory for long videos: frames are denoised in chunks of at most chunk_size
         frames, each with frame 1 prepended; with η = 0 and cross_frame "first" or "off" the result equals
-        unchunked generation.
+        unchunked generation. `cross_frame_levels` (an ablation; None, every level, is the paper) limits
+        cross-frame attention to those UNet levels, 0 the full latent resolution (`attention.CrossFrame`).
 
         `motion_dynamics=False` is the paper's ablation without Sec. 3.2: every frame starts from its own x_T and
         all frames are denoised from T together (with cross-frame attention unless cross_frame="off").
@@ -196,7 +212,7 @@ class TextToVideoZero:
         motion_strength, t0, t1 = (own[k] if v is None else v
                                    for k, v in (("motion_strength", motion_strength), ("t0", t0), ("t1", t1)))
         self.check_inputs(num_frames, height, width, motion_strength, direction, cross_frame, ddpm_marginal,
-                          chunk_size)
+                          chunk_size, cross_frame_levels)
         if smooth_bg and (smoothing not in SMOOTHING_FORMS or not 0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"smoothing={smoothing!r} must be one of {SMOOTHING_FORMS} and alpha={alpha} in [0, 1]")
         sd, f = self.sd, int(num_frames)
@@ -225,7 +241,8 @@ class TextToVideoZero:
             start = scheduler.timesteps
         chunks = self.chunks(f, chunk_size)
         denoise = dict(scheduler=scheduler, timesteps=start, context=context,
-                       guidance_scale=guidance_scale, generator=generator, cross_frame=cross_frame, progress=progress)
+                       guidance_scale=guidance_scale, generator=generator, cross_frame=cross_frame,
+                       cross_frame_levels=cross_frame_levels, progress=progress)
         foreground = None
         if smooth_bg:
             h, w = shape[-2:]
@@ -249,12 +266,14 @@ class TextToVideoZero:
         return video[0] if video.shape[0] == 1 else video
 
     def denoise_frames(self, x_T1: torch.Tensor, scheduler, timesteps, context, guidance_scale, generator,
-                       cross_frame: str, progress: bool, step_callback=None) -> torch.Tensor:
+                       cross_frame: str, progress: bool, step_callback=None,
+                       cross_frame_levels: Sequence[int] | None = None) -> torch.Tensor:
         """Step 5: DDIM from T₁ to 0 on all frames of a chunk with cross-frame attention: (b, c, f, h, w) at T₁ →
         ((b f), c, h, w) at 0."""
         f = x_T1.shape[2]  # the f frames of a video share its text context: one row per video, not per frame
+        attention = CrossFrame(f, cross_frame, None if cross_frame_levels is None else tuple(cross_frame_levels))
         return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, context, guidance_scale, generator,
-                            CrossFrame(f, cross_frame), step_callback, "DDIM (all frames)", progress)
+                            attention, step_callback, "DDIM (all frames)", progress)
 
     def attention_masks(self, x_T1, chunks, positions, denoise) -> torch.Tensor:
         """Foreground masks (b, f, h, w) from a denoising pass that records cross-attention to the subject tokens."""
@@ -323,7 +342,7 @@ class TextToVideoZero:
         ]
 
     def check_inputs(self, num_frames, height, width, motion_strength, direction, cross_frame, ddpm_marginal,
-                     chunk_size) -> None:
+                     chunk_size, cross_frame_levels=None) -> None:
         if isinstance(num_frames, bool) or int(num_frames) != num_frames or num_frames < 1:
             raise ValueError(f"num_frames={num_frames} must be an integer >= 1")
         check_size(height, width, self.sd.vae.downsample_factor)
@@ -336,3 +355,4 @@ class TextToVideoZero:
         if ddpm_marginal not in DDPM_MARGINALS:
             raise ValueError(f"ddpm_marginal={ddpm_marginal!r} is not one of {DDPM_MARGINALS}")
         check_chunking(chunk_size, cross_frame, num_frames)
+        check_cross_frame_levels(cross_frame_levels, cross_frame, len(self.sd.unet.config.block_out_channels))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossFrame, Transformer2D
+from .attention import CrossFrame, Transformer2D, at_level
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
@@ -174,10 +174,10 @@ def run_encoder(module: nn.Module, x: torch.Tensor, temb: torch.Tensor, context:
     """The down blocks and mid block of an `add_encoder` module on x = conv_in's output (n, c0, h, w) →
     (the mid block's output, the skips in encoder order, x first)."""
     skips = [x]
-    for block in module.down_blocks:
-        x, block_skips = block(x, temb, context, cross_frame)
+    for level, block in enumerate(module.down_blocks):
+        x, block_skips = block(x, temb, context, at_level(cross_frame, level))
         skips += block_skips
-    return module.mid_block(x, temb, context, cross_frame), skips
+    return module.mid_block(x, temb, context, at_level(cross_frame, len(module.down_blocks) - 1)), skips
 
 
 class UNet(nn.Module):
@@ -216,7 +216,8 @@ class UNet(nn.Module):
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar timestep, context (n, 77, 768) → ε (n, c_out, h, w).
 
         With `cross_frame`, n = videos · frames, frames folded video-major (`(b f) c h w`), and every `attn1`
-        becomes cross-frame attention (T2V-Zero Eq. 8). Any h, w: upsampling matches each skip's size.
+        becomes cross-frame attention (T2V-Zero Eq. 8), or only those of the levels in `cross_frame.levels`.
+        Any h, w: upsampling matches each skip's size.
         `context` may also hold one row per group of n / len(context) consecutive rows (one per video, shared by
         its frames): the text keys and values are then projected once per video (`Attention.text_attention`).
 
@@ -237,6 +238,6 @@ class UNet(nn.Module):
             skips = [skip + residual for skip, residual in zip(skips, down_residuals)]  # (n, c, h_i, w_i) each
         if mid_residual is not None:
             x = x + mid_residual
-        for block in self.up_blocks:
-            x = block(x, skips, temb, context, cross_frame)
+        for i, block in enumerate(self.up_blocks):
+            x = block(x, skips, temb, context, at_level(cross_frame, len(self.up_blocks) - 1 - i))
         return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -71,6 +71,11 @@ def test_bad_modes():
         CrossFrame(4, "last")
     with pytest.raises(ValueError, match="num_frames must be >= 1, got 0"):
         CrossFrame(0)
+    for levels in ([], [-1], [0, 0], [0.5], [True]):
+        with pytest.raises(ValueError, match="must be distinct UNet levels"):
+            CrossFrame(4, levels=levels)
+    assert CrossFrame(4, levels=[2, 0]).levels == (0, 2)
+    assert CrossFrame(4, levels=[2, 0]).at_level(1) is None and CrossFrame(4).at_level(1) == CrossFrame(4)
 
 
 def test_batch_must_hold_whole_videos(attn):

@@ -82,13 +82,15 @@ def test_config_composes_and_checks_keys_and_types():
     ("method.cross_frame=last", "method.cross_frame='last'"),
     ("method.ddpm_marginal=approx", "method.ddpm_marginal='approx'"),
     ("method.smoothing=blur", "method.smoothing='blur'"),
+    ("method.cross_frame_levels=[1,1]", "method.cross_frame_levels=[1, 1] must be distinct UNet levels"),
+    ("method.cross_frame_levels=[0] method.cross_frame=off", "method.cross_frame_levels=[0] needs cross-frame"),
     ("output.formats=[mp4,avi]", "output.formats='avi'"),
     ("video.width=100", "video.width=100 must be a positive multiple of 8"),
     ("method.t1=50", "method.t1=50 needs more than sampler.num_inference_steps=50"),
 ])
 def test_bad_values_fail_before_any_model_loads(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        to_generate_config(compose_generate(["prompt=p", "model=m", override]))
+        to_generate_config(compose_generate(["prompt=p", "model=m", *override.split()]))
 
 
 def test_null_motion_settings_are_the_models_own():

@@ -113,6 +113,9 @@ def test_chunked_equals_unchunked(tiny):
         (dict(cross_frame="all"), "cross_frame='all' is not one of"),
         (dict(ddpm_marginal="approx"), "ddpm_marginal='approx'"),
         (dict(chunk_size=1), "chunk_size=1 must be an integer >= 2"),
+        (dict(cross_frame_levels=[0, 2]), r"cross_frame_levels=\[0, 2\]: this UNet has levels 0..1"),
+        (dict(cross_frame_levels=[0], cross_frame="off"), "needs cross-frame attention, but cross_frame='off'"),
+        (dict(cross_frame_levels=[]), r"cross_frame_levels=\[\] must be distinct UNet levels"),
     ],
 )
 def test_bad_input_names_the_value(tiny, kwargs, match):

@@ -81,6 +81,42 @@ def test_context_per_video_matches_diffusers_with_context_per_frame(tiny):
         ours(x, 500, torch.randn(4, 77, TINY_UNET.cross_attention_dim))
 
 
+@pytest.mark.parametrize("levels", [(0,), (1,)])
+@torch.no_grad()
+def test_cross_frame_levels_match_diffusers_with_processors_by_level(tiny, levels):
+    """`CrossFrame(levels=...)` (an ablation) gives frame 1's keys and values to the self-attention of those UNet
+    levels only: diffusers' UNet with its cross-frame processor on exactly those `attn1` layers (TINY_UNET: level 0
+    has the transformers of down_blocks.0 and up_blocks.1, level 1 only the mid block's) and plain attention
+    elsewhere."""
+    import sys
+
+    from diffusers import TextToVideoZeroPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from t2vz.attention import CrossFrame
+
+    ref, ours = tiny
+    CrossFrameAttnProcessor2_0 = sys.modules[TextToVideoZeroPipeline.__module__].CrossFrameAttnProcessor2_0
+    level_of = {"down_blocks.0": 0, "up_blocks.1": 0, "mid_block": 1}  # the tiny UNet's transformers by level
+    original = ref.attn_processors
+    chosen = [name for name in original if name.endswith("attn1.processor")
+              and level_of[".".join(name.split(".")[:2]) if not name.startswith("mid") else "mid_block"] in levels]
+    assert chosen  # the parametrised levels each have self-attention layers
+    ref.set_attn_processor({name: CrossFrameAttnProcessor2_0(batch_size=2) if name in chosen else AttnProcessor2_0()
+                            for name in original})
+    f, x = 3, torch.randn(2 * 3, 4, 8, 8)
+    context = torch.randn(2, 77, TINY_UNET.cross_attention_dim)
+    try:
+        expected = ref(x, 500, context.repeat_interleave(f, dim=0)).sample
+    finally:
+        ref.set_attn_processor(original)
+    got = ours(x, 500, context, cross_frame=CrossFrame(f, levels=levels))
+    assert_parity(got, expected)
+    everywhere, nowhere = ours(x, 500, context, cross_frame=CrossFrame(f)), ours(x, 500, context)
+    assert not torch.allclose(got, everywhere, atol=1e-4) and not torch.allclose(got, nowhere, atol=1e-4)
+    assert torch.equal(ours(x, 500, context, cross_frame=CrossFrame(f, levels=[1, 0])), everywhere)  # all = None
+
+
 def test_unet_compiles_as_one_graph(tiny):
     """`torch.compile` of the UNet (benchmark.py compile=true, python -m t2vz compile=true) traces the whole forward,
     cross-frame attention and the shared text context included, without graph breaks (each would fall back to

@@ -34,8 +34,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import t2vz
-from t2vz.attention import CROSS_FRAME_MODES
-from t2vz.pipeline import check_cross_frame_levels
+from t2vz.attention import CROSS_FRAME_MODES, check_cross_frame_levels
 from t2vz.toyworld.judge import judge_image, judge_video, motion_errors, motion_scores, requested_motion
 from t2vz.toyworld.world import BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, caption, is_held_out
 from t2vz.video_io import contact_sheet, write_image, write_text

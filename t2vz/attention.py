@@ -41,24 +41,38 @@ class CrossFrame:
         if self.levels is not None:
             object.__setattr__(self, "levels", check_levels(self.levels))
 
-    def at_level(self, level: int) -> CrossFrame | None:
-        """The cross-frame attention of UNet level `level`: this one, or None (per-frame) if `levels` leaves it out."""
-        return self if self.levels is None or level in self.levels else None
+
+def at_level(cross_frame: CrossFrame | None, level: int) -> CrossFrame | None:
+    """The cross-frame attention of UNet level `level`: `cross_frame`, or None (per-frame self-attention) where it
+    is None or its `levels` leave the level out."""
+    if cross_frame is None or cross_frame.levels is None or level in cross_frame.levels:
+        return cross_frame
+    return None
 
 
-def check_levels(levels) -> tuple[int, ...]:
-    """`levels` as a sorted tuple of distinct integers >= 0, or ValueError naming it."""
+def check_levels(levels, prefix: str = "") -> tuple[int, ...]:
+    """`levels` as a sorted tuple of distinct integers >= 0, or ValueError naming it (`prefix`: its config
+    section, "method." for `python -m t2vz`)."""
     values = list(levels)
     if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values) \
             or len(set(values)) != len(values):
-        raise ValueError(f"cross_frame_levels={values!r} must be distinct UNet levels (integers >= 0; 0 is the full "
-                         f"latent resolution), or None (null in a config) for every level, the paper")
+        raise ValueError(f"{prefix}cross_frame_levels={values!r} must be distinct UNet levels (integers >= 0; 0 is "
+                         f"the full latent resolution), or None (null in a config) for every level, the paper")
     return tuple(sorted(values))
 
 
-def at_level(cross_frame: CrossFrame | None, level: int) -> CrossFrame | None:
-    """`cross_frame.at_level(level)`, None staying None (the UNet without cross-frame attention)."""
-    return None if cross_frame is None else cross_frame.at_level(level)
+def check_cross_frame_levels(levels, cross_frame: str, depth: int | None = None, prefix: str = "") -> None:
+    """ValueError unless `levels` is None, or distinct levels (of a UNet with `depth` levels, when given) with
+    cross-frame attention on (`cross_frame` not "off"). `prefix` as in `check_levels`."""
+    if levels is None:
+        return
+    levels = check_levels(levels, prefix)
+    if cross_frame == "off":
+        raise ValueError(f"{prefix}cross_frame_levels={list(levels)} needs cross-frame attention, but "
+                         f"{prefix}cross_frame='off'; leave {prefix}cross_frame_levels unset")
+    if depth is not None and levels[-1] >= depth:
+        raise ValueError(f"{prefix}cross_frame_levels={list(levels)}: this UNet has levels 0..{depth - 1} "
+                         f"(0 is the full latent resolution, {depth - 1} the deepest, with the mid block)")
 
 
 class Attention(nn.Module):

@@ -29,7 +29,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .attention import CROSS_FRAME_MODES, check_levels
+from .attention import CROSS_FRAME_MODES, check_cross_frame_levels
 from .cli import DTYPES
 from .model_folder import model_method_defaults
 from .pipeline import DDPM_MARGINALS
@@ -126,14 +126,7 @@ class MethodConfig:
                              f"(t1 - t0 DDIM steps of motion; the paper uses t0=44 t1=47)")
         check_choice("method.ddpm_marginal", self.ddpm_marginal)
         check_choice("method.cross_frame", self.cross_frame)
-        if self.cross_frame_levels is not None:
-            try:
-                check_levels(self.cross_frame_levels)
-            except ValueError as error:
-                raise ValueError(f"method.{error}") from None
-            if self.cross_frame == "off":
-                raise ValueError(f"method.cross_frame_levels={list(self.cross_frame_levels)} needs cross-frame "
-                                 f"attention; with method.cross_frame=off leave it null")
+        check_cross_frame_levels(self.cross_frame_levels, self.cross_frame, prefix="method.")
         check_choice("method.smoothing", self.smoothing)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"method.alpha={self.alpha!r} must lie in [0, 1]")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from .attention import CROSS_FRAME_MODES, CrossFrame, check_levels
+from .attention import CROSS_FRAME_MODES, CrossFrame, check_cross_frame_levels
 from .loading import StableDiffusion, load
 from .motion import translation_path, warp_latents
 from .schedulers import DDIM, DDPM, draw_noise
@@ -63,20 +63,6 @@ def video_prompts(prompt: str | Sequence[str], negative_prompt: str | Sequence[s
         raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
     prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
     return prompts, None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
-
-
-def check_cross_frame_levels(levels: Sequence[int] | None, cross_frame: str, depth: int) -> None:
-    """ValueError unless `levels` is None or distinct levels of a UNet with `depth` levels, with cross-frame
-    attention on (`cross_frame` not "off")."""
-    if levels is None:
-        return
-    levels = check_levels(levels)
-    if cross_frame == "off":
-        raise ValueError(f"cross_frame_levels={list(levels)} needs cross-frame attention, but cross_frame='off'; "
-                         f"leave cross_frame_levels None")
-    if levels[-1] >= depth:
-        raise ValueError(f"cross_frame_levels={list(levels)}: this UNet has levels 0..{depth - 1} "
-                         f"(0 is the full latent resolution, {depth - 1} the deepest, with the mid block)")
 
 
 def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) -> None:
@@ -271,7 +257,7 @@ class TextToVideoZero:
         """Step 5: DDIM from T₁ to 0 on all frames of a chunk with cross-frame attention: (b, c, f, h, w) at T₁ →
         ((b f), c, h, w) at 0."""
         f = x_T1.shape[2]  # the f frames of a video share its text context: one row per video, not per frame
-        attention = CrossFrame(f, cross_frame, None if cross_frame_levels is None else tuple(cross_frame_levels))
+        attention = CrossFrame(f, cross_frame, cross_frame_levels)
         return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, context, guidance_scale, generator,
                             attention, step_callback, "DDIM (all frames)", progress)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import assert_parity, perturb_
 from einops import rearrange
 
-from t2vz.attention import Attention, CrossFrame
+from t2vz.attention import Attention, CrossFrame, at_level
 
 
 def explicit(attn: Attention, x: torch.Tensor, f: int, anchors) -> torch.Tensor:
@@ -75,7 +75,7 @@ def test_bad_modes():
         with pytest.raises(ValueError, match="must be distinct UNet levels"):
             CrossFrame(4, levels=levels)
     assert CrossFrame(4, levels=[2, 0]).levels == (0, 2)
-    assert CrossFrame(4, levels=[2, 0]).at_level(1) is None and CrossFrame(4).at_level(1) == CrossFrame(4)
+    assert at_level(CrossFrame(4, levels=[2, 0]), 1) is None and at_level(CrossFrame(4), 1) == CrossFrame(4)
 
 
 def test_batch_must_hold_whole_videos(attn):

@@ -13,8 +13,8 @@
    frames measured by phase correlation against the requested one, −λ·δ·64/512 pixels a frame
    (`judge.requested_motion`): the mean per-frame error, per axis, and how many videos and how many frame pairs
    are within 1 px; judge.json also has each video's error per frame pair, and their mean per pair and setting.
-   `cross_frame` is the pipeline's (`first`, the method; `off`, its ablation); `cross_frame_levels=[0]` keeps
-   it to the UNet's finest level (16×16 on the toy model), an ablation of where it acts.
+   `cross_frame` is the pipeline's (`first`, the method; `off`, its ablation); `cross_frame_levels=[1]` keeps
+   it to one UNet level (8×8 on the toy model, whose 16×16 level has no attention), an ablation of where it acts.
 3. Appearance consistency of the object across frames (`judge.appearance_consistency`), in the same videos.
 
 Writes `judge.json` and `judge.md` into Hydra's output folder and prints the tables.
@@ -81,7 +81,7 @@ def main(cfg) -> None:
     out = HydraConfig.get().runtime.output_dir
     pipe = t2vz.TextToVideoZero.from_pretrained(cfg.model)
     try:
-        check_cross_frame_levels(cfg.cross_frame_levels, cfg.cross_frame, len(pipe.sd.unet.config.block_out_channels))
+        check_cross_frame_levels(cfg.cross_frame_levels, cfg.cross_frame, pipe.sd.unet.config.attention_levels)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     sets = {"held-out": list(HELD_OUT), "seen": seen_prompts(len(HELD_OUT))}

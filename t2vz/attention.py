@@ -61,18 +61,27 @@ def check_levels(levels, prefix: str = "") -> tuple[int, ...]:
     return tuple(sorted(values))
 
 
-def check_cross_frame_levels(levels, cross_frame: str, depth: int | None = None, prefix: str = "") -> None:
-    """ValueError unless `levels` is None, or distinct levels (of a UNet with `depth` levels, when given) with
-    cross-frame attention on (`cross_frame` not "off"). `prefix` as in `check_levels`."""
+def check_cross_frame_levels(levels, cross_frame: str, attention_levels: tuple[bool, ...] | None = None,
+                             prefix: str = "") -> None:
+    """ValueError unless `levels` is None, or distinct levels with cross-frame attention on (`cross_frame` not
+    "off"), each of which has self-attention in a UNet with these `attention_levels` (when given; the deepest level
+    always has it, through the mid block). `prefix` as in `check_levels`."""
     if levels is None:
         return
     levels = check_levels(levels, prefix)
     if cross_frame == "off":
         raise ValueError(f"{prefix}cross_frame_levels={list(levels)} needs cross-frame attention, but "
                          f"{prefix}cross_frame='off'; leave {prefix}cross_frame_levels unset")
-    if depth is not None and levels[-1] >= depth:
+    if attention_levels is None:
+        return
+    depth = len(attention_levels)
+    if levels[-1] >= depth:
         raise ValueError(f"{prefix}cross_frame_levels={list(levels)}: this UNet has levels 0..{depth - 1} "
                          f"(0 is the full latent resolution, {depth - 1} the deepest, with the mid block)")
+    attended = [i for i in range(depth) if attention_levels[i] or i == depth - 1]
+    if any(i not in attended for i in levels):
+        raise ValueError(f"{prefix}cross_frame_levels={list(levels)}: this UNet has self-attention only at levels "
+                         f"{attended}, so cross-frame attention could not act at the others; choose among those")
 
 
 class Attention(nn.Module):

@@ -341,4 +341,4 @@ class TextToVideoZero:
         if ddpm_marginal not in DDPM_MARGINALS:
             raise ValueError(f"ddpm_marginal={ddpm_marginal!r} is not one of {DDPM_MARGINALS}")
         check_chunking(chunk_size, cross_frame, num_frames)
-        check_cross_frame_levels(cross_frame_levels, cross_frame, len(self.sd.unet.config.block_out_channels))
+        check_cross_frame_levels(cross_frame_levels, cross_frame, self.sd.unet.config.attention_levels)

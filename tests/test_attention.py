@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import assert_parity, perturb_
 from einops import rearrange
 
-from t2vz.attention import Attention, CrossFrame, at_level
+from t2vz.attention import Attention, CrossFrame, at_level, check_cross_frame_levels
 
 
 def explicit(attn: Attention, x: torch.Tensor, f: int, anchors) -> torch.Tensor:
@@ -94,3 +94,16 @@ def test_shared_text_context_equals_repeated_context():
     assert not torch.allclose(per_row[:3], per_row[3:]), "the two videos' contexts must matter"
     with pytest.raises(ValueError, match="cannot share 4 text contexts"):
         attn(x, context=torch.randn(4, 7, 24))
+
+
+def test_cross_frame_levels_must_have_self_attention():
+    """A level without transformer blocks (the toy model's 16×16) would make the ablation a silent no-op; the
+    deepest level always counts, through the mid block."""
+    toy = (False, True, True)
+    with pytest.raises(ValueError, match=r"cross_frame_levels=\[0\]: this UNet has self-attention only at levels \[1, 2\]"):
+        check_cross_frame_levels([0], "first", toy)
+    with pytest.raises(ValueError, match=r"this UNet has levels 0..2"):
+        check_cross_frame_levels([3], "first", toy)
+    check_cross_frame_levels([1, 2], "first", toy)
+    check_cross_frame_levels([1], "first", (False, False))  # the mid block's
+    check_cross_frame_levels([0], "first")  # no UNet given: only the level list and the mode are checked

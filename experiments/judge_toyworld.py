@@ -3,7 +3,7 @@
     .venv/bin/python experiments/judge_toyworld.py                  # the README's numbers (model=toyworld)
     .venv/bin/python experiments/judge_toyworld.py model=models/toy-quick images_per_prompt=4
     .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 t0=25 t1=25   # motion only, warp at step 25
-    .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 t0=15 t1=15 cross_frame=off  # without Sec. 3.3
+    .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 cross_frame=off  # without Sec. 3.3's attention
 
 1. Text faithfulness: for every held-out (colour, shape, background) combination of `world.HELD_OUT` (never in
    the training data) and as many combinations that were in it, `images_per_prompt` images from seeds the
@@ -48,8 +48,8 @@ class JudgeConfig:
     images_per_prompt: int = 8
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    t0: int = 44  # the paper's Δt = t1 − t0 = 3 of 50 DDIM steps
-    t1: int = 47
+    t0: Optional[int] = None  # None: the model's own (toyworld 8, 8; the paper's 44, 47 for SD 1.5 folders)
+    t1: Optional[int] = None
     video_seeds: int = 2  # videos per (prompt, λ, δ)
     num_frames: int = 8
     motion_strengths: list[float] = field(default_factory=lambda: [32.0, 64.0])
@@ -84,6 +84,8 @@ def main(cfg) -> None:
         check_cross_frame_levels(cfg.cross_frame_levels, cfg.cross_frame, pipe.sd.unet.config.attention_levels)
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    own = pipe.sd.method_defaults
+    cfg.t0, cfg.t1 = (own["t0"] if cfg.t0 is None else cfg.t0), (own["t1"] if cfg.t1 is None else cfg.t1)  # recorded
     sets = {"held-out": list(HELD_OUT), "seen": seen_prompts(len(HELD_OUT))}
 
     # 1. text faithfulness

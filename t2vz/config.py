@@ -97,7 +97,7 @@ class SamplerConfig:
 class MethodConfig:
     """Text2Video-Zero: motion dynamics in the latents (λ, δ, t0 ≤ t1) and cross-frame attention (Sec. 3.2–3.3);
     optional background smoothing with weight α inside the mask from the `mask_tokens` words (None: all words).
-    λ, t0, t1 None: the model's own (`model_folder.method_defaults`; the paper's 12, 44, 47; toyworld 32, 15, 15)."""
+    λ, t0, t1 None: the model's own (`model_folder.method_defaults`; the paper's 12, 44, 47; toyworld 32, 8, 8)."""
 
     motion_strength: Optional[float] = None
     direction: list[float] = field(default_factory=lambda: [1.0, 1.0])

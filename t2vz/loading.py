@@ -48,7 +48,7 @@ class StableDiffusion:
     @property
     def method_defaults(self) -> dict:
         """λ (motion_strength), t0 and t1 where a call gives none: the paper's 12, 44, 47, or the model folder's
-        own "method" entry (`model_folder.method_defaults`; the toy model warps at t0 = t1 = 15 with λ = 32)."""
+        own "method" entry (`model_folder.method_defaults`; the toy model warps at t0 = t1 = 8 with λ = 32)."""
         return folder_method_defaults(self.config)
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:

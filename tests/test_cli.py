@@ -95,17 +95,17 @@ def test_bad_values_fail_before_any_model_loads(override, message):
 
 def test_null_motion_settings_are_the_models_own():
     """method.motion_strength, t0 and t1 left null take the model folder's own, before any weights load: the paper's
-    12, 44, 47 for a folder without a "method" entry (or none at all yet), toyworld's 32, 15, 15; given values win,
+    12, 44, 47 for a folder without a "method" entry (or none at all yet), toyworld's 32, 8, 8; given values win,
     and are checked against the filled-in ones."""
     paper = to_generate_config(compose_generate(["prompt=p", "model=models/sd15"])).method
     assert (paper.motion_strength, paper.t0, paper.t1) == (12.0, 44, 47)
     toy = to_generate_config(compose_generate(["prompt=p"])).method
-    assert (toy.motion_strength, toy.t0, toy.t1) == (32.0, 15, 15)
-    cfg = compose_generate(["prompt=p", "method.t0=10", "method.motion_strength=64"])
+    assert (toy.motion_strength, toy.t0, toy.t1) == (32.0, 8, 8)
+    cfg = compose_generate(["prompt=p", "method.t0=5", "method.motion_strength=64"])
     given = to_generate_config(cfg).method
-    assert (given.motion_strength, given.t0, given.t1) == (64.0, 10, 15)
-    assert (cfg.method.motion_strength, cfg.method.t0, cfg.method.t1) == (64.0, 10, 15)  # filled in place: config.yaml
-    with pytest.raises(ValueError, match="method.t0=20 must not exceed method.t1=15"):
+    assert (given.motion_strength, given.t0, given.t1) == (64.0, 5, 8)
+    assert (cfg.method.motion_strength, cfg.method.t0, cfg.method.t1) == (64.0, 5, 8)  # filled in place: config.yaml
+    with pytest.raises(ValueError, match="method.t0=20 must not exceed method.t1=8"):
         to_generate_config(compose_generate(["prompt=p", "method.t0=20"]))
 
 

@@ -48,13 +48,53 @@ def test_the_exported_folder_is_a_t2vz_model_with_its_recipe(tmp_path):
     assert image.shape == (64, 64, 3) and torch.isfinite(image).all()
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path):
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A run killed right after a checkpoint (inside the VAE stage, then inside the UNet's), re-run with the same
+    command, ends with exactly the weights of an unbroken run: the learning-rate schedule, batches and noise go on
+    where they stopped."""
+    from t2vz.toyworld import training
+
     whole = train(tiny(tmp_path, "whole"), "cmd", "")
-    for vae_steps, unet_steps in ((2, 0), (4, 2), (4, 4)):  # stopped inside the VAE stage, then inside the UNet's
-        resumed = train(tiny(tmp_path, "broken", vae_steps, unet_steps), "cmd", "")
+    real_save = training.save_atomic
+
+    def killed_after(stage: str, step: int):
+        def save(obj, path):
+            real_save(obj, path)
+            if path.stem == stage and obj["step"] == step:
+                raise KeyboardInterrupt(f"killed after {stage} step {step}")
+        return save
+
+    for stage, step in (("vae", 2), ("unet", 2)):
+        monkeypatch.setattr(training, "save_atomic", killed_after(stage, step))
+        with pytest.raises(KeyboardInterrupt, match=f"{stage} step {step}"):
+            train(tiny(tmp_path, "broken"), "cmd", "")
+    monkeypatch.setattr(training, "save_atomic", real_save)
+    resumed = train(tiny(tmp_path, "broken"), "cmd", "")
     for name in ("unet", "vae", "text_encoder"):
         a, b = load_file(str(whole / f"{name}.safetensors")), load_file(str(resumed / f"{name}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
+    from t2vz.toyworld.training import lr_at
+
+    lrs = [lr_at(step, 1e-3, 10, 110) for step in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # warm-up: (step + 1) / 10 of the peak
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(0.5e-3) and lrs[110] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # never rises after the warm-up
+
+
+def test_min_snr_weights_the_clean_timesteps_down_and_leaves_the_noisy_ones_at_one():
+    from t2vz.schedulers.noise_schedule import scaled_linear_alphas_cumprod
+    from t2vz.toyworld.training import min_snr_weight
+
+    alphas_cumprod = scaled_linear_alphas_cumprod()[2]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    w = min_snr_weight(alphas_cumprod, 5.0)
+    assert torch.equal(w[snr <= 5], torch.ones_like(w[snr <= 5]))
+    torch.testing.assert_close(w[snr > 5], 5 / snr[snr > 5])
+    assert 0 < w[0] < 0.01 and w[-1] == 1  # t = 0 (SNR ≈ 1175) counts ~0.4%; the noisiest t counts fully
+    assert torch.equal(min_snr_weight(alphas_cumprod, 0.0), torch.ones_like(alphas_cumprod))
 
 
 def test_a_unet_checkpoint_on_another_vae_is_refused(tmp_path):

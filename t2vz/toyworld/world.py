@@ -57,7 +57,11 @@ RADIUS = (6, 13)  # object radius range in pixels (12…26 px wide)
 # with the horizon only between 35% and 60% drew the horizon back into that band when asked to move down
 # (README, "Motion").
 HORIZON = (0.15, 0.85)
-WALL_FLOOR_LINE = (0.5, 0.95)
+WALL_FLOOR_LINE = (0.3, 0.95)
+# The sky's gradient runs from SKY_HORIZON at the horizon to SKY_TOP this many pixels above it, wherever the horizon
+# is (as a real sky's colour depends on the height above the horizon, not on the image row), so that a scene moved
+# up or down keeps a sky of its world. A gradient pinned to the image's top row changed under a vertical warp.
+SKY_DEPTH = 48
 TWO_OBJECTS = 0.25  # fraction of scenes with two objects
 
 # (colour, shape, background) combinations never shown in training: the judge's held-out prompts. Fixed here so
@@ -207,7 +211,7 @@ def _background(kind: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarra
     if kind in GROUND:
         horizon = rng.uniform(*HORIZON) * SIZE
         top, low = SNOW_SKY if kind == "snow" else (SKY_TOP, SKY_HORIZON)
-        img = _vertical_gradient(y, 0, horizon, top, low)
+        img = _vertical_gradient(y, horizon - SKY_DEPTH, horizon, top, low)
         _ellipses(img, rng, x, y, rng.integers(1, 4), (5, 11), (2, 4), CLOUD, 3, horizon - 4)
         ground, patch = GROUND[kind]
         below = y >= horizon

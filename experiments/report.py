@@ -4,7 +4,8 @@
     python experiments/report.py sweeps/lambda --out reports/lambda
 
 Writes report.csv/.md (one row per job), report_by_setting.csv/.md (mean and std per setting over seeds and
-prompts), plot_{metric}_vs_{key}.png and frames_by_setting.png, and prints each path. A folder without job
+prompts), report_paired.csv/.md (each setting against the sweep's first value, paired on seed and prompt: mean
+difference ± standard error), plot_{metric}_vs_{key}.png and frames_by_setting.png, and prints each path. A folder without job
 results: an error message and exit status 2.
 """
 from __future__ import annotations

@@ -8,6 +8,11 @@ Reads every job folder with `t2vz.tracking.collect_jobs` and writes (atomically,
 - `report_by_setting.csv` / `.md`: one row per setting (the swept keys other than seed and prompt), with
   n_jobs, n_ok and `{metric}_mean` / `{metric}_std` over that setting's ok jobs (failed jobs are counted, never
   averaged); std is the sample standard deviation (ddof=1), empty when fewer than two values;
+- `report_paired.csv` / `.md`: each setting key's values against its baseline (the value of the sweep's first
+  job), the other settings held fixed, paired job by job on everything else swept (seed, prompt): per metric the
+  mean difference value − baseline, its standard error (std of the differences / √n_pairs), and in how many
+  pairs it is higher and lower. Pairing removes what the seed and prompt contribute to both jobs, which the
+  per-setting stds include;
 - `plot_{metric}_vs_{key}.png` per swept key and metric: mean ± std over ok jobs per value of the key, a line
   plot for a numeric key, a bar chart for a boolean / string key (drawn with Pillow's ImageDraw);
 - `frames_by_setting.png`: per setting one row, its label and the first, middle and last frame of its first ok job.
@@ -142,6 +147,44 @@ def _cell(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def paired_differences(rows: list[dict[str, Any]], keys: list[str], swept: list[str],
+                       metrics: list[str]) -> list[dict[str, Any]]:
+    """Per setting key, value and metric: value − baseline over pairs of ok jobs that agree on every other swept
+    key (see the module docstring). The baseline is the key's value in the first ok job. A job whose partner
+    failed, or whose other swept values occur twice on one side (no unique partner), is left out of the pairs."""
+    ok = [row for row in rows if row.get("status") == "ok"]
+    out = []
+    for key in keys:
+        values = list({_ident(row.get(key)): row.get(key) for row in ok}.values())  # in order of first appearance
+        if len(values) < 2:
+            continue
+        fixed = [k for k in keys if k != key]
+        match = [k for k in swept if k != key and k not in fixed]
+
+        def unique(group: list[dict[str, Any]], value: Any) -> dict[tuple, dict[str, Any]]:
+            side: dict[tuple, list] = {}
+            for row in group:
+                if _ident(row.get(key)) == _ident(value):
+                    side.setdefault(tuple(_ident(row.get(k)) for k in match), []).append(row)
+            return {m: rs[0] for m, rs in side.items() if len(rs) == 1}
+
+        for fixed_values, group in group_rows(ok, fixed):
+            base = unique(group, values[0])
+            for value in values[1:]:
+                pairs = [(base[m], row) for m, row in unique(group, value).items() if m in base]
+                for metric in metrics:
+                    d = np.array([r[metric] - b[metric] for b, r in pairs
+                                  if _finite(b.get(metric)) and _finite(r.get(metric))], dtype=np.float64)
+                    if not len(d):
+                        continue
+                    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+                    out.append({"key": key, "value": value, "baseline": values[0],
+                                "fixed": setting_text(fixed, fixed_values) if fixed else "",
+                                "metric": metric, "n_pairs": len(d), "diff_mean": float(d.mean()),
+                                "diff_se": _cell(se), "n_higher": int((d > 0).sum()), "n_lower": int((d < 0).sum())})
+    return out
+
+
 # ---- tables -------------------------------------------------------------------------------------------------
 
 def _fmt(value: Any) -> str:
@@ -161,8 +204,9 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(out_dir: Path, stem: str, rows: list[dict[str, Any]]) -> list[Path]:
-    columns = write_summary_csv(out_dir / f"{stem}.csv", rows)
+def write_table(out_dir: Path, stem: str, rows: list[dict[str, Any]],
+                last: tuple[str, ...] = ("status", "error")) -> list[Path]:
+    columns = write_summary_csv(out_dir / f"{stem}.csv", rows, last)
     write_text(out_dir / f"{stem}.md", markdown_table(rows, columns))
     return [out_dir / f"{stem}.csv", out_dir / f"{stem}.md"]
 
@@ -350,6 +394,9 @@ def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None
                  **{k: v for k, v in r.items() if k not in overrides and k != "job"}} for r in rows]
     paths = write_table(out_dir, "report", job_rows)
     paths += write_table(out_dir, "report_by_setting", by_setting(rows, keys, metrics))
+    paired = paired_differences(rows, keys, swept, metrics)
+    if paired:
+        paths += write_table(out_dir, "report_paired", paired, last=())
     paths += write_plots(out_dir, rows, keys, metrics)
     paths.append(_save(out_dir / "frames_by_setting.png", frames_sheet(sweep_dir, rows, keys)))
     return paths

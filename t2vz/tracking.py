@@ -209,9 +209,10 @@ def collect_jobs(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary_csv(path: Path, rows: list[dict[str, Any]]) -> list[str]:
-    """`rows` as CSV at `path`, written atomically (empty cells for keys a row lacks). Returns the columns."""
-    columns = [*dict.fromkeys(k for row in rows for k in row if k not in ("status", "error")), "status", "error"]
+def write_summary_csv(path: Path, rows: list[dict[str, Any]], last: tuple[str, ...] = ("status", "error")) -> list[str]:
+    """`rows` as CSV at `path`, written atomically (empty cells for keys a row lacks), the columns `last` at the
+    end (always there: a job table shows its status column even when every job is ok). Returns the columns."""
+    columns = [*dict.fromkeys(k for row in rows for k in row if k not in last), *last]
     writer = csv.DictWriter(text := io.StringIO(), columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)

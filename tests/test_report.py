@@ -121,10 +121,52 @@ def test_string_and_boolean_keys_get_bar_charts(tmp_path):
     bar = np.asarray(Image.open(tmp_path / "out" / "plot_warp_error_vs_method.cross_frame.png").convert("RGB"))
     assert bar.shape == (PLOT_SIZE[1], PLOT_SIZE[0], 3)
     assert (bar == (31, 119, 180)).all(-1).sum() > 2000  # filled bars, not a thin line
-    assert not list(sweep.glob("plot_*")) and len(paths) == 2 + 2 + 2 + 1
+    assert not list(sweep.glob("plot_*")) and len(paths) == 2 + 2 + 2 + 2 + 1  # tables, paired, plots, sheet
     sweep = make_multirun(tmp_path / "dynamics", "method.motion_dynamics", (True, False, True))
     write_report(sweep)
     assert (sweep / "plot_clip_score_vs_method.motion_dynamics.png").is_file()
+
+
+def ablation_metric(cross_frame: str, dynamics: bool, seed: int, prompt: str) -> float:
+    """A colour shift whose seed and prompt move both settings alike (large), with a cross-frame effect that
+    depends on motion dynamics and the seed (small): what pairing is for."""
+    effect = {True: (-0.3, 0.1, -0.5, -0.1), False: (0.2, -0.4, 0.6, 0.0)}[dynamics][seed]
+    return 5.0 + 3.0 * seed + (2.0 if prompt == "b" else 0.0) + (effect if cross_frame == "off" else 0.0)
+
+
+def test_paired_differences_match_jobs_on_seed_and_prompt(tmp_path):
+    sweep = tmp_path / "ablation"
+    grid = [(cf, md, seed, prompt) for md in (True, False) for cf in ("first", "off") for seed in range(4)
+            for prompt in ("a", "b")]
+    failed = grid.index(("off", True, 2, "b"))  # its partner (first, True, 2, b) stays unpaired
+    for job, (cf, md, seed, prompt) in enumerate(grid):
+        (sweep / str(job)).mkdir(parents=True)
+        overrides = [f"method.cross_frame={cf}", f"method.motion_dynamics={str(md).lower()}", f"seed={seed}",
+                     f"prompt={prompt}"]
+        record = ({"overrides": overrides, "status": "failed", "error": "boom"} if job == failed else
+                  {"overrides": overrides, "status": "ok", "colour_shift": ablation_metric(cf, md, seed, prompt)})
+        (sweep / str(job) / "metrics.json").write_text(json.dumps(record))
+    assert sweep / "report_paired.csv" in write_report(sweep)
+    rows = list(csv.DictReader((sweep / "report_paired.csv").open()))
+    assert list(rows[0]) == ["key", "value", "baseline", "fixed", "metric", "n_pairs", "diff_mean", "diff_se",
+                             "n_higher", "n_lower"]
+    cross = {r["fixed"]: r for r in rows if r["key"] == "method.cross_frame"}
+    for md, row in ((True, cross["method.motion_dynamics=True"]), (False, cross["method.motion_dynamics=False"])):
+        expected = [ablation_metric("off", md, s, p) - ablation_metric("first", md, s, p)
+                    for s in range(4) for p in ("a", "b") if not (md and (s, p) == (2, "b"))]
+        assert (row["value"], row["baseline"], row["metric"]) == ("off", "first", "colour_shift")
+        assert int(row["n_pairs"]) == len(expected) == (7 if md else 8)
+        assert float(row["diff_mean"]) == pytest.approx(np.mean(expected), abs=1e-12)
+        assert float(row["diff_se"]) == pytest.approx(np.std(expected, ddof=1) / np.sqrt(len(expected)), abs=1e-12)
+        assert (int(row["n_higher"]), int(row["n_lower"])) == (sum(d > 1e-9 for d in expected),
+                                                               sum(d < -1e-9 for d in expected))
+    # the per-setting std carries the seed's and prompt's spread (about 3.5), the pairs only the effect's
+    by_setting = list(csv.DictReader((sweep / "report_by_setting.csv").open()))
+    assert min(float(r["colour_shift_std"]) for r in by_setting) > 3.0 > 10 * float(cross["method.motion_dynamics=True"]["diff_se"])
+    dynamics = [r for r in rows if r["key"] == "method.motion_dynamics"]
+    assert [(r["value"], r["baseline"], r["fixed"]) for r in dynamics] == [
+        ("False", "True", "method.cross_frame=first"), ("False", "True", "method.cross_frame=off")]
+    assert "| key | value | baseline |" in (sweep / "report_paired.md").read_text()
 
 
 def test_a_folder_without_jobs_is_a_clear_error(tmp_path):

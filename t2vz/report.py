@@ -177,11 +177,11 @@ def paired_differences(rows: list[dict[str, Any]], keys: list[str], swept: list[
                                   if _finite(b.get(metric)) and _finite(r.get(metric))], dtype=np.float64)
                     if not len(d):
                         continue
-                    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+                    mean, std, n = mean_std(d)
                     out.append({"key": key, "value": value, "baseline": values[0],
                                 "fixed": setting_text(fixed, fixed_values) if fixed else "",
-                                "metric": metric, "n_pairs": len(d), "diff_mean": float(d.mean()),
-                                "diff_se": _cell(se), "n_higher": int((d > 0).sum()), "n_lower": int((d < 0).sum())})
+                                "metric": metric, "n_pairs": n, "diff_mean": mean,
+                                "diff_se": _cell(std / math.sqrt(n)), "n_higher": int((d > 0).sum()), "n_lower": int((d < 0).sum())})
     return out
 
 

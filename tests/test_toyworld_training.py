@@ -13,19 +13,20 @@ import torch
 from safetensors.torch import load_file
 
 import t2vz
-from t2vz.toyworld.training import DataConfig, TextTrainConfig, TrainConfig, UNetTrainConfig, VAETrainConfig, train
+from t2vz.toyworld.training import (DataConfig, GrowConfig, TextTrainConfig, TrainConfig, UNetTrainConfig,
+                                    VAETrainConfig, train)
 from t2vz.tracking import LoggerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny(tmp: Path, name: str, vae_steps: int = 4, unet_steps: int = 4) -> TrainConfig:
+def tiny(tmp: Path, name: str, vae_steps: int = 4, unet_steps: int = 4, grow_steps: int = 0) -> TrainConfig:
     return TrainConfig(
         workdir=str(tmp / name / "work"), out=str(tmp / name / "model"), checkpoint_every=2, progress=False,
         data=DataConfig(num_images=48), logger=LoggerConfig(enabled=False),
         vae=VAETrainConfig(block_out_channels=[8, 8, 8], steps=vae_steps, batch_size=4),
         unet=UNetTrainConfig(block_out_channels=[8, 16, 16], num_attention_heads=2, steps=unet_steps, batch_size=4,
-                             warmup=2),
+                             warmup=2, grow=GrowConfig(levels=[True, False, False], steps=grow_steps, warmup=1)),
         text=TextTrainConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
 
 
@@ -49,12 +50,12 @@ def test_the_exported_folder_is_a_t2vz_model_with_its_recipe(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    """A run killed right after a checkpoint (inside the VAE stage, then inside the UNet's), re-run with the same
-    command, ends with exactly the weights of an unbroken run: the learning-rate schedule, batches and noise go on
-    where they stopped."""
+    """A run killed right after a checkpoint (inside the VAE stage, then inside the UNet's, then inside the
+    attention growth), re-run with the same command, ends with exactly the weights of an unbroken run: the
+    learning-rate schedule, batches and noise go on where they stopped."""
     from t2vz.toyworld import training
 
-    whole = train(tiny(tmp_path, "whole"), "cmd", "")
+    whole = train(tiny(tmp_path, "whole", grow_steps=4), "cmd", "")
     real_save = training.save_atomic
 
     def killed_after(stage: str, step: int):
@@ -64,15 +65,44 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
                 raise KeyboardInterrupt(f"killed after {stage} step {step}")
         return save
 
-    for stage, step in (("vae", 2), ("unet", 2)):
+    for stage, step in (("vae", 2), ("unet", 2), ("unet_grown", 2)):
         monkeypatch.setattr(training, "save_atomic", killed_after(stage, step))
         with pytest.raises(KeyboardInterrupt, match=f"{stage} step {step}"):
-            train(tiny(tmp_path, "broken"), "cmd", "")
+            train(tiny(tmp_path, "broken", grow_steps=4), "cmd", "")
     monkeypatch.setattr(training, "save_atomic", real_save)
-    resumed = train(tiny(tmp_path, "broken"), "cmd", "")
+    resumed = train(tiny(tmp_path, "broken", grow_steps=4), "cmd", "")
     for name in ("unet", "vae", "text_encoder"):
         a, b = load_file(str(whole / f"{name}.safetensors")), load_file(str(resumed / f"{name}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_growing_attention_starts_from_the_trained_unet_and_ships_the_grown_one(tmp_path):
+    """Stage 3b adds transformer blocks at 16×16 with zeroed output projections, so before its first step the grown
+    model predicts exactly what stage 3's did; the exported folder has the grown UNet."""
+    from t2vz.text_encoder import build_clip_text_model
+    from t2vz.toyworld.training import Denoiser, grow_from, grown_levels, text_config, unet_config
+    from t2vz.unet import UNet
+
+    cfg = tiny(tmp_path, "g", grow_steps=2)
+    assert grown_levels(cfg.unet) == [True, True, True] and grown_levels(tiny(tmp_path, "n").unet) == [False, True, True]
+    text_cfg = text_config(cfg.text)
+    torch.manual_seed(0)
+    trained = Denoiser(UNet(unet_config(cfg.unet, 16)), build_clip_text_model(text_cfg)).eval()
+    grown = Denoiser(UNet(unet_config(cfg.unet, 16, grown_levels(cfg.unet))), build_clip_text_model(text_cfg)).eval()
+    assert grow_from(grown, trained) == ["unet.down_blocks.0.attentions.0", "unet.up_blocks.2.attentions.0",
+                                         "unet.up_blocks.2.attentions.1"]
+    x, t, ids = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randint(0, 49408, (2, 77))
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, ids), trained(x, t, ids))
+    with pytest.raises(ValueError, match="may only add attention levels"):
+        grow_from(trained, grown)
+
+    out = train(cfg, "cmd", "")
+    assert list(t2vz.load(out).config["unet"]["attention_levels"]) == [True, True, True]
+    assert any(k.startswith("down_blocks.0.attentions.0.") for k in load_file(str(out / "unet.safetensors")))
+    longer = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, steps=6))
+    with pytest.raises(ValueError, match="delete .*unet_grown.pt"):
+        train(longer, "cmd", "")
 
 
 def test_the_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():

@@ -7,6 +7,10 @@
               t, τ(y))‖² (Ho et al. 2020, Eq. 14; LDM Eq. 2), with the caption replaced by "" with probability
               `unet.caption_dropout` so that one network gives both branches of classifier-free guidance
               (Ho & Salimans 2022); an exponential moving average of the weights is what ships
+    3b. grow  optional (`unet.grow.steps` > 0; the shipped recipe has none): add transformer blocks at the levels
+              `unet.grow.levels` marks, their output projections zeroed so that the model starts as stage 3
+              ended, and train every weight on (an experiment: attention at 16×16 for the last steps only,
+              README, "How the recipe got here")
     4. export the EMA weights as fp16 safetensors in a t2vz model folder (`model_folder.write_model_folder`, the
               same format `weights_convert` writes for SD 1.5), with the command and seed that made them
 
@@ -35,6 +39,7 @@ from ..schedulers.noise_schedule import scaled_linear_alphas_cumprod
 from ..text_encoder import MAX_TOKENS, build_clip_text_model, canonical_clip_state_dict, load_tokenizer
 from ..text_encoder import shipped_tokenizer_dir
 from ..tracking import LoggerConfig, Tracker
+from ..attention import Transformer2D
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
 from .world import SIZE, render, scene_for_index
@@ -58,6 +63,18 @@ class VAETrainConfig:
 
 
 @dataclass
+class GrowConfig:
+    """Stage 3b: after `unet.steps`, give the UNet transformer blocks at the levels `levels` marks (those it lacks),
+    their output projections zero-initialised so the grown model starts as the stage-3 EMA model ended, and train
+    every weight `steps` more steps. 0 steps: no growth, the UNet keeps `unet.attention_levels`."""
+
+    levels: list[bool] = field(default_factory=lambda: [False, False, False])  # 16×16, 8×8, 4×4
+    steps: int = 0
+    lr: float = 2e-4  # peak; linear warm-up over `warmup` steps, then cosine decay to 0
+    warmup: int = 50
+
+
+@dataclass
 class UNetTrainConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     # Transformer blocks at 8×8 and 4×4, none at 16×16: there they took 44% of a training step (0.43 against
@@ -73,6 +90,7 @@ class UNetTrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     snr_gamma: float = 5.0  # Min-SNR-γ loss weight min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 weighs every t as 1
+    grow: GrowConfig = field(default_factory=GrowConfig)
 
 
 @dataclass
@@ -113,8 +131,20 @@ def vae_config(cfg: VAETrainConfig, scaling_factor: float = 1.0) -> VAEConfig:
                      norm_num_groups=cfg.norm_num_groups, scaling_factor=scaling_factor)
 
 
-def unet_config(cfg: UNetTrainConfig, context_dim: int) -> UNetConfig:
-    return UNetConfig(block_out_channels=tuple(cfg.block_out_channels), attention_levels=tuple(cfg.attention_levels),
+def grown_levels(cfg: UNetTrainConfig) -> list[bool]:
+    """The attention levels after stage 3b: stage 3's, plus those `grow.levels` adds when it trains any steps."""
+    if len(cfg.grow.levels) != len(cfg.attention_levels):
+        raise ValueError(f"unet.grow.levels {cfg.grow.levels} needs one entry per level of unet.attention_levels "
+                         f"{cfg.attention_levels}")
+    if cfg.grow.steps <= 0:
+        return list(cfg.attention_levels)
+    return [a or g for a, g in zip(cfg.attention_levels, cfg.grow.levels)]
+
+
+def unet_config(cfg: UNetTrainConfig, context_dim: int, levels: list[bool] | None = None) -> UNetConfig:
+    """The UNet of stage 3 (or with attention at `levels`; `grown_levels` gives the shipped one)."""
+    levels = cfg.attention_levels if levels is None else levels
+    return UNetConfig(block_out_channels=tuple(cfg.block_out_channels), attention_levels=tuple(levels),
                       layers_per_block=cfg.layers_per_block, num_attention_heads=cfg.num_attention_heads,
                       cross_attention_dim=context_dim, norm_num_groups=cfg.norm_num_groups)
 
@@ -285,17 +315,47 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1.0 - decay)
 
 
+def grow_from(model: Denoiser, start: Denoiser) -> list[str]:
+    """Load `start`'s weights into `model`, which has transformer blocks `start` lacks (stage 3b), and zero those
+    blocks' output projections: each is then the identity (Transformer2D adds its output to its input), so the
+    grown model computes what `start` did. Returns the names of the new blocks."""
+    missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"the grown UNet has no place for {len(unexpected)} of the trained weights, e.g. "
+                         f"{unexpected[0]!r}: grow.levels may only add attention levels")
+    new = [name for name, module in model.named_modules() if isinstance(module, Transformer2D)
+           and any(key.startswith(name + ".") for key in missing)]
+    unexplained = [key for key in missing if not any(key.startswith(name + ".") for name in new)]
+    if unexplained:
+        raise ValueError(f"weights missing outside the new transformer blocks, e.g. {unexplained[0]!r}")
+    with torch.no_grad():
+        for name in new:
+            proj_out = model.get_submodule(name).proj_out
+            proj_out.weight.zero_()
+            proj_out.bias.zero_()
+    return new
+
+
 def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], data: str, workdir: Path,
-               tracker: Tracker, vae_step: int) -> Denoiser:
+               tracker: Tracker, vae_step: int, start: Denoiser | None = None) -> Denoiser:
     """Stage 3 on scaled latents (n, 4, h, w) of the dataset named `data`, encoded by the VAE trained for
-    `vae_step` steps. Returns the EMA model (fp32, eval mode). A checkpoint made on another dataset or another
-    VAE's latents is refused rather than resumed."""
-    path = workdir / "unet.pt"
-    torch.manual_seed(cfg.seed * 1000 + 3)
+    `vae_step` steps; or, given `start` (stage 3's EMA model), stage 3b: `start` grown to `grown_levels` and
+    trained `unet.grow.steps` more. Returns the EMA model (fp32, eval mode). A checkpoint made on another dataset
+    or another VAE's latents is refused rather than resumed."""
+    grow = start is not None
+    if grow:
+        path, levels, name = workdir / "unet_grown.pt", grown_levels(cfg.unet), "growing the UNet's attention"
+        steps, peak, warmup, seed = cfg.unet.grow.steps, cfg.unet.grow.lr, cfg.unet.grow.warmup, cfg.seed * 1000 + 5
+    else:
+        path, levels, name = workdir / "unet.pt", cfg.unet.attention_levels, "training the UNet + text encoder"
+        steps, peak, warmup, seed = cfg.unet.steps, cfg.unet.lr, cfg.unet.warmup, cfg.seed * 1000 + 3
+    torch.manual_seed(seed)
     text_cfg = text_config(cfg.text)
-    model = Denoiser(UNet(unet_config(cfg.unet, text_cfg["hidden_size"])), build_clip_text_model(text_cfg))
+    model = Denoiser(UNet(unet_config(cfg.unet, text_cfg["hidden_size"], levels)), build_clip_text_model(text_cfg))
+    if grow:
+        grow_from(model, start)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet.lr, weight_decay=0.0, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0, fused=True)
     step = 0
     state = load_checkpoint(path)
     if state is not None:
@@ -303,6 +363,9 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], dat
         if state.get("vae_step", vae_step) != vae_step:
             raise ValueError(f"{path} was trained on the latents of the VAE after {state['vae_step']} steps, but the "
                              f"VAE now has {vae_step}; delete {path} to train the UNet again on the new latents")
+        if grow and state.get("start_step") != cfg.unet.steps:
+            raise ValueError(f"{path} grew the UNet of stage 3 after {state.get('start_step')} steps, but stage 3 "
+                             f"now has {cfg.unet.steps}; delete {path} to grow it again")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -313,7 +376,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], dat
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     alphas_cumprod = scaled_linear_alphas_cumprod()[2]
     weights = min_snr_weight(alphas_cumprod, cfg.unet.snr_gamma)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + 4)
+    gen = torch.Generator().manual_seed(seed + 1)
     b = cfg.unet.batch_size
 
     def draw():
@@ -326,9 +389,9 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], dat
 
     for _ in range(step):
         draw()
-    bar = tqdm(total=cfg.unet.steps, initial=step, desc="training the UNet + text encoder", disable=not cfg.progress)
+    bar = tqdm(total=steps, initial=step, desc=name, disable=not cfg.progress)
     model.train()
-    while step < cfg.unet.steps:
+    while step < steps:
         idx, drop, t, eps = draw()
         z0 = latents[idx]
         batch_ids = torch.where(drop[:, None], empty, ids[idx])
@@ -337,7 +400,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], dat
         per_sample = (model(x_t, t, batch_ids) - eps).pow(2).mean(dim=(1, 2, 3))
         loss = (weights[t] * per_sample).mean()  # ‖ε − ε_θ‖², weighted by Min-SNR-γ
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.unet.lr, cfg.unet.warmup, cfg.unet.steps)
+            g["lr"] = lr_at(step, peak, warmup, steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -347,10 +410,12 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], dat
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 50 == 0:
-            tracker.log_metrics({"unet/loss": loss.item(), "unet/step": step})
-        if step % cfg.checkpoint_every == 0 or step == cfg.unet.steps:
+            prefix = "unet_grow" if grow else "unet"
+            tracker.log_metrics({f"{prefix}/loss": loss.item(), f"{prefix}/step": step})
+        if step % cfg.checkpoint_every == 0 or step == steps:
             save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step, "vae_step": vae_step, "data": data}, path)
+                         "step": step, "vae_step": vae_step, "data": data,
+                         **({"start_step": cfg.unet.steps} if grow else {})}, path)
     bar.close()
     return ema.eval()
 
@@ -372,7 +437,7 @@ def export(cfg: TrainConfig, vae: AutoencoderKL, scale: float, denoiser: Denoise
     """Write the model folder `cfg.out`: fp16 weights, the configs, and `recipe` (command, seed, settings, times)."""
     text_cfg = text_config(cfg.text)
     config = {
-        "unet": dataclasses.asdict(unet_config(cfg.unet, text_cfg["hidden_size"])),
+        "unet": dataclasses.asdict(unet_config(cfg.unet, text_cfg["hidden_size"], grown_levels(cfg.unet))),
         "vae": dataclasses.asdict(vae_config(cfg.vae, scale)),
         "text_encoder": text_cfg,
         "source": {"layout": "toyworld", **recipe},
@@ -403,6 +468,9 @@ def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
         scale = latent_scale(latents)
         denoiser = train_unet(cfg, latents * scale, captions, data, workdir, tracker, cfg.vae.steps)
         timings["unet_s"] = round(time.time() - start - sum(timings.values()), 1)
+        if cfg.unet.grow.steps > 0:
+            denoiser = train_unet(cfg, latents * scale, captions, data, workdir, tracker, cfg.vae.steps, denoiser)
+            timings["grow_s"] = round(time.time() - start - sum(timings.values()), 1)
         recipe = {"command": command, "seed": cfg.seed, "config": config_yaml, "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "seconds_this_run": timings, "python": sys.version.split()[0]}
         out = export(cfg, vae, scale, denoiser, recipe)

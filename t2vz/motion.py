@@ -124,6 +124,33 @@ def warp_latents(latents: torch.Tensor, path: torch.Tensor, grid_size: int = 512
     return F.grid_sample(latents, grid, mode="nearest", padding_mode="reflection", align_corners=False)
 
 
+def applied_shifts(path: torch.Tensor, size: Sequence[int], grid_size: int = 512,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The whole-latent-pixel shift (dy, dx) at which `warp_latents` samples each frame of a translation path on
+    (h, w) latents of `dtype`: path (f, 2, 3) → (f, 2) float64. Nearest sampling rounds λ·k·δ·w/grid_size to a
+    whole latent pixel, so the content moves in whole latent pixels (by minus this shift); where λ·δ·w/grid_size
+    is not a whole number, frame to frame it moves by the two whole numbers around it, not by λ·δ·w/grid_size.
+
+    Read off the warp itself: ramps of the row and column indices are warped and read at the corner the samples
+    move away from, where none is reflected (so λ·k·|δ|·w/grid_size must stay within w − 1, h − 1)."""
+    if path.ndim != 3 or path.shape[1:] != (2, 3):
+        raise ValueError(f"path must be (f, 2, 3), got {tuple(path.shape)}")
+    if not torch.equal(path[:, :, :2], torch.eye(2, dtype=path.dtype).expand(len(path), 2, 2)):
+        raise ValueError("applied_shifts takes a translation path (A = I in every frame)")
+    h, w = (int(v) for v in size)
+    b = path[:, :, 2]  # (f, 2): (bx, by) on the reference grid
+    for axis, n in ((0, w), (1, h)):
+        if (b[:, axis] > 0).any() and (b[:, axis] < 0).any():
+            raise ValueError("applied_shifts needs the path to move one way along each axis (a translation λ·k·δ)")
+        if (b[:, axis].abs() * n / grid_size > n - 1).any():
+            raise ValueError(f"the path shifts the {h}×{w} latents by a whole frame or more; no shift can be read off")
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype), indexing="ij")
+    warped = warp_latents(torch.stack([ys, xs])[None].expand(len(path), 2, h, w), path, grid_size)
+    y0 = 0 if (b[:, 1] >= 0).all() else h - 1
+    x0 = 0 if (b[:, 0] >= 0).all() else w - 1
+    return warped[:, :, y0, x0].double() - torch.tensor([y0, x0], dtype=_F64)
+
+
 def sampling_grid(
     path: torch.Tensor, size: Sequence[int], grid_size: int = 512, dtype=torch.float32, device=None
 ) -> torch.Tensor:

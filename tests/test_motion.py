@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from t2vz.motion import (
+    applied_shifts,
     compose,
     offsets_path,
     rotation_path,
@@ -114,6 +115,35 @@ def test_reference_half_pixel_offset_rounds_half_shifts_down():
     """The reference samples half a 512-grid pixel early: λ = 12 at w = 64 (1.5 px/frame) shifts by 1, 3, 4, 6."""
     out = warp_latents(_dot(64, 64, 32, 20, frames=5), translation_path(range(5), 12.0, (1.0, 0.0)))
     assert [_bright(frame)[0][1] for frame in out] == [20, 19, 17, 16, 14]
+
+
+@pytest.mark.parametrize("lam,direction", [(12.0, (1.0, 0.0)), (12.0, (-1.0, 0.5)), (32.0, (1.0, 1.0)),
+                                           (64.0, (0.0, -1.0)), (64.0, (1.0, 1.0))])
+def test_applied_shifts_are_where_the_warp_moved_a_dot(lam, direction):
+    """applied_shifts matches the warp itself: a dot in the corner the content moves away from lands at its
+    position minus the shift in every frame, up to λ = 64 (2 latent pixels a frame, 14 by frame 8 of 16); the
+    reflection padding may show a mirrored copy of it too."""
+    h = w = 16
+    path = translation_path(range(8), lam, direction)
+    shifts = applied_shifts(path, (h, w))
+    row = 15 if direction[1] > 0 else 0
+    col = 15 if direction[0] > 0 else 0
+    out = warp_latents(_dot(h, w, row, col, frames=8), path)
+    for k in range(8):
+        assert (row - int(shifts[k, 0]), col - int(shifts[k, 1])) in _bright(out[k]), (k, shifts[k])
+
+
+def test_applied_shifts_round_fractional_motion_to_whole_latent_pixels():
+    """λ = 12 on 16 latent pixels asks 0.375 of a pixel a frame; nearest sampling moves 0 or 1 pixel from frame
+    to frame (3 in 7 frames where 2.625 were asked); λ = 32 is exactly 1 a frame."""
+    fractional = applied_shifts(translation_path(range(8), 12.0, (1.0, 0.0)), (16, 16))
+    assert fractional[:, 1].tolist() == [0, 0, 1, 1, 1, 2, 2, 3] and not fractional[:, 0].any()
+    whole = applied_shifts(translation_path(range(8), 32.0, (1.0, 1.0)), (16, 16))
+    assert whole.tolist() == [[k, k] for k in range(8)]
+    with pytest.raises(ValueError, match="translation path"):
+        applied_shifts(zoom_path(range(3), 1.1), (16, 16))
+    with pytest.raises(ValueError, match="whole frame"):
+        applied_shifts(translation_path(range(8), 96.0, (1.0, 0.0)), (16, 16))  # 3 a frame: 21 of 16
 
 
 def test_zoom_keeps_the_centre_and_pushes_pixels_outward():

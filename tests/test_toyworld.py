@@ -246,6 +246,27 @@ def test_judge_video_measures_motion_per_frame_pair():
     assert opposite["motion_pairs_within_1px"] == 0.0, opposite
 
 
+def test_the_judge_measures_the_applied_warp_on_rendered_frames():
+    """Frames of a rendered scene warped by the method's own `warp_latents` (here on the image, the 64 px
+    grid standing in for 16×16 latents of a 4× VAE: every latent pixel 4×4 image pixels) move exactly as
+    `applied_motion` says: at λ = 12 by 0 or 4 px a frame, not the requested 1.5, so their error against the
+    request is ~1.9 px a frame and against the applied warp ~0; at λ = 32 the two agree."""
+    from t2vz.motion import translation_path, warp_latents
+    from t2vz.toyworld.judge import applied_motion, motion_errors, requested_motion
+
+    image = render(one_object_scene("yellow", "circle", "grass", seed=7, r=8.0, cx=20.0, cy=28.0))
+    latents = torch.from_numpy(image).permute(2, 0, 1).float()[:, 2::4, 2::4]  # (3, 16, 16): one pixel per block
+    for lam, request_error in ((12.0, 1.93), (32.0, 0.0)):
+        path = translation_path(range(8), lam, (1.0, 0.0))
+        warped = warp_latents(latents[None].expand(8, -1, -1, -1), path)
+        frames = warped.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3).permute(0, 2, 3, 1).byte().numpy()
+        applied = applied_motion(lam, (1.0, 0.0), 8, (16, 16), (64, 64))
+        against_request = motion_errors(frames, requested_motion(lam, (1.0, 0.0), 64, 64)).norm(dim=1).mean()
+        assert abs(against_request.item() - request_error) < 0.05, (lam, against_request)
+        assert motion_errors(frames, applied).norm(dim=1).max() < 0.05, lam
+    assert applied_motion(12.0, (1.0, 0.0), 8, (16, 16), (64, 64))[:, 1].tolist() == [0, -4, 0, 0, -4, 0, -4]
+
+
 def test_appearance_consistency_without_the_object():
     scene = one_object_scene("green", "square", "sand", seed=300, r=9.0)
     with_object, without = render(scene), render(Scene(scene.background, (), scene.seed))

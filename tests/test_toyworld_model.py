@@ -80,6 +80,8 @@ def test_judge_script_writes_its_tables(tmp_path, images_per_prompt):
     assert result["motion"]["all"]["videos"] == 2  # one held-out and one seen prompt
     assert result["text_faithfulness"]["held-out"]["images"] == 8 * images_per_prompt
     table = (out / "judge.md").read_text()
-    assert "| λ=32 δ=(1,0) | 2 |" in table
+    assert "| λ=32 δ=(1,0) | 2 |" in table and "against the applied warp" in table
+    for row in result["motion"]["per_video"]:  # λ = 32: one whole latent pixel a frame, applied as asked
+        assert row["motion_error_applied"] == pytest.approx(row["motion_error"], abs=1e-9)
     assert ("colour and shape right" in table) == bool(images_per_prompt)
     assert (out / "samples.png").is_file() == bool(images_per_prompt)

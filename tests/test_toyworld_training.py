@@ -158,3 +158,7 @@ def test_the_entry_point_has_help_and_rejects_a_typo(tmp_path):
     bad = subprocess.run([sys.executable, script, "unet.stepz=3"], env=env, text=True, capture_output=True,
                          cwd=tmp_path, timeout=120)
     assert bad.returncode != 0 and "stepz" in bad.stderr
+    short = subprocess.run([sys.executable, script, f"workdir={tmp_path / 'w'}", "unet.grow.levels=[true]",
+                            "unet.grow.steps=1"], env=env, text=True, capture_output=True, cwd=tmp_path, timeout=120)
+    assert short.returncode != 0 and "one entry per level" in short.stderr and "Traceback" not in short.stderr
+    assert not (tmp_path / "w").exists()  # refused before any stage ran

@@ -452,6 +452,7 @@ def export(cfg: TrainConfig, vae: AutoencoderKL, scale: float, denoiser: Denoise
 
 def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
     """All four stages; returns the exported model folder."""
+    grown_levels(cfg.unet)  # a bad unet.grow is refused now, not after an hour of stages 1–3
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     workdir = Path(cfg.workdir)

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..attention import Transformer2D
 from ..model_folder import write_model_folder
 from ..schedulers.noise_schedule import scaled_linear_alphas_cumprod
 from ..text_encoder import MAX_TOKENS, build_clip_text_model, canonical_clip_state_dict, load_tokenizer
 from ..text_encoder import shipped_tokenizer_dir
 from ..tracking import LoggerConfig, Tracker
-from ..attention import Transformer2D
 from ..unet import UNet, UNetConfig
 from ..vae import AutoencoderKL, VAEConfig
 from .world import SIZE, render, scene_for_index
@@ -142,7 +142,7 @@ def grown_levels(cfg: UNetTrainConfig) -> list[bool]:
 
 
 def unet_config(cfg: UNetTrainConfig, context_dim: int, levels: list[bool] | None = None) -> UNetConfig:
-    """The UNet of stage 3 (or with attention at `levels`; `grown_levels` gives the shipped one)."""
+    """The UNet of stage 3, or the same with attention at `levels` (`grown_levels`: the one exported)."""
     levels = cfg.attention_levels if levels is None else levels
     return UNetConfig(block_out_channels=tuple(cfg.block_out_channels), attention_levels=tuple(levels),
                       layers_per_block=cfg.layers_per_block, num_attention_heads=cfg.num_attention_heads,
@@ -451,7 +451,7 @@ def export(cfg: TrainConfig, vae: AutoencoderKL, scale: float, denoiser: Denoise
 
 
 def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
-    """All four stages; returns the exported model folder."""
+    """All stages (3b where `unet.grow.steps` > 0); returns the exported model folder."""
     grown_levels(cfg.unet)  # a bad unet.grow is refused now, not after an hour of stages 1–3
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -467,10 +467,11 @@ def train(cfg: TrainConfig, command: str, config_yaml: str) -> Path:
         timings["vae_s"] = round(time.time() - start - sum(timings.values()), 1)
         latents = encode_dataset(vae, images, data, workdir, cfg.vae.steps, cfg.progress)
         scale = latent_scale(latents)
-        denoiser = train_unet(cfg, latents * scale, captions, data, workdir, tracker, cfg.vae.steps)
+        scaled = latents * scale
+        denoiser = train_unet(cfg, scaled, captions, data, workdir, tracker, cfg.vae.steps)
         timings["unet_s"] = round(time.time() - start - sum(timings.values()), 1)
         if cfg.unet.grow.steps > 0:
-            denoiser = train_unet(cfg, latents * scale, captions, data, workdir, tracker, cfg.vae.steps, denoiser)
+            denoiser = train_unet(cfg, scaled, captions, data, workdir, tracker, cfg.vae.steps, denoiser)
             timings["grow_s"] = round(time.time() - start - sum(timings.values()), 1)
         recipe = {"command": command, "seed": cfg.seed, "config": config_yaml, "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "seconds_this_run": timings, "python": sys.version.split()[0]}

@@ -131,10 +131,12 @@ def main(cfg) -> None:
                                   generator=gen, progress=False)
                     size = frames.shape[1:3]
                     requested = requested_motion(lam, direction, *size)
-                    errors = motion_errors(frames, requested)  # (f − 1, 2), measured once for both uses
+                    errors = motion_errors(frames, requested)  # (f − 1, 2), measured once for every use
                     applied = applied_motion(lam, direction, len(frames), [n // factor for n in size], size)
                     m = {**judge_video(frames, text), **motion_scores(errors)}
-                    m["motion_error_applied"] = motion_errors(frames, applied).norm(dim=1).mean().item()
+                    # measured − applied = (measured − requested) − (applied − requested): no second measurement
+                    off_applied = errors - (applied - torch.tensor(requested, dtype=torch.float64))
+                    m["motion_error_applied"] = off_applied.norm(dim=1).mean().item()
                     motion.append({"prompt": text, "lambda": lam, "direction": direction, "seed": j,
                                    "requested_dy": requested[0], "requested_dx": requested[1], **m,
                                    "motion_error_per_pair": errors.norm(dim=1).tolist()})  # frame k → k + 1, px

@@ -18,7 +18,8 @@
    λ = 12: 0.375) the frames jump by 0 or 4 px and no video can be within 1 px of the requested motion.
    `cross_frame` is the pipeline's (`first`, the method; `off`, its ablation); `cross_frame_levels=[1]` keeps
    it to one UNet level (8×8 on the toy model, whose 16×16 level has no attention), an ablation of where it acts.
-3. Appearance consistency of the object across frames (`judge.appearance_consistency`), in the same videos.
+3. Appearance consistency of the object across frames (`judge.appearance_consistency`), in the same videos: its
+   IoU with frame 1's, how often it keeps frame 1's shape and its tone (`world.TONES`, which no caption names).
 
 Writes `judge.json` and `judge.md` into Hydra's output folder and prints the tables.
 """
@@ -153,6 +154,7 @@ def main(cfg) -> None:
                 "motion_error_by_pair_px": np.mean([r["motion_error_per_pair"] for r in rows], axis=0).tolist(),
                 "object_iou": float(np.nanmean([r["object_iou"] for r in rows])),
                 "object_same_shape": float(np.nanmean([r["object_same_shape"] for r in rows])),
+                "object_same_tone": float(np.nanmean([r["object_same_tone"] for r in rows])),
                 "text_shape_ok_frames": rate([r["text_shape_ok"] for r in rows])}
 
     by_setting = {f"λ={lam:g} δ=({d[0]:g},{d[1]:g})": summary(
@@ -168,14 +170,15 @@ def main(cfg) -> None:
                   for name, f in faith.items()]
         lines.append("")
     lines += ["| motion (per frame, requested −λ·δ·64/512 px) | videos | mean error px | error y px | "
-              "error x px | videos within 1 px | frame pairs within 1 px | object IoU | same shape | "
+              "error x px | videos within 1 px | frame pairs within 1 px | object IoU | same shape | same tone | "
               "mean error against the applied warp px |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, m in {**by_setting, "all": summary(motion)}.items():
         lines.append(f"| {name} | {m['videos']} | {m['motion_error_px']:.2f} | {m['motion_error_y_px']:.2f} | "
                      f"{m['motion_error_x_px']:.2f} | {m['videos_within_1px']:.0%} | "
                      f"{m['frame_pairs_within_1px']:.0%} | {m['object_iou']:.3f} | "
-                     f"{m['object_same_shape']:.3f} | {m['motion_error_applied_px']:.2f} |")
+                     f"{m['object_same_shape']:.3f} | {m['object_same_tone']:.3f} | "
+                     f"{m['motion_error_applied_px']:.2f} |")
     table = "\n".join(lines) + "\n"
     write_text(f"{out}/judge.json", json.dumps(result, indent=2) + "\n")
     write_text(f"{out}/judge.md", table)

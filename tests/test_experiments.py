@@ -32,7 +32,7 @@ TWO_POINTS = {
 }
 # the toy ablation runs on the shipped toy model with a prompt its judge reads; the others on a random tiny model
 TOY = {"ablate_components": ["model=toyworld", "prompt=a red circle on grass", "video.height=64", "video.width=64"]}
-HEADLINES = {"ablate_components": "object_iou"}
+HEADLINES = {"ablate_components": "object_same_tone"}
 
 
 def compose_experiment(overrides: list[str], hydra: bool = False):
@@ -111,7 +111,7 @@ def test_two_point_sweep_runs_and_logs_to_wandb_offline(tiny_model, tmp_path, ex
         assert logged["config"]["name"] == experiment
         assert logged["summary"]["warp_error"] == pytest.approx(record["warp_error"])
         if experiment in TOY:  # the toy judge's metrics, logged like the others
-            assert {"object_iou", "object_same_shape", "text_colour_ok", "motion_error"} <= set(record)
+            assert {"object_iou", "object_same_shape", "object_same_tone", "text_colour_ok", "motion_error"} <= set(record)
             for key in ("text_shape_ok", "motion_error"):  # always finite (object_iou is NaN without an object)
                 assert logged["summary"][key] == pytest.approx(record[key]), key
         assert any(name.endswith(".mp4") for name in logged["files"]), logged["files"]

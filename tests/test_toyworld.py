@@ -12,9 +12,9 @@ import torch
 
 from t2vz.toyworld.judge import (appearance_consistency, as_uint8, colour_labels, judge_image, largest_region,
                                  look_for, shape_scores)
-from t2vz.toyworld.world import (BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, SIZE, Scene, caption,
-                                 is_held_out, parse_caption, pixel_grid, render, sample_scene, scene_for_index,
-                                 shape_mask)
+from t2vz.toyworld.world import (BACKGROUND_TONES, BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, SIZE, TONES,
+                                 Scene, caption, is_held_out, parse_caption, pixel_grid, render, sample_scene,
+                                 scene_for_index, shape_mask, toned)
 
 COLOURS = tuple(OBJECT_COLOURS)
 
@@ -105,6 +105,36 @@ def test_training_scenes_never_show_held_out_combinations():
         assert judge_image(render(scene), scene.caption)["all_ok"]
 
 
+def test_tones_are_drawn_evenly_and_change_only_the_colour():
+    """Every colour is drawn in both of its tones, about equally often; the tone is not in the caption, and a
+    scene rendered in the other tone differs only inside its object."""
+    scenes = [scene_for_index(3, index) for index in range(400)]
+    things = [t for s in scenes for t in s.things]
+    for colour in COLOURS:
+        tones = [t.tone for t in things if t.colour == colour]
+        assert 0.35 < np.mean(tones) < 0.65, (colour, np.mean(tones), len(tones))
+    for t in things:
+        assert np.abs(np.array(t.rgb) - np.array(TONES[t.colour][t.tone])).max() <= 12, t
+        assert str(t.tone) not in caption("grass", [(t.colour, t.shape)])
+    # The same draw with the tone forced the other way: same background, place and size; only the colour differs.
+    scene = next(s for s in scenes if len(s.things) == 1)
+    thing = scene.things[0]
+    other = moved(scene, tone=1 - thing.tone, rgb=toned(thing.colour, 1 - thing.tone))
+    a, b = render(scene), render(other)
+    mask = shape_mask(thing.shape, thing.cx, thing.cy, thing.r + 1, *pixel_grid(SIZE))
+    assert np.array_equal(a[~mask], b[~mask]) and not np.array_equal(a[mask], b[mask])
+
+
+def test_palette_margins():
+    """The margins the judge relies on (world.TONES' comment): every object tone ≥ 85 (RGB) from every background
+    tone, and ≥ 106 from every other object tone, so a tone jittered by ±12 a channel keeps its name."""
+    tones = np.array([rgb for c in COLOURS for rgb in TONES[c]], dtype=float)
+    background = np.array(BACKGROUND_TONES, dtype=float)
+    to_background = np.linalg.norm(tones[:, None] - background[None], axis=-1).min()
+    between = np.linalg.norm(tones[:, None] - tones[None], axis=-1)
+    assert to_background >= 85 and between[~np.eye(len(tones), dtype=bool)].min() >= 106
+
+
 # ------------------------------------------------------------------------------------------------ the judge
 
 
@@ -123,12 +153,23 @@ def test_judge_accepts_rendered_scenes(rendered_scenes):
 
 
 def test_judge_accepts_blurred_noisy_scenes(rendered_scenes):
-    # Measured: 150/150 (100%) with a 3×3 box blur and σ = 8 noise (0…255); 299/300 and 298/300 on the first 300
-    # of base seeds 11 and 0 (the misses: a diamond on sand / a checkered floor / a striped wall).
+    # Measured: 149/150 with a 3×3 box blur and σ = 8 noise (0…255); 299/300 and 300/300 on the first 300 of base
+    # seeds 11 and 0 (the miss: a red diamond on grass).
     scenes, images = rendered_scenes
     rng = np.random.default_rng(0)
     ok = [judge_image(blur_and_noise(image, rng), s.caption)["all_ok"] for s, image in zip(scenes, images)]
     assert np.mean(ok) >= 0.95, [s.caption for s, good in zip(scenes, ok) if not good]
+
+
+def test_judge_reads_the_tone_of_rendered_objects(rendered_scenes):
+    # Measured: every object of these 150 scenes (176 objects, both tones of every colour), clean and blurred.
+    scenes, images = rendered_scenes
+    rng = np.random.default_rng(1)
+    things = [(t, image) for s, image in zip(scenes, images) for t in s.things]
+    assert {(t.colour, t.tone) for t, _ in things} == {(c, k) for c in COLOURS for k in (0, 1)}
+    for t, image in things:
+        assert look_for(image, t.colour).tone == t.tone, t
+        assert look_for(blur_and_noise(image, rng), t.colour).tone == t.tone, t
 
 
 def test_judge_rejects_an_absent_colour():
@@ -228,6 +269,15 @@ def test_appearance_consistency_of_a_translated_object():
         tinted = np.stack([frames[0], render(moved(scene, rgb=redder))])
         c = appearance_consistency(tinted, "red")
         assert 25 < c["object_colour_shift"] < 45 and c["object_iou"] >= 0.9, (shape, c)
+        assert a["object_same_tone"] == c["object_same_tone"] == 1.0, (shape, a, c)
+
+        # Same shape and place in red's other tone: still red, still this shape, but not frame 1's tone.
+        tone = scene.things[0].tone
+        retoned = render(moved(scene, tone=1 - tone, rgb=toned("red", 1 - tone)))
+        assert judge_image(retoned, caption(scene.background, [("red", shape)]))["all_ok"], shape
+        d = appearance_consistency(np.stack([frames[0], frames[1], retoned, retoned]), "red")
+        assert d["object_same_tone"] == pytest.approx(1 / 3) and d["object_iou"] >= 0.9, (shape, d)
+        assert d["object_colour_shift"] > 60, (shape, d)  # the tones of red are 106 apart
 
 
 def test_judge_video_measures_motion_per_frame_pair():
@@ -276,6 +326,7 @@ def test_appearance_consistency_without_the_object():
     # Present in frame 1, gone from one of the two later frames: that frame counts IoU 0 and not the same shape.
     half = appearance_consistency(np.stack([with_object, with_object, without]), "green")
     assert half["object_iou"] == pytest.approx(0.5) and half["object_same_shape"] == pytest.approx(0.5)
+    assert half["object_same_tone"] == pytest.approx(0.5)
     assert half["object_colour_shift"] == pytest.approx(0.0)
 
 

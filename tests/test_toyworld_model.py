@@ -80,7 +80,9 @@ def test_judge_script_writes_its_tables(tmp_path, images_per_prompt):
     assert result["motion"]["all"]["videos"] == 2  # one held-out and one seen prompt
     assert result["text_faithfulness"]["held-out"]["images"] == 8 * images_per_prompt
     table = (out / "judge.md").read_text()
-    assert "| λ=32 δ=(1,0) | 2 |" in table and "against the applied warp" in table
+    assert "| λ=32 δ=(1,0) | 2 |" in table and "against the applied warp" in table and "| same tone |" in table
+    assert all("object_same_tone" in row for row in result["motion"]["per_video"])
+    assert "object_same_tone" in result["motion"]["all"]
     for row in result["motion"]["per_video"]:  # λ = 32: one whole latent pixel a frame, applied as asked
         assert row["motion_error_applied"] == pytest.approx(row["motion_error"], abs=1e-9)
     assert ("colour and shape right" in table) == bool(images_per_prompt)

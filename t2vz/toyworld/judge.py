@@ -4,9 +4,10 @@ image shows what a caption asked for, and whether an object keeps its appearance
     judge_image(image, "a red triangle on grass")  → {"colour_ok": True, "shape_ok": True, "shape": "triangle", …}
     appearance_consistency(frames, "red")          → {"object_iou": 0.93, "object_colour_shift": 4.1, …}
 
-How it sees: every pixel takes the name of the nearest colour of the world's palette (the five object colours
-and every background tone, `world.BACKGROUND_TONES`); a pixel is an object pixel when that nearest colour is an
-object colour within `MAX_DISTANCE`. The asked colour's object is its largest 4-connected region. Its shape is the
+How it sees: every pixel takes the name of the nearest colour of the world's palette (the two tones of each of the
+five object colours, `world.TONES`, and every background tone, `world.BACKGROUND_TONES`); a pixel is an object
+pixel when that nearest colour is an object tone within `MAX_DISTANCE`, and it is named by that tone's colour. The
+asked colour's object is its largest 4-connected region; its tone is the one nearer to the region's mean RGB. Its shape is the
 template (`world.shape_mask`, the renderer's own drawing) that overlaps it best when fitted to its area and centroid.
 Images are (h, w, 3), uint8 0…255 or float 0…1; frames (f, h, w, 3).
 """
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .world import BACKGROUND_TONES, OBJECT_COLOURS, SHAPES, parse_caption, pixel_grid, shape_mask
+from .world import BACKGROUND_TONES, OBJECT_COLOURS, SHAPES, TONES, parse_caption, pixel_grid, shape_mask
 
-MAX_DISTANCE = 80.0  # RGB distance beyond which a pixel is no object colour (palette colours are ≥ 90 apart)
+MAX_DISTANCE = 80.0  # RGB distance beyond which a pixel is no object colour (palette colours are ≥ 85 apart)
 MIN_AREA = 20  # pixels; the smallest object the world draws (a radius-6 triangle) covers ~72
-PALETTE = np.array([*OBJECT_COLOURS.values(), *BACKGROUND_TONES], dtype=np.float64)  # (p, 3)
 COLOUR_NAMES = tuple(OBJECT_COLOURS)
+OBJECT_TONES = np.array([rgb for c in COLOUR_NAMES for rgb in TONES[c]], dtype=np.float64)  # (colours·tones, 3)
+TONE_COLOUR = np.repeat(np.arange(len(COLOUR_NAMES)), len(OBJECT_TONES) // len(COLOUR_NAMES))  # tone → colour
+PALETTE = np.concatenate([OBJECT_TONES, np.array(BACKGROUND_TONES, dtype=np.float64)])  # (p, 3)
 
 
 def as_uint8(image) -> np.ndarray:
@@ -43,8 +46,8 @@ def colour_labels(image) -> np.ndarray:
     px = as_uint8(image).astype(np.float64)
     dist = np.linalg.norm(px[..., None, :] - PALETTE, axis=-1)  # (h, w, p)
     nearest = dist.argmin(-1)
-    is_object = (nearest < len(COLOUR_NAMES)) & (dist.min(-1) <= MAX_DISTANCE)
-    return np.where(is_object, nearest, -1)
+    is_object = (nearest < len(OBJECT_TONES)) & (dist.min(-1) <= MAX_DISTANCE)
+    return np.where(is_object, TONE_COLOUR[np.minimum(nearest, len(OBJECT_TONES) - 1)], -1)
 
 
 def largest_region(mask: np.ndarray) -> np.ndarray:
@@ -98,7 +101,8 @@ def shape_scores(region: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class Seen:
-    """What the judge sees of one colour in one image: its largest region, mean RGB and best-fitting shape."""
+    """What the judge sees of one colour in one image: its largest region, mean RGB, the colour's tone nearer to
+    that mean (`world.TONES`; None with the shape) and best-fitting shape (None below MIN_AREA)."""
 
     colour: str
     region: np.ndarray  # (h, w) bool
@@ -106,6 +110,7 @@ class Seen:
     rgb: np.ndarray  # (3,) mean colour of the region
     shape: str | None
     shape_iou: float
+    tone: int | None = None
 
 
 def look_for(image, colour: str, labels: np.ndarray | None = None) -> Seen:
@@ -122,7 +127,8 @@ def look_for(image, colour: str, labels: np.ndarray | None = None) -> Seen:
         return Seen(colour, region, area, rgb, None, 0.0)
     scores = shape_scores(region)
     shape = max(scores, key=scores.get)
-    return Seen(colour, region, area, rgb, shape, scores[shape])
+    tone = int(np.linalg.norm(np.array(TONES[colour], dtype=np.float64) - rgb, axis=1).argmin())
+    return Seen(colour, region, area, rgb, shape, scores[shape], tone)
 
 
 def judge_image(image, text: str) -> dict:
@@ -163,17 +169,21 @@ def appearance_consistency(frames, colour: str) -> dict[str, float]:
     - object_iou: IoU of its region with frame 1's after aligning their centroids (position may change, shape
       and size may not); 0 for a frame where it is gone,
     - object_colour_shift: RGB distance (0…255 scale) of its mean colour from frame 1's,
-    - object_same_shape: fraction of frames whose best-fitting shape equals frame 1's.
-    Averaged over frames 2…f; NaN when frame 1 shows no such object."""
+    - object_same_shape: fraction of frames whose best-fitting shape equals frame 1's,
+    - object_same_tone: fraction of frames that draw the object in frame 1's tone (`world.TONES`, which the
+      caption leaves to the noise),
+    Averaged over frames 2…f (a frame where the object is gone counts as a different shape and tone); NaN when
+    frame 1 shows no such object."""
     frames = as_uint8(frames)
     seen = [look_for(f, colour) for f in frames]
-    nan = {"object_iou": float("nan"), "object_colour_shift": float("nan"), "object_same_shape": float("nan")}
+    nan = {k: float("nan") for k in ("object_iou", "object_colour_shift", "object_same_shape", "object_same_tone")}
     if seen[0].shape is None or len(frames) < 2:
         return nan
     ref = seen[0]
     ref_centre = np.argwhere(ref.region).mean(0)
-    ious, shifts, same = [], [], []
+    ious, shifts, same, same_tone = [], [], [], []
     for s in seen[1:]:
+        same_tone.append(float(s.tone == ref.tone))  # False where the object is gone (tone None)
         if s.shape is None:
             ious.append(0.0)
             same.append(0.0)
@@ -185,7 +195,7 @@ def appearance_consistency(frames, colour: str) -> dict[str, float]:
         same.append(float(s.shape == ref.shape))
     return {"object_iou": float(np.mean(ious)),
             "object_colour_shift": float(np.mean(shifts)) if shifts else float("nan"),
-            "object_same_shape": float(np.mean(same))}
+            "object_same_shape": float(np.mean(same)), "object_same_tone": float(np.mean(same_tone))}
 
 
 def requested_motion(motion_strength: float, direction, height: int, width: int) -> tuple[float, float]:
@@ -232,7 +242,8 @@ def judge_video(frames, text: str, requested: tuple[float, float] | None = None)
 
     - text_colour_ok, text_shape_ok: fraction of frames showing the first asked object in the asked colour, and
       also in the asked shape (`judge_image`); text_all_ok: every asked object right, fraction of frames,
-    - object_iou, object_colour_shift, object_same_shape: `appearance_consistency` of that object,
+    - object_iou, object_colour_shift, object_same_shape, object_same_tone: `appearance_consistency` of that
+      object,
     - with `requested` (dy, dx) per frame: motion_error, the mean over consecutive frame pairs of the distance
       (pixels) between the translation measured by phase correlation and the requested one; motion_error_x/_y
       per axis (mean |difference|); motion_pairs_within_1px, the fraction of frame pairs whose distance is ≤ 1 px

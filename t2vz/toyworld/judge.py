@@ -7,8 +7,9 @@ image shows what a caption asked for, and whether an object keeps its appearance
 How it sees: every pixel takes the name of the nearest colour of the world's palette (the two tones of each of the
 five object colours, `world.TONES`, and every background tone, `world.BACKGROUND_TONES`); a pixel is an object
 pixel when that nearest colour is an object tone within `MAX_DISTANCE`, and it is named by that tone's colour. The
-asked colour's object is its largest 4-connected region; its tone is the one nearer to the region's mean RGB. Its shape is the
-template (`world.shape_mask`, the renderer's own drawing) that overlaps it best when fitted to its area and centroid.
+asked colour's object is its largest 4-connected region; its tone is the one nearer to the region's mean RGB. Its
+shape is the template (`world.shape_mask`, the renderer's own drawing) that overlaps it best when fitted to its area
+and centroid.
 Images are (h, w, 3), uint8 0…255 or float 0…1; frames (f, h, w, 3).
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from .world import BACKGROUND_TONES, OBJECT_COLOURS, SHAPES, TONES, parse_caption, pixel_grid, shape_mask
 
-MAX_DISTANCE = 80.0  # RGB distance beyond which a pixel is no object colour (palette colours are ≥ 85 apart)
+# RGB distance beyond which a pixel is no object colour (each object tone is ≥ 85 from every other palette colour)
+MAX_DISTANCE = 80.0
 MIN_AREA = 20  # pixels; the smallest object the world draws (a radius-6 triangle) covers ~72
 COLOUR_NAMES = tuple(OBJECT_COLOURS)
 OBJECT_TONES = np.array([rgb for c in COLOUR_NAMES for rgb in TONES[c]], dtype=np.float64)  # (colours·tones, 3)

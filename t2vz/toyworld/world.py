@@ -15,6 +15,7 @@ apex at the top centre, the diamond touches the middle of each side. `shape_mask
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,20 +171,22 @@ def sample_scene(rng: np.random.Generator, seed: int = 0, allow_held_out: bool =
             what = list(things)
         if allow_held_out or not any(is_held_out(c, s, bg) for c, s in what):
             break
-    placed: list[tuple[str, str, float, float, float, np.ndarray]] = []
+    placed: list[Thing] = []
+    jitters = []
     for colour, shape in what:
         for _ in range(100):
             r = rng.uniform(*RADIUS) if len(what) == 1 else rng.uniform(RADIUS[0], 10)
             cx, cy = rng.uniform(r + 1, SIZE - r - 1, size=2)
-            if all(abs(cx - o[2]) > r + o[4] + 2 or abs(cy - o[3]) > r + o[4] + 2 for o in placed):
+            if all(abs(cx - o.cx) > r + o.r + 2 or abs(cy - o.cy) > r + o.r + 2 for o in placed):
                 break
-        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
-        placed.append((colour, shape, float(cx), float(cy), float(r), jitter))
+        jitters.append(rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3))
+        placed.append(Thing(colour, shape, float(cx), float(cy), float(r), toned(colour, 0, jitters[-1])))
     # The tones are drawn last, so that a seed places the same objects on the same background as before the world
     # had tones; each object's jitter is added to its tone.
     tones = rng.integers(NUM_TONES, size=len(placed))
-    return Scene(bg, tuple(Thing(colour, shape, cx, cy, r, toned(colour, int(k), jitter), int(k))
-                           for (colour, shape, cx, cy, r, jitter), k in zip(placed, tones)), int(seed))
+    things = tuple(dataclasses.replace(t, rgb=toned(t.colour, int(k), j), tone=int(k))
+                   for t, j, k in zip(placed, jitters, tones))
+    return Scene(bg, things, int(seed))
 
 
 def toned(colour: str, tone: int, jitter=(0, 0, 0)) -> tuple[int, int, int]:

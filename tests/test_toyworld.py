@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from t2vz.toyworld.judge import (appearance_consistency, as_uint8, colour_labels, judge_image, largest_region,
-                                 look_for, shape_scores)
+from t2vz.toyworld.judge import (OBJECT_TONES, appearance_consistency, as_uint8, colour_labels, judge_image,
+                                 largest_region, look_for, shape_scores)
 from t2vz.toyworld.world import (BACKGROUND_TONES, BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, SIZE, TONES,
                                  Scene, caption, is_held_out, parse_caption, pixel_grid, render, sample_scene,
                                  scene_for_index, shape_mask, toned)
@@ -128,7 +128,8 @@ def test_tones_are_drawn_evenly_and_change_only_the_colour():
 def test_palette_margins():
     """The margins the judge relies on (world.TONES' comment): every object tone ≥ 85 (RGB) from every background
     tone, and ≥ 106 from every other object tone, so a tone jittered by ±12 a channel keeps its name."""
-    tones = np.array([rgb for c in COLOURS for rgb in TONES[c]], dtype=float)
+    tones = OBJECT_TONES  # the judge's own array of every colour's tones
+    assert len(tones) == 2 * len(COLOURS) and {tuple(t) for t in tones} == {rgb for c in COLOURS for rgb in TONES[c]}
     background = np.array(BACKGROUND_TONES, dtype=float)
     to_background = np.linalg.norm(tones[:, None] - background[None], axis=-1).min()
     between = np.linalg.norm(tones[:, None] - tones[None], axis=-1)

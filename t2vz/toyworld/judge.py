@@ -20,14 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .world import BACKGROUND_TONES, OBJECT_COLOURS, SHAPES, TONES, parse_caption, pixel_grid, shape_mask
+from .world import (BACKGROUND_TONES, NUM_TONES, OBJECT_COLOURS, SHAPES, TONES, parse_caption, pixel_grid,
+                    shape_mask)
 
 # RGB distance beyond which a pixel is no object colour (each object tone is ≥ 85 from every other palette colour)
 MAX_DISTANCE = 80.0
 MIN_AREA = 20  # pixels; the smallest object the world draws (a radius-6 triangle) covers ~72
 COLOUR_NAMES = tuple(OBJECT_COLOURS)
 OBJECT_TONES = np.array([rgb for c in COLOUR_NAMES for rgb in TONES[c]], dtype=np.float64)  # (colours·tones, 3)
-TONE_COLOUR = np.repeat(np.arange(len(COLOUR_NAMES)), len(OBJECT_TONES) // len(COLOUR_NAMES))  # tone → colour
+TONE_COLOUR = np.repeat(np.arange(len(COLOUR_NAMES)), NUM_TONES)  # index into OBJECT_TONES → colour
 PALETTE = np.concatenate([OBJECT_TONES, np.array(BACKGROUND_TONES, dtype=np.float64)])  # (p, 3)
 
 

@@ -4,10 +4,10 @@ file (and the benchmark's diffusers worker process) does.
 
 `build_diffusers_folder` initialises diffusers' `UNet2DConditionModel` and `AutoencoderKL` and transformers'
 `CLIPTextModel` with their default init under a seed, then moves every parameter off its default with the parity
-tests' own builders (tests/reference_models.py, `perturb_`), so that nothing in the comparison is trivially equal,
+tests' own builders (experiments/reference_models.py, `perturb_`), so that nothing in the comparison is trivially equal,
 and saves them with SD 1.5's `DDIMScheduler` and the CLIP tokenizer files that ship with t2vz as a diffusers
 folder (`model_index.json`, `unet/ vae/ text_encoder/ tokenizer/ scheduler/`). The shapes (`MODEL_SHAPES`) are
-the parity tests' (tests/reference_models.py): `tiny` (TINY_UNET, TINY_VAE, TINY_CLIP) and `sd15` (the full
+the parity tests' (experiments/reference_models.py): `tiny` (TINY_UNET, TINY_VAE, TINY_CLIP) and `sd15` (the full
 SD 1.5 UNet, VAE and CLIP ViT-L/14 text transformer). t2vz reads the same weights after
 `weights_convert.convert.convert(diffusers_folder, t2vz_folder)`.
 """
@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from t2vz.model_folder import TOKENIZER_FILES
-from t2vz.text_encoder import shipped_tokenizer_dir
+from t2vz.sd.model_folder import TOKENIZER_FILES
+from t2vz.sd.text_encoder import shipped_tokenizer_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the parity tests' reference builders
-from reference_models import (  # noqa: E402
+from reference_models import (
     SD15_CLIP, SD15_UNET, SD15_VAE, TINY_CLIP, TINY_UNET, TINY_VAE, clip_text_model, diffusers_unet, diffusers_vae,
     text_to_video_zero_pipeline)
 
@@ -35,7 +33,7 @@ PIPELINE_CLASS = "TextToVideoZeroPipeline"
 
 def diffusers_models(size: str, seed: int):
     """Random (perturbed) diffusers UNet, VAE and transformers CLIP text model of `size` ("tiny" or "sd15"),
-    built by tests/reference_models.py exactly as the parity tests build them."""
+    built by experiments/reference_models.py exactly as the parity tests build them."""
     if size not in MODEL_SHAPES:
         raise ValueError(f"model={size!r} is not one of {sorted(MODEL_SHAPES)}")
     unet_cfg, vae_cfg, clip_cfg = MODEL_SHAPES[size]
@@ -45,7 +43,7 @@ def diffusers_models(size: str, seed: int):
 
 def reference_pipeline(unet, vae, clip):
     """diffusers' TextToVideoZeroPipeline on these models, SD 1.5's DDIM scheduler, t2vz's shipped tokenizer and
-    no safety checker (tests/reference_models.py)."""
+    no safety checker (experiments/reference_models.py)."""
     return text_to_video_zero_pipeline(unet, vae, clip)
 
 

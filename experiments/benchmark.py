@@ -17,7 +17,7 @@ What it does:
      requires_safety_checker=False)`, local files only). Both generate the same video: same prompt, seed (a CPU
      torch.Generator), frames, size, DDIM steps, guidance, motion λ (t2vz's motion_strength along δ = (1, 1) =
      diffusers' motion_field_strength_x = _y), t0, t1; t2vz with ddpm_marginal="reference", so that its frames
-     equal diffusers' (the default "exact" marginal deliberately differs, see README).
+     equal diffusers' (the default "exact" marginal deliberately differs, see docs/method.md).
   3. `repeats` rounds; every round runs each implementation once, alternating which goes first (round 1:
      t2vz then diffusers, round 2: diffusers then t2vz, ...). Every run is a fresh Python subprocess
      (this file with --worker), so that its peak memory is its own. Inside it: import, load the model (timed:
@@ -47,7 +47,7 @@ What is measured:
   ratios        diffusers/t2vz for time (> 1: t2vz faster), t2vz/diffusers for memory (< 1: t2vz smaller)
   FLOPs         of one t2vz generation; achieved FLOP/s = FLOPs / wall for each row (the same video, so the same
                 useful work), and on CUDA its fraction of the device's peak dense FLOP/s
-                (t2vz.benchmark.PEAK_TFLOPS: H100 SXM/PCIe/NVL, H200; n/a elsewhere)
+                (t2vz.experiment.benchmark.PEAK_TFLOPS: H100 SXM/PCIe/NVL, H200; n/a elsewhere)
   parity        max |t2vz - diffusers| over the frames (in [0, 1]) of the first round, at the run's dtype
                 (~1e-6 in fp32 on CPU)
 
@@ -213,7 +213,6 @@ def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = Fals
 
         return unet, generate
     if impl == "diffusers":
-        sys.path.insert(0, str(HERE))
         import bench_reference
 
         pipe = bench_reference.load_pipeline(folder, device, dtype)
@@ -241,7 +240,7 @@ def worker(spec: dict) -> dict:
     start = time.perf_counter()
     import torch
 
-    from t2vz import benchmark as bench
+    from t2vz.experiment import benchmark as bench
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -321,7 +320,6 @@ def resolve_device(device: str):
 
 def prepare_models(workdir: str | os.PathLike, model: str, model_seed: int, log=print) -> tuple[Path, Path]:
     """(diffusers folder, t2vz folder) of the random `model`: built and converted once, cached under workdir."""
-    sys.path.insert(0, str(HERE))
     import bench_reference
 
     from weights_convert.convert import convert
@@ -362,7 +360,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
     workers' files under out_dir/runs/ (`write_results` writes the tables)."""
     import numpy as np
 
-    from t2vz.benchmark import denoising_steps
+    from t2vz.experiment.benchmark import denoising_steps
 
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
@@ -422,7 +420,7 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
 
 def summarize(summary: dict) -> list[dict]:
     """One CSV row per implementation from the runs."""
-    from t2vz.benchmark import peak_flops
+    from t2vz.experiment.benchmark import peak_flops
 
     cfg, machine, flops = summary["config"], summary["machine"], summary["flops"]
     cuda = summary["device"].startswith("cuda")

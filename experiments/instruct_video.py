@@ -9,9 +9,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-import t2vz.config  # noqa: F401  registers the shared configs with Hydra's ConfigStore
-from t2vz.conditional_runs import INSTRUCT_VIDEO
-from t2vz.run import run_experiment
+import t2vz.experiment.config  # noqa: F401  registers the shared configs with Hydra's ConfigStore
+from t2vz.experiment.conditional_runs import INSTRUCT_VIDEO
+from t2vz.experiment.run import run_experiment
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="instruct_experiment")

@@ -1,6 +1,6 @@
 """Judge the toy model honestly: held-out prompts and seeds, scored by the renderer that made its training data.
 
-    .venv/bin/python experiments/judge_toyworld.py                  # the README's numbers (model=toyworld)
+    .venv/bin/python experiments/judge_toyworld.py                  # docs/toy_model.md's numbers (model=toyworld)
     .venv/bin/python experiments/judge_toyworld.py model=models/toy-quick images_per_prompt=4
     .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 t0=25 t1=25   # motion only, warp at step 25
     .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 cross_frame=off  # without Sec. 3.3's attention
@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import t2vz
-from t2vz.attention import CROSS_FRAME_MODES, check_cross_frame_levels
+from t2vz.sd.attention import CROSS_FRAME_MODES, check_cross_frame_levels
 from t2vz.toyworld.judge import (applied_motion, judge_image, judge_video, motion_errors, motion_scores,
                                  requested_motion)
 from t2vz.toyworld.world import BACKGROUNDS, HELD_OUT, OBJECT_COLOURS, SHAPES, caption, is_held_out

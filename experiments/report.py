@@ -1,4 +1,4 @@
-"""Tables, plots and a frame sheet of one multirun folder (see `t2vz.report`).
+"""Tables, plots and a frame sheet of one multirun folder (see `t2vz.experiment.report`).
 
     python experiments/report.py multirun/2024-01-01/12-00-00            # writes into that folder
     python experiments/report.py sweeps/lambda --out reports/lambda
@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's t2vz, when not installed
-
-from t2vz.report import ReportError, write_report  # noqa: E402
+from t2vz.experiment.report import ReportError, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

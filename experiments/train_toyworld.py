@@ -1,4 +1,4 @@
-"""Train the embedded toy model (`model=toyworld`) from scratch on the procedural toy world (issue 5).
+"""Train the embedded toy model (`model=toyworld`) from scratch on the procedural toy world.
 
     .venv/bin/python experiments/train_toyworld.py                      # the shipped model's recipe
     .venv/bin/python experiments/train_toyworld.py unet.steps=500 out=models/toy-quick workdir=runs/toy-quick

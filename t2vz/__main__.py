@@ -1,6 +1,6 @@
 """`python -m t2vz prompt="a horse galloping on the street" model=MODEL_FOLDER`: one Hydra job = one video.
 
-Compose (`t2vz.config`, checked before any model loads) → build and run (`t2vz.run.generate_from_config`) → write
+Compose (`t2vz.experiment.config`, checked before any model loads) → build and run (`t2vz.experiment.run.generate_from_config`) → write
 the video, `config.yaml` and `run.json` into Hydra's output folder (outputs/DATE/TIME/, or hydra.run.dir=PATH).
 `python -m t2vz --help` lists the options; `-m key=a,b` sweeps. Bad input ends with one line,
 `t2vz: error: ...`, and exit code 2.
@@ -14,8 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import to_generate_config
-from .run import USER_ERRORS, generate_from_config, write_run
+from .experiment.config import to_generate_config
+from .experiment.run import USER_ERRORS, generate_from_config, write_run
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")

@@ -1,10 +1,12 @@
-"""Shared test helpers: the parity tolerance and the parameter perturbation every parity test uses."""
+"""Shared test helpers: the parity tolerance every parity test uses, and the parameter perturbation
+(`perturb_`, defined with the reference models in experiments/reference_models.py)."""
 from __future__ import annotations
 
 import warnings
 
 import pytest
 import torch
+from reference_models import perturb_  # noqa: F401  (re-exported for the tests)
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
@@ -18,22 +20,6 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, rtol: float = PA
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
     atol = rtol * expected.detach().abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-@torch.no_grad()
-def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
-    """Move every parameter away from its default init (norm weights off 1, biases off 0, zero-inits off 0).
-
-    A mapping bug between two norms left at weight 1, bias 0 is invisible; after this, no two parameters agree.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
-        if p.ndim == 1 and ("norm" in name or "layer_norm" in name) and name.endswith("weight"):
-            p.copy_(1.0 + 0.2 * noise)  # norm gains around 1
-        else:
-            p.add_(scale * noise)
-    return module
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,9 @@ from reference_models import TINY_UNET as _TINY_UNET
 from reference_models import TINY_VAE, clip_text_model, diffusers_unet, diffusers_vae
 from safetensors.torch import save_file
 
-from t2vz.text_encoder import build_clip_text_model, canonical_clip_state_dict, shipped_tokenizer_dir
-from t2vz.unet import UNetConfig
-from t2vz.vae import VAEConfig
+from t2vz.sd.text_encoder import build_clip_text_model, canonical_clip_state_dict, shipped_tokenizer_dir
+from t2vz.sd.unet import UNetConfig
+from t2vz.sd.vae import VAEConfig
 
 # CLIP hidden 64 → weights_convert derives 64 // 64 = 1 head, as it derives 12 for ViT-L/14's 768.
 # A single file implies CLIP heads = hidden // 64, so the tiny text encoder is 64 wide, and the UNet's

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import assert_parity, perturb_
 from einops import rearrange
 
-from t2vz.attention import Attention, CrossFrame, at_level, check_cross_frame_levels
+from t2vz.sd.attention import Attention, CrossFrame, at_level, check_cross_frame_levels
 
 
 def explicit(attn: Attention, x: torch.Tensor, f: int, anchors) -> torch.Tensor:

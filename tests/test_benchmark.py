@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize
 from omegaconf import OmegaConf
 
-from t2vz.benchmark import PEAK_TFLOPS, denoising_steps, peak_flops
+from t2vz.experiment.benchmark import PEAK_TFLOPS, denoising_steps, peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "benchmark.py"

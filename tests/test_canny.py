@@ -1,4 +1,4 @@
-"""Canny edge maps (t2vz.canny): hand-computed steps with cv2.Canny's tie-break, rectangles, a diagonal, the
+"""Canny edge maps (t2vz.method.canny): hand-computed steps with cv2.Canny's tie-break, rectangles, a diagonal, the
 thresholds and hysteresis, batching, the output format and argument checks.
 
 A step of contrast c (0..255 scale) between two flat regions has Sobel magnitude m = |gx| + |gy| = 4c on the two
@@ -7,7 +7,7 @@ pixels beside it; anywhere, m ≤ 8·(max − min) (each Sobel kernel's positive
 import pytest
 import torch
 
-from t2vz.canny import canny_edges, intensity
+from t2vz.method.canny import canny_edges, intensity
 
 
 def gray_image(values: torch.Tensor) -> torch.Tensor:

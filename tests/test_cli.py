@@ -1,4 +1,4 @@
-"""`python -m t2vz` (t2vz/__main__.py, t2vz/config.py, t2vz/run.py): the config composes and rejects typos at
+"""`python -m t2vz` (t2vz/__main__.py, t2vz/experiment/config.py, t2vz/experiment/run.py): the config composes and rejects typos at
 composition; real subprocess runs on a random tiny model (32×32, 3 frames, 10 DDIM steps) write the run folder,
 repeat themselves under one seed, sweep with -m, explain themselves with --help and end bad input in one line."""
 from __future__ import annotations
@@ -20,9 +20,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import t2vz
-from t2vz.config import GenerateConfig, to_generate_config
-from t2vz.pipeline import TextToVideoZero
-from t2vz.run import pipeline_kwargs
+from t2vz.experiment.config import GenerateConfig, to_generate_config
+from t2vz.method.text2video_zero import TextToVideoZero, VideoOptions
+from t2vz.experiment.run import pipeline_kwargs
 from t2vz.video_io import read_video
 from weights_convert.random_model import write_random_model
 
@@ -114,7 +114,7 @@ def test_a_model_folder_sets_its_own_motion_defaults(tiny_model, tmp_path):
     as passing them); a bad entry fails at load with a message naming it."""
     import shutil
 
-    from t2vz.model_folder import ModelFolderError, method_defaults
+    from t2vz.sd.model_folder import ModelFolderError, method_defaults
 
     folder = tmp_path / "own"
     shutil.copytree(tiny_model, folder)
@@ -144,8 +144,9 @@ def test_a_model_folder_sets_its_own_motion_defaults(tiny_model, tmp_path):
 
 
 def test_every_option_is_a_pipeline_argument():
-    """STYLE item 7: field names equal the arguments they feed, so the mapping is by name with no table."""
-    params = inspect.signature(TextToVideoZero.__call__).parameters
+    """Config field names equal the arguments they feed (`TextToVideoZero.__call__`'s own and the fields of
+    `VideoOptions`, its **options), so the mapping is by name with no table."""
+    params = {*inspect.signature(TextToVideoZero.__call__).parameters, *(f.name for f in dataclasses.fields(VideoOptions))}
     config = GenerateConfig(prompt="p", model="m")
     names = [f.name for group in (config.video, config.sampler, config.method) for f in dataclasses.fields(group)]
     assert [n for n in names if n not in params] == []

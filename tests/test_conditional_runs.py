@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 from ldm_fixtures import TINY_UNET, tiny_ldm_checkpoint, write_checkpoint
 from reference_models import tiny_instruct_pix2pix_folder
 
-import t2vz.conditional_runs  # noqa: F401  (registers the ConfigStore nodes)
-import t2vz.config  # noqa: F401
+import t2vz.experiment.conditional_runs  # noqa: F401  (registers the ConfigStore nodes)
+import t2vz.experiment.config  # noqa: F401
 from t2vz import ControlNet, ControlNetConfig, ControlVideo, VideoInstructPix2Pix
-from t2vz.conditional_runs import CONTROL_VIDEO, INSTRUCT_VIDEO, control_maps
-from t2vz.model_folder import write_controlnet_folder
+from t2vz.experiment.conditional_runs import CONTROL_VIDEO, INSTRUCT_VIDEO, control_maps
+from t2vz.sd.model_folder import write_controlnet_folder
 from t2vz.video_io import write_video
 from weights_convert.__main__ import main as convert_main
 
@@ -94,7 +94,7 @@ def test_declared_sweeps_compose_and_values_are_checked():
 
 
 def test_canny_control_maps_follow_the_square(models):
-    config = t2vz.conditional_runs.ControlConfig(video=str(models["video"]), detector="canny")
+    config = t2vz.experiment.conditional_runs.ControlConfig(video=str(models["video"]), detector="canny")
     edges = control_maps(config)
     assert edges.shape == (4, 32, 32, 3)
     for k in range(4):  # the square's left side moves 3 px a frame; Canny marks the column left of the step

@@ -7,10 +7,10 @@ import torch
 from conftest import assert_parity
 from reference_models import TINY_CONTROLNET, TINY_UNET, diffusers_controlnet, diffusers_unet
 
-from t2vz.attention import CrossFrame
-from t2vz.controlnet import ControlNet, ControlNetConfig
-from t2vz.loading import build_loaded
-from t2vz.unet import UNet
+from t2vz.sd.attention import CrossFrame
+from t2vz.sd.controlnet import ControlNet, ControlNetConfig
+from t2vz.sd.loading import build_loaded
+from t2vz.sd.unet import UNet
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from conftest import assert_parity
 from reference_models import TINY_UNET, diffusers_controlnet, sd15_ddim_scheduler, tiny_reference_folder
 
 from t2vz import ControlNetConfig
-from t2vz.controlvideo import ControlVideo
-from t2vz.model_folder import ModelFolderError, write_controlnet_folder
+from t2vz.method.controlvideo import ControlVideo
+from t2vz.sd.model_folder import ModelFolderError, write_controlnet_folder
 from t2vz.video_io import VideoIOError, write_video
 
 # The tiny VAE downsamples by 2, so the tiny ControlNet's control embedding does too (one stride-2 conv).
@@ -41,7 +41,7 @@ def control_maps(f=F, h=H, w=W, seed=0) -> torch.Tensor:
 def reference_frames(refs, prompt, maps, x_T, steps, guidance_scale=7.5, scale=1.0, negative_prompt=None):
     from diffusers import StableDiffusionControlNetPipeline, TextToVideoZeroPipeline
 
-    from t2vz.text_encoder import load_tokenizer
+    from t2vz.sd.text_encoder import load_tokenizer
 
     CrossFrameAttnProcessor = sys.modules[TextToVideoZeroPipeline.__module__].CrossFrameAttnProcessor
     unet, vae, clip, cn = refs
@@ -78,7 +78,7 @@ def test_matches_diffusers_controlnet_pipeline_with_cross_frame_attention(tiny, 
 
 @torch.no_grad()
 def test_seeded_noise_is_one_draw_repeated_over_frames(tiny):
-    """x_T is the generator's first draw, (1, 4, h, w), the same for every frame (METHOD.md, Sec. 3.4)."""
+    """x_T is the generator's first draw, (1, 4, h, w), the same for every frame (docs/method.md, Sec. 3.4)."""
     pipe, _, _ = tiny
     seen = []
     common = dict(control=control_maps(), num_inference_steps=2, progress=False)

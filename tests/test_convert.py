@@ -19,8 +19,8 @@ from reference_models import TINY_VAE
 from safetensors.torch import load_file
 
 import t2vz
-from t2vz.model_folder import read_model_config, read_state_dict
-from t2vz.text_encoder import build_clip_text_model, clip_state_dict_for
+from t2vz.sd.model_folder import read_model_config, read_state_dict
+from t2vz.sd.text_encoder import build_clip_text_model, clip_state_dict_for
 from weights_convert import ConversionError, convert
 from weights_convert.__main__ import main
 from weights_convert.target import expected_shapes
@@ -194,8 +194,8 @@ def test_instruct_pix2pix_and_allowed_inpainting_variants(tmp_path):
 def test_expected_shapes_are_diffusers_shapes():
     """The converter's strict check uses t2vz's classes; they must hold exactly diffusers' SD 1.5 keys and shapes."""
     full = sd15_shapes()
-    assert expected_shapes("unet", t2vz.unet.UNetConfig()) == full["unet"]
-    assert expected_shapes("vae", t2vz.vae.VAEConfig()) == full["vae"]
+    assert expected_shapes("unet", t2vz.sd.unet.UNetConfig()) == full["unet"]
+    assert expected_shapes("vae", t2vz.sd.vae.VAEConfig()) == full["vae"]
     from reference_models import SD15_CLIP
     assert expected_shapes("text_encoder", SD15_CLIP) == full["text_encoder"]
     unet, vae, _ = tiny_models()
@@ -383,7 +383,7 @@ def test_cli_help_names_the_layouts(capsys):
 def test_out_is_never_half_written(tmp_path, monkeypatch, capsys):
     """A failure while writing (here: the disk fills up at the second file) leaves no OUT and no .partial folder,
     and an existing OUT replaced with --overwrite stays as it was."""
-    import t2vz.model_folder as model_folder
+    import t2vz.sd.model_folder as model_folder
 
     src = tiny_file(tmp_path)
     real_save, calls = model_folder.save_file, []
@@ -423,14 +423,14 @@ def test_full_sd15_fp16_single_file_with_ema_matches_diffusers_converter(tmp_pat
     pool = torch.randn(40_000_000, generator=gen).half()  # 80 MB of random values; tensors are slices at random offsets
     sds = {c: random_like(s, pool, gen) for c, s in shapes.items()}
     ema = random_like(shapes["unet"], pool, gen)
-    src = write_checkpoint(to_ldm(sds["unet"], sds["vae"], sds["text_encoder"], t2vz.unet.UNetConfig(),
-                                  t2vz.vae.VAEConfig(), ema_unet=ema), tmp_path / "sd15.safetensors")
+    src = write_checkpoint(to_ldm(sds["unet"], sds["vae"], sds["text_encoder"], t2vz.sd.unet.UNetConfig(),
+                                  t2vz.sd.vae.VAEConfig(), ema_unet=ema), tmp_path / "sd15.safetensors")
     del sds, ema, pool
     made = time.perf_counter()
     report = convert(src, tmp_path / "out", dtype="fp16")
     converted = time.perf_counter()
     assert report.ema and report.source_dtype == "float16" and report.variant == "sd15"
-    sd15_unet = json.loads(json.dumps(dataclasses.asdict(t2vz.unet.UNetConfig())))
+    sd15_unet = json.loads(json.dumps(dataclasses.asdict(t2vz.sd.unet.UNetConfig())))
     assert read_model_config(tmp_path / "out")["unet"] == sd15_unet
     assert_same(tmp_path / "out", diffusers_reference(src, unet_config, vae_config, ema=True), torch.float16)
     print(f"\nfull SD 1.5: make file {made - start:.1f}s, convert {converted - made:.1f}s, "

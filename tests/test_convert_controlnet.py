@@ -13,7 +13,7 @@ from reference_models import TINY_CONTROLNET, diffusers_controlnet, tiny_referen
 from safetensors.torch import load_file
 
 import t2vz
-from t2vz.model_folder import ModelFolderError, read_controlnet_config, read_state_dict
+from t2vz.sd.model_folder import ModelFolderError, read_controlnet_config, read_state_dict
 from weights_convert import ConversionError, convert
 from weights_convert.__main__ import main
 from weights_convert.controlnet import cldm_name

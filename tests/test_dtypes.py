@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import t2vz
-from t2vz.loading import vae_dtype_for
-from t2vz.vae import AutoencoderKL, VAEConfig
+from t2vz.sd.loading import vae_dtype_for
+from t2vz.sd.vae import AutoencoderKL, VAEConfig
 
 RUN = dict(num_frames=2, num_inference_steps=3, t0=0, t1=1, progress=False)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import t2vz.config  # noqa: F401  (registers the ConfigStore nodes)
-from t2vz.config import to_generate_config
-from t2vz.report import write_report
+import t2vz.experiment.config  # noqa: F401  (registers the ConfigStore nodes)
+from t2vz.experiment.config import to_generate_config
+from t2vz.experiment.report import write_report
 from weights_convert.random_model import write_random_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from reference_models import (
     tiny_instruct_pix2pix_folder, write_t2vz_folder,
 )
 
-from t2vz.instruct import VideoInstructPix2Pix, source_size
+from t2vz.method.instruct import VideoInstructPix2Pix, source_size
 from t2vz.video_io import VideoIOError, resized_shape, write_video
 
 INSTRUCTION = "make it snowy"

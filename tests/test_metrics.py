@@ -1,4 +1,4 @@
-"""t2vz.metrics: CLIP scores against a hand computation on a tiny random CLIPModel; phase correlation, warp error
+"""t2vz.experiment.metrics: CLIP scores against a hand computation on a tiny random CLIPModel; phase correlation, warp error
 and frame difference on synthetic videos with known motion."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
-from t2vz.metrics import (CLIP_MEAN, CLIP_STD, ClipScorer, frame_difference, global_translation, measured_motion,
+from t2vz.experiment.metrics import (CLIP_MEAN, CLIP_STD, ClipScorer, frame_difference, global_translation, measured_motion,
                           video_metrics, warp_error)
-from t2vz.text_encoder import load_tokenizer
+from t2vz.sd.text_encoder import load_tokenizer
 
 PROMPT = "a horse galloping on a street"
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from t2vz.motion import (
+from t2vz.method.motion import (
     applied_shifts,
     compose,
     offsets_path,

@@ -10,7 +10,7 @@ from reference_models import (
 )
 
 from t2vz import TextToVideoZero
-from t2vz.model_folder import ModelFolderError
+from t2vz.sd.model_folder import ModelFolderError
 
 
 @pytest.fixture(scope="module")

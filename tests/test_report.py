@@ -1,4 +1,4 @@
-"""experiments/report.py and t2vz.report on a fake multirun folder (no model): per-job and per-setting tables
+"""experiments/report.py and t2vz.experiment.report on a fake multirun folder (no model): per-job and per-setting tables
 (means and stds over ok jobs only, the failed job listed), PNG plots, the frame sheet, the empty-folder error."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2vz.report import LABEL_WIDTH, PAD, PLOT_SIZE, ReportError, write_report
+from t2vz.experiment.report import LABEL_WIDTH, PAD, PLOT_SIZE, ReportError, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 STRENGTHS, SEEDS = (0, 12, 24), (0, 1)

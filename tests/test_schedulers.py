@@ -10,7 +10,7 @@ from conftest import assert_parity
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from t2vz.schedulers import DDIM, DDPM, draw_noise, scaled_linear_alphas_cumprod
+from t2vz.sd.schedulers import DDIM, DDPM, draw_noise, scaled_linear_alphas_cumprod
 
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
 

@@ -6,11 +6,11 @@ from conftest import assert_parity
 from reference_models import TINY_UNET, tiny_reference_folder
 
 from t2vz import TextToVideoZero
-from t2vz.motion import translation_path
-from t2vz.smoothing import (
+from t2vz.method.motion import translation_path
+from t2vz.method.smoothing import (
     CrossAttentionMaps, blend_background, dilate, masks_from_maps, smooth_video, token_positions,
 )
-from t2vz.text_encoder import load_tokenizer
+from t2vz.sd.text_encoder import load_tokenizer
 
 
 def test_blend_keeps_foreground_and_mixes_background():
@@ -117,7 +117,7 @@ def test_attention_masks_record_through_a_compiled_unet():
     """With compile=true the UNet is torch.compile'd; the cross-attention recording hooks, added to its modules
     after compilation, still see every call, and the frames equal eager ones. Dynamo's "eager" backend traces as
     the real one does, without code generation, so this stays fast."""
-    from t2vz.run import load_pipeline
+    from t2vz.experiment.run import load_pipeline
 
     assert isinstance(load_pipeline("toyworld", "cpu", "fp32", compile_unet=True).sd.unet,
                       torch._dynamo.eval_frame.OptimizedModule)

@@ -9,8 +9,8 @@ from reference_models import (
 )
 
 import t2vz
-from t2vz.text_to_image import encode_prompts
-from t2vz.unet import UNetConfig
+from t2vz.method.sampling import encode_prompts
+from t2vz.sd.unet import UNetConfig
 
 
 @pytest.fixture(scope="module")

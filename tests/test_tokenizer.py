@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from t2vz.text_encoder import load_tokenizer, shipped_tokenizer_dir
+from t2vz.sd.text_encoder import load_tokenizer, shipped_tokenizer_dir
 from weights_convert.clip_vocab import NUM_MERGES, VOCAB_SIZE, build_vocab, bytes_to_unicode
 
 

@@ -302,7 +302,7 @@ def test_the_judge_measures_the_applied_warp_on_rendered_frames():
     grid standing in for 16×16 latents of a 4× VAE: every latent pixel 4×4 image pixels) move exactly as
     `applied_motion` says: at λ = 12 by 0 or 4 px a frame, not the requested 1.5, so their error against the
     request is ~1.9 px a frame and against the applied warp ~0; at λ = 32 the two agree."""
-    from t2vz.motion import translation_path, warp_latents
+    from t2vz.method.motion import translation_path, warp_latents
     from t2vz.toyworld.judge import applied_motion, motion_errors, requested_motion
 
     image = render(one_object_scene("yellow", "circle", "grass", seed=7, r=8.0, cx=20.0, cy=28.0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import t2vz
-from t2vz.model_folder import SHIPPED_MODELS, read_model_config, resolve_model_path, shipped_model_dir
+from t2vz.sd.model_folder import SHIPPED_MODELS, read_model_config, resolve_model_path, shipped_model_dir
 from t2vz.toyworld.judge import judge_video, requested_motion
 from t2vz.toyworld.training import TOY_METHOD
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import t2vz
 from t2vz.toyworld.training import (DataConfig, GrowConfig, TextTrainConfig, TrainConfig, UNetTrainConfig,
                                     VAETrainConfig, train)
-from t2vz.tracking import LoggerConfig
+from t2vz.experiment.tracking import LoggerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +79,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_growing_attention_starts_from_the_trained_unet_and_ships_the_grown_one(tmp_path):
     """Stage 3b adds transformer blocks at 16×16 with zeroed output projections, so before its first step the grown
     model predicts exactly what stage 3's did; the exported folder has the grown UNet."""
-    from t2vz.text_encoder import build_clip_text_model
+    from t2vz.sd.text_encoder import build_clip_text_model
     from t2vz.toyworld.training import Denoiser, grow_from, grown_levels, text_config, unet_config
-    from t2vz.unet import UNet
+    from t2vz.sd.unet import UNet
 
     cfg = tiny(tmp_path, "g", grow_steps=2)
     assert grown_levels(cfg.unet) == [True, True, True] and grown_levels(tiny(tmp_path, "n").unet) == [False, True, True]
@@ -115,7 +115,7 @@ def test_the_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
 
 
 def test_min_snr_weights_the_clean_timesteps_down_and_leaves_the_noisy_ones_at_one():
-    from t2vz.schedulers.noise_schedule import scaled_linear_alphas_cumprod
+    from t2vz.sd.schedulers.noise_schedule import scaled_linear_alphas_cumprod
     from t2vz.toyworld.training import min_snr_weight
 
     alphas_cumprod = scaled_linear_alphas_cumprod()[2]

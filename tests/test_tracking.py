@@ -1,4 +1,4 @@
-"""t2vz.tracking: offline W&B runs, read back from their `.wandb` files; no-op trackers; the multirun summary.
+"""t2vz.experiment.tracking: offline W&B runs, read back from their `.wandb` files; no-op trackers; the multirun summary.
 
 wandb 0.31 has no Python reader of `.wandb` files (the old `wandb.sdk.internal.datastore` went with the move to
 the Go `wandb-core`), so `read_records` below reads the format itself: a 7-byte header (":W&B", magic 0xBEE1,
@@ -19,7 +19,7 @@ import torch
 import wandb
 from omegaconf import OmegaConf
 
-from t2vz.tracking import LoggerConfig, MultirunSummary, Tracker, sweep_group
+from t2vz.experiment.tracking import LoggerConfig, MultirunSummary, Tracker, sweep_group
 from wandb_records import read_run
 from t2vz.video_io import write_contact_sheet, write_video
 
@@ -177,7 +177,7 @@ from dataclasses import dataclass, field
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from t2vz.tracking import LoggerConfig, Tracker
+from t2vz.experiment.tracking import LoggerConfig, Tracker
 
 @dataclass
 class Config:
@@ -204,7 +204,7 @@ def test_two_point_sweep_shares_one_group(offline):
     sweep = offline / "sweeps" / "xs"
     result = subprocess.run(
         [sys.executable, "app.py", "-m", "x=1,2", f"hydra.sweep.dir={sweep}",
-         "+hydra.callbacks.summary._target_=t2vz.tracking.MultirunSummary"],
+         "+hydra.callbacks.summary._target_=t2vz.experiment.tracking.MultirunSummary"],
         cwd=offline, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     runs = [read_run(d) for d in sorted(sweep.glob("**/wandb/offline-run-*"))]

@@ -4,8 +4,8 @@ import torch
 from conftest import assert_parity
 from reference_models import SD15_UNET, TINY_UNET, diffusers_unet
 
-from t2vz.loading import build_loaded
-from t2vz.unet import UNet, UNetConfig
+from t2vz.sd.loading import build_loaded
+from t2vz.sd.unet import UNet, UNetConfig
 
 
 def ours_from(ref, cfg: UNetConfig) -> UNet:
@@ -60,7 +60,7 @@ def test_sd15_unet_matches_diffusers():
 @torch.no_grad()
 def test_context_per_video_matches_diffusers_with_context_per_frame(tiny):
     """The pipelines pass one text context per video; diffusers gets it repeated for every frame."""
-    from t2vz.attention import CrossFrame
+    from t2vz.sd.attention import CrossFrame
 
     ref, ours = tiny
     import sys
@@ -93,7 +93,7 @@ def test_cross_frame_levels_match_diffusers_with_processors_by_level(tiny, level
     from diffusers import TextToVideoZeroPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from t2vz.attention import CrossFrame
+    from t2vz.sd.attention import CrossFrame
 
     ref, ours = tiny
     CrossFrameAttnProcessor2_0 = sys.modules[TextToVideoZeroPipeline.__module__].CrossFrameAttnProcessor2_0
@@ -121,7 +121,7 @@ def test_unet_compiles_as_one_graph(tiny):
     """`torch.compile` of the UNet (benchmark.py compile=true, python -m t2vz compile=true) traces the whole forward,
     cross-frame attention and the shared text context included, without graph breaks (each would fall back to
     eager Python between compiled pieces)."""
-    from t2vz.attention import CrossFrame
+    from t2vz.sd.attention import CrossFrame
 
     _, ours = tiny
     x, context = torch.randn(6, 4, 8, 8), torch.randn(2, 77, TINY_UNET.cross_attention_dim)

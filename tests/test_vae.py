@@ -4,8 +4,8 @@ import torch
 from conftest import assert_parity
 from reference_models import SD15_VAE, TINY_VAE, diffusers_vae
 
-from t2vz.loading import build_loaded
-from t2vz.vae import AutoencoderKL, VAEConfig
+from t2vz.sd.loading import build_loaded
+from t2vz.sd.vae import AutoencoderKL, VAEConfig
 
 
 def ours_from(ref, cfg: VAEConfig) -> AutoencoderKL:

@@ -1,4 +1,4 @@
-"""Convert the SD 1.x checkpoints people have into t2vz model folders (`t2vz/model_folder.py`).
+"""Convert the SD 1.x checkpoints people have into t2vz model folders (`t2vz/sd/model_folder.py`).
 
 Usage::
 
@@ -51,7 +51,7 @@ ControlNet folders (`t2vz.load_controlnet`).
 Refused with a `ConversionError` saying why: SD 2.x, SDXL (models and ControlNets), inpainting (unless
 --allow-inpainting), pickles that hold Python objects, truncated files.
 """
-from .checkpoint_io import ConversionError
-from .convert import Report, convert
+from weights_convert.checkpoint_io import ConversionError
+from weights_convert.convert import Report, convert
 
 __all__ = ["ConversionError", "Report", "convert"]

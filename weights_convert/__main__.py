@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from t2vz.model_folder import ModelFolderError
+from t2vz.sd.model_folder import ModelFolderError
 
-from .checkpoint_io import ConversionError
-from .convert import DTYPES, convert
+from weights_convert.checkpoint_io import ConversionError
+from weights_convert.convert import DTYPES, convert
 
 DESCRIPTION = """\
 Convert a Stable Diffusion 1.x checkpoint into a t2vz model folder (read by t2vz.load).

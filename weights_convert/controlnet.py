@@ -1,4 +1,4 @@
-"""SD 1.x ControlNet checkpoints → t2vz names (diffusers' `ControlNetModel` keys, `t2vz.controlnet.ControlNet`).
+"""SD 1.x ControlNet checkpoints → t2vz names (diffusers' `ControlNetModel` keys, `t2vz.sd.controlnet.ControlNet`).
 
 Two sources:
 
@@ -27,12 +27,12 @@ import dataclasses
 import re
 from pathlib import Path
 
-from t2vz.controlnet import ControlNetConfig
+from t2vz.sd.controlnet import ControlNetConfig
 
-from .checkpoint_io import ConversionError, name_list, read_weights
-from .diffusers_folder import SUFFIXES, UNET_FIXED, read_json, unet_config
-from .ldm import NON_WEIGHTS, indices, ldm_name, read_encoder_config, shape_reader, unet_rules
-from .target import SD2_CONTEXT_DIM, Source, check_keys, expected_shapes, refuse_sd2
+from weights_convert.checkpoint_io import ConversionError, name_list, read_weights
+from weights_convert.diffusers_folder import SUFFIXES, UNET_FIXED, read_json, unet_config
+from weights_convert.ldm import NON_WEIGHTS, indices, ldm_name, read_encoder_config, shape_reader, unet_rules
+from weights_convert.target import SD2_CONTEXT_DIM, Source, check_keys, expected_shapes, refuse_sd2
 
 CONTROL = "control_model."
 HINT = "input_hint_block."

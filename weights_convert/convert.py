@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
-from t2vz.model_folder import TOKENIZER_FILES, write_controlnet_folder, write_model_folder
-from t2vz.text_encoder import shipped_tokenizer_dir
+from t2vz.sd.model_folder import TOKENIZER_FILES, write_controlnet_folder, write_model_folder
+from t2vz.sd.text_encoder import shipped_tokenizer_dir
 
-from .checkpoint_io import ConversionError, read_weights
-from .clip_vocab import TOKENIZER_CONFIG
-from .controlnet import (
+from weights_convert.checkpoint_io import ConversionError, read_weights
+from weights_convert.clip_vocab import TOKENIZER_CONFIG
+from weights_convert.controlnet import (
     controlnet_config_dict, is_controlnet_file, is_controlnet_folder, read_controlnet_file, read_controlnet_folder,
 )
-from .diffusers_folder import is_diffusers_folder, read_diffusers_folder
-from .ldm import read_single_file
-from .target import Source, config_dicts
+from weights_convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
+from weights_convert.ldm import read_single_file
+from weights_convert.target import Source, config_dicts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

@@ -10,13 +10,13 @@ import json
 import re
 from pathlib import Path
 
-from t2vz.text_encoder import canonical_clip_state_dict
-from t2vz.unet import UNetConfig
-from t2vz.vae import VAEConfig
+from t2vz.sd.text_encoder import canonical_clip_state_dict
+from t2vz.sd.unet import UNetConfig
+from t2vz.sd.vae import VAEConfig
 
-from .checkpoint_io import ConversionError, read_weights
-from .ldm import conv1x1_to_linear
-from .target import CLIP_KEYS, SD2_CONTEXT_DIM, Source, check_keys, clip_config, expected_shapes, refuse_sd2, variant
+from weights_convert.checkpoint_io import ConversionError, read_weights
+from weights_convert.ldm import conv1x1_to_linear
+from weights_convert.target import CLIP_KEYS, SD2_CONTEXT_DIM, Source, check_keys, clip_config, expected_shapes, refuse_sd2, variant
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}

@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from t2vz.model_folder import ModelFolderError, write_model_folder
-from t2vz.text_encoder import build_clip_text_model, canonical_clip_state_dict, shipped_tokenizer_dir
-from t2vz.unet import UNet, UNetConfig
-from t2vz.vae import AutoencoderKL, VAEConfig
+from t2vz.sd.model_folder import ModelFolderError, write_model_folder
+from t2vz.sd.text_encoder import build_clip_text_model, canonical_clip_state_dict, shipped_tokenizer_dir
+from t2vz.sd.unet import UNet, UNetConfig
+from t2vz.sd.vae import AutoencoderKL, VAEConfig
 
 SIZES = {
     "tiny": dict(

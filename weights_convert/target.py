@@ -9,12 +9,12 @@ import dataclasses
 
 import torch
 
-from t2vz.controlnet import ControlNet
-from t2vz.text_encoder import build_clip_text_model, canonical_clip_state_dict
-from t2vz.unet import UNet, UNetConfig
-from t2vz.vae import AutoencoderKL, VAEConfig
+from t2vz.sd.controlnet import ControlNet
+from t2vz.sd.text_encoder import build_clip_text_model, canonical_clip_state_dict
+from t2vz.sd.unet import UNet, UNetConfig
+from t2vz.sd.vae import AutoencoderKL, VAEConfig
 
-from .checkpoint_io import ConversionError, dtype_name, name_list
+from weights_convert.checkpoint_io import ConversionError, dtype_name, name_list
 
 # transformers.CLIPTextConfig kwargs stored in the model folder; the values SD 1.5's CLIP ViT-L/14 uses.
 CLIP_DEFAULTS = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}

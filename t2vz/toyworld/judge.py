@@ -203,7 +203,7 @@ def appearance_consistency(frames, colour: str) -> dict[str, float]:
 
 def requested_motion(motion_strength: float, direction, height: int, width: int) -> tuple[float, float]:
     """The per-frame global translation (dy, dx) in image pixels that λ and δ ask for: the latent warp samples
-    frame k at p + λ·k·δ on a 512-pixel grid stretched over the frame (`t2vz.motion`), so the content moves by
+    frame k at p + λ·k·δ on a 512-pixel grid stretched over the frame (`t2vz.method.motion`), so the content moves by
     −λ·δ·(size/512) pixels a frame (the sign convention of `metrics.global_translation`: right/down positive)."""
     dx, dy = (float(d) for d in direction)
     return -motion_strength * dy * height / 512, -motion_strength * dx * width / 512
@@ -215,7 +215,7 @@ def applied_motion(motion_strength: float, direction, num_frames: int, latent_si
     minus the sampling shift). It equals `requested_motion` where λ·δ·w/512 is a whole number of latent pixels
     (λ = 32 and 64 on the toy model's 16×16 latents); at the paper's λ = 12 (0.375 of a latent pixel a frame) the
     content moves by 0 or 4 image pixels from frame to frame."""
-    from ..motion import applied_shifts, translation_path
+    from ..method.motion import applied_shifts, translation_path
 
     shifts = applied_shifts(translation_path(range(num_frames), motion_strength, direction), latent_size)
     scale = torch.tensor([image_size[0] / latent_size[0], image_size[1] / latent_size[1]], dtype=torch.float64)
@@ -226,7 +226,7 @@ def motion_errors(frames, requested) -> torch.Tensor:
     """(f, h, w, 3) frames (uint8 or float in [0, 1]) → (f − 1, 2) float64: the translation between consecutive
     frames measured by phase correlation (`metrics.measured_motion`) minus `requested`: one (dy, dx) for every
     frame pair (`requested_motion`) or one per pair, (f − 1, 2) (`applied_motion`)."""
-    from ..metrics import measured_motion
+    from ..experiment.metrics import measured_motion
 
     motion = measured_motion(torch.from_numpy(as_uint8(frames)).float() / 255.0).double()
     return motion - torch.as_tensor(requested, dtype=torch.float64)

@@ -10,7 +10,7 @@
     3b. grow  optional (`unet.grow.steps` > 0; the shipped recipe has none): add transformer blocks at the levels
               `unet.grow.levels` marks, their output projections zeroed so that the model starts as stage 3
               ended, and train every weight on (an experiment: attention at 16×16 for the last steps only,
-              README, "How the recipe got here")
+              docs/toy_model.md)
     4. export the EMA weights as fp16 safetensors in a t2vz model folder (`model_folder.write_model_folder`, the
               same format `weights_convert` writes for SD 1.5), with the command and seed that made them
 
@@ -34,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..attention import Transformer2D
-from ..model_folder import write_model_folder
-from ..schedulers.noise_schedule import scaled_linear_alphas_cumprod
-from ..text_encoder import MAX_TOKENS, build_clip_text_model, canonical_clip_state_dict, load_tokenizer
-from ..text_encoder import shipped_tokenizer_dir
-from ..tracking import LoggerConfig, Tracker
-from ..unet import UNet, UNetConfig
-from ..vae import AutoencoderKL, VAEConfig
+from ..experiment.tracking import LoggerConfig, Tracker
+from ..sd.attention import Transformer2D
+from ..sd.model_folder import write_model_folder
+from ..sd.schedulers.noise_schedule import scaled_linear_alphas_cumprod
+from ..sd.text_encoder import MAX_TOKENS, build_clip_text_model, canonical_clip_state_dict, load_tokenizer
+from ..sd.text_encoder import shipped_tokenizer_dir
+from ..sd.unet import UNet, UNetConfig
+from ..sd.vae import AutoencoderKL, VAEConfig
 from .world import SIZE, render, scene_for_index
 
 
@@ -78,12 +78,13 @@ class GrowConfig:
 class UNetTrainConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     # Transformer blocks at 8×8 and 4×4, none at 16×16: there they took 44% of a training step (0.43 against
-    # 0.24 s at batch 32, 2-core CPU), and without them 8000 steps fit about the hour and draw the shapes (README).
+    # 0.24 s at batch 32, 2-core CPU), and without them 8000 steps fit about the hour and draw the shapes
+    # (docs/toy_model.md).
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])  # 16×16, 8×8, 4×4
     layers_per_block: int = 1
     num_attention_heads: int = 4
     norm_num_groups: int = 8
-    steps: int = 8000  # colour and shape right in 76.6% of the judge's images at 7000, 89.8% at 8000 (README)
+    steps: int = 8000  # colour and shape right in 76.6% of the judge's images at 7000, 89.8% at 8000 (docs/toy_model.md)
     batch_size: int = 32
     lr: float = 1e-3  # peak; linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`
     warmup: int = 200
@@ -424,8 +425,9 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, captions: list[str], dat
 
 # The motion settings the model folder carries as its defaults (`model_folder.method_defaults`): λ = 32 is one
 # latent pixel (4 image pixels) a frame on 16×16 latents; the toy model lays out its scene late and follows a warp
-# the better the later it comes: at DDIM step 8 (of 50, counted from the end) 0.46 px a frame of error, at 15 1.17,
-# at 25 2.65, and an earlier toy model composed a new scene in every frame at the paper's 44 → 47 (README, "Motion").
+# the better the later it comes: warped at DDIM step 8 (of 50, counted from the end) its mean error is 0.67 px a
+# frame, at 15 1.33 px (the judge, λ = 32 and 64); an earlier toy model composed a new scene in every frame at the
+# paper's 44 → 47 (docs/toy_model.md, "Motion").
 TOY_METHOD = {"motion_strength": 32.0, "t0": 8, "t1": 8}
 
 

@@ -1,7 +1,7 @@
 """The toy world: captioned scenes of one or two flat shapes over a structured background, rendered from a seed.
 
 It stands in for the photographs SD 1.5 was trained on, so that a small model of SD 1.5's architecture can be
-trained here in minutes and the method measured on something real (issue 5). Everything is decided by one
+trained here in minutes and the method measured on something real. Everything is decided by one
 `numpy.random.Generator`, so a (seed, index) pair is a scene, forever.
 
     scene  = sample_scene(np.random.default_rng(0))
@@ -71,7 +71,7 @@ RADIUS = (6, 13)  # object radius range in pixels (12…26 px wide)
 # Where the horizon (sky over ground) and the wall's floor line fall, as fractions of the height. Wide ranges, so
 # that a scene moved up or down by the method's motion dynamics is still a scene of this world: a model trained
 # with the horizon only between 35% and 60% drew the horizon back into that band when asked to move down
-# (README, "Motion").
+# (docs/toy_model.md).
 HORIZON = (0.15, 0.85)
 WALL_FLOOR_LINE = (0.3, 0.95)
 # The sky's gradient runs from SKY_HORIZON at the horizon to SKY_TOP this many pixels above it, wherever the horizon

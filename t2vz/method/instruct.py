@@ -16,15 +16,15 @@ and combines them with InstructPix2Pix's two-scale classifier-free guidance (Bro
 (s_T `guidance_scale`, s_I `image_guidance_scale`). Cross-frame attention treats the batch as three videos of f
 frames, so each branch's frames attend to that branch's frame 1: what diffusers' CrossFrameAttnProcessor with
 batch_size=3 does on StableDiffusionInstructPix2PixPipeline (the authors' code and diffusers' docs). Each frame
-starts from its own noise; cross-frame attention alone carries the consistency (../shared/METHOD.md).
+starts from its own noise; cross-frame attention alone carries the consistency (docs/method.md).
 
 One named function per step:
   1. `source_size` + `video_io.resize_frames`   frames scaled so the long side is the resolution
   2. `encode_source`                            E(x): the VAE posterior's mode, unscaled (as diffusers)
   3. `branch_contexts` + `branch_batch`         the three branches' text rows and 8-channel UNet input
-  4. `instruct_guidance`                        Eq. 3 above, inside a DDIM loop (`text_to_image.ddim_loop`)
-  5. `pipeline.decode_video`                    VAE decode of every frame, [−1, 1] → [0, 1]
-Long videos are edited in chunks (`TextToVideoZero.chunks`), each with frame 1 prepended.
+  4. `instruct_guidance`                        Eq. 3 above, inside a DDIM loop (`sampling.ddim_loop`)
+  5. `sampling.decode_video`                    VAE decode of every frame, [−1, 1] → [0, 1]
+Long videos are edited in chunks (`chunks.py`), each with frame 1 prepended.
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ from collections.abc import Callable
 
 import torch
 
-from .attention import CROSS_FRAME_MODES, CrossFrame
-from .loading import StableDiffusion, load
-from .pipeline import TextToVideoZero, check_chunking, decode_video
-from .schedulers import DDIM, draw_noise
-from .text_to_image import check_size, checked_latents, ddim_loop, step_counter
-from .video_io import load_frames, resize_frames, resized_shape
+from ..sd.attention import CrossFrame, check_cross_frame_mode
+from ..sd.loading import StableDiffusion, load
+from ..sd.schedulers import DDIM, draw_noise
+from ..video_io import load_frames, resize_frames, resized_shape
+from .chunks import check_chunking, generate_in_chunks
+from .sampling import check_size, checked_latents, ddim_loop, decode_video, step_counter
 
 
 def check_instruct_unet(sd: StableDiffusion) -> None:
@@ -165,14 +165,14 @@ class VideoInstructPix2Pix:
 
         on_step = step_counter(callback)
 
-        out = []
-        for i, ids in enumerate(TextToVideoZero.chunks(f, chunk_size)):
+
+        def edit(ids: list[int]) -> torch.Tensor:
             source = encode_source(sd, resize_frames(frames[ids], (height, width)))
             x = self.denoise_frames(x_T[ids], source, scheduler, context, guidance_scale, image_guidance_scale,
                                     generator, cross_frame, on_step, progress)
-            edited = decode_video(sd, x, len(ids))[0]
-            out.append(edited if i == 0 else edited[1:])  # drop frame 1, prepended to every later chunk
-        return torch.cat(out)
+            return decode_video(sd, x, len(ids))  # (1, len(ids), H, W, 3)
+
+        return generate_in_chunks(f, chunk_size, edit)[0]
 
     def denoise_frames(self, x_T: torch.Tensor, source: torch.Tensor, scheduler: DDIM, context: torch.Tensor,
                        guidance_scale: float, image_guidance_scale: float, generator, cross_frame: str,
@@ -207,5 +207,4 @@ class VideoInstructPix2Pix:
                 or size_multiple % factor:
             raise ValueError(f"size_multiple={size_multiple!r} must be a positive multiple of {factor} (the VAE "
                              "downsamples by it); 64 as the authors, or 8")
-        if cross_frame not in CROSS_FRAME_MODES:
-            raise ValueError(f"cross_frame={cross_frame!r} is not one of {CROSS_FRAME_MODES}")
+        check_cross_frame_mode(cross_frame)

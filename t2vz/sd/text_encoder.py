@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.utils import logging as hf_logging
+
+if TYPE_CHECKING:  # transformers is imported when a tokenizer or text model is built, not with t2vz
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 MAX_TOKENS = 77
 
@@ -23,11 +25,16 @@ def shipped_tokenizer_dir() -> Path:
 
 def load_tokenizer(folder: str | Path | None = None) -> CLIPTokenizer:
     """CLIP's tokenizer from a folder with vocab.json and merges.txt (the shipped one by default)."""
+    from transformers import CLIPTokenizer
+
     return CLIPTokenizer.from_pretrained(str(folder or shipped_tokenizer_dir()), model_max_length=MAX_TOKENS)
 
 
 def build_clip_text_model(config: dict) -> CLIPTextModel:
     """transformers' CLIPTextModel from the config dict stored in a t2vz model folder (CLIPTextConfig kwargs)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "unused kwargs" chatter on construction
     try:

@@ -3,7 +3,7 @@
     paths = write_report("multirun/2024-01-01/12-00-00")            # into the same folder
     paths = write_report(sweep_dir, out_dir="reports/lambda")
 
-Reads every job folder with `t2vz.tracking.collect_jobs` and writes (atomically, `t2vz.video_io` helpers):
+Reads every job folder with `t2vz.experiment.tracking.collect_jobs` and writes (atomically, `t2vz.video_io` helpers):
 - `report.csv` / `report.md`: one row per job (overrides, metrics, status, error);
 - `report_by_setting.csv` / `.md`: one row per setting (the swept keys other than seed and prompt), with
   n_jobs, n_ok and `{metric}_mean` / `{metric}_std` over that setting's ok jobs (failed jobs are counted, never
@@ -31,8 +31,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from ..video_io import contact_sheet, write_image, write_text
 from .tracking import collect_jobs, parse_overrides, write_summary_csv
-from .video_io import contact_sheet, write_image, write_text
 
 NOT_SETTINGS = ("seed", "prompt")  # averaged over: a setting is everything else that was swept
 NOT_METRICS = ("job", "status", "error")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import BasicTransformerBlock
+from ..sd.attention import BasicTransformerBlock
 from .motion import warp_latents
 
 SMOOTHING_FORMS = ("paper", "authors")

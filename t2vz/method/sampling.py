@@ -1,8 +1,12 @@
-"""Text-to-image with Stable Diffusion 1.5: DDIM sampling (Song et al. 2021) with classifier-free guidance
-(Ho & Salimans 2022). It exercises the whole stack end to end; the video pipelines build on the same steps.
+"""The sampling loop every pipeline shares: DDIM (Song et al. 2021, Eq. 12) with classifier-free guidance (Ho &
+Salimans 2022), and the steps around it (text conditioning, x_T, decoding), as k-diffusion keeps its samplers'
+common loop in one place.
 
-Random stream, kept identical to diffusers' StableDiffusionPipeline for seed compatibility: x_T (1, 4, h, w) is the
-first draw from `generator` (a CPU generator draws on the CPU, whatever the device), then DDIM's noise when η > 0.
+Random stream, kept identical to diffusers' pipelines for seed compatibility: x_T is the first draw from
+`generator` (a CPU generator draws on the CPU, whatever the device), then DDIM's noise when η > 0.
+
+Layouts: a video's latents are (b, c, f, h, w); the UNet sees frames folded into the batch, (b f) c h w, by
+`fold_frames` / `unfold_frames`. With classifier-free guidance the UNet batch is [uncond rows; text rows].
 """
 from __future__ import annotations
 
@@ -10,11 +14,22 @@ import itertools
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 
-from .attention import CrossFrame
-from .loading import StableDiffusion
-from .schedulers import DDIM, draw_noise
+from ..sd.attention import CrossFrame
+from ..sd.loading import StableDiffusion
+from ..sd.schedulers import DDIM
+
+
+def fold_frames(video: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) → ((b f), c, h, w): frames into the batch, video-major."""
+    return rearrange(video, "b c f h w -> (b f) c h w")
+
+
+def unfold_frames(frames: torch.Tensor, f: int) -> torch.Tensor:
+    """((b f), c, h, w) → (b, c, f, h, w)."""
+    return rearrange(frames, "(b f) c h w -> b c f h w", f=f)
 
 
 def check_size(height: int, width: int, multiple: int = 8) -> None:
@@ -61,6 +76,18 @@ def step_counter(callback: Callable[[int, int, torch.Tensor], None] | None):
         return None
     counter = itertools.count()
     return lambda t, x: callback(next(counter), t, x)
+
+
+def chain(*callbacks):
+    """One step callback `(t, x)` from several (None skipped): each may return a replacement x, later ones see it."""
+    callbacks = [c for c in callbacks if c is not None]
+
+    def run(t: int, x: torch.Tensor) -> torch.Tensor:
+        for callback in callbacks:
+            replaced = callback(t, x)
+            x = x if replaced is None else replaced
+        return x
+    return run if callbacks else None
 
 
 def ddim_loop(
@@ -112,33 +139,8 @@ def decode_images(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-@torch.no_grad()
-def text_to_image(
-    components: StableDiffusion,
-    prompt: str,
-    height: int | None = None,
-    width: int | None = None,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    generator: torch.Generator | None = None,
-    negative_prompt: str | None = None,
-    eta: float = 0.0,
-    latents: torch.Tensor | None = None,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """prompt → image (H, W, 3) float in [0, 1]. `latents` (1, 4, H/8, W/8) scaled, replaces the drawn x_T;
-    `callback(i, t, x)` is called after every DDIM step. height, width: None is the model's own size."""
-    sd = components
-    height, width = sd.image_size(height, width)
-    factor = sd.vae.downsample_factor
-    check_size(height, width, factor)
-    scheduler = DDIM(num_inference_steps, eta=eta)
-    context = encode_prompts(sd, [prompt], [negative_prompt] if negative_prompt else None, guidance_scale)
-    shape = (1, sd.unet.config.in_channels, height // factor, width // factor)
-    x = (draw_noise(shape, generator, sd.device, sd.dtype) if latents is None
-         else checked_latents(sd, latents, shape, f" for {height}×{width}"))
-    on_step = step_counter(callback)
-    x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
-                     step_callback=on_step, progress=progress)
-    return decode_images(sd, x)[0].permute(1, 2, 0).float().cpu()
+def decode_video(sd: StableDiffusion, latents: torch.Tensor, f: int) -> torch.Tensor:
+    """T2V-Zero step 6: scaled latents ((b f), c, h, w) → frames (b, f, H, W, 3) in [0, 1] on the CPU, decoded one
+    frame at a time so that memory does not grow with the video's length."""
+    images = torch.cat([decode_images(sd, x[None]) for x in latents])
+    return rearrange(images, "(b f) c h w -> b f h w c", f=f).float().cpu()

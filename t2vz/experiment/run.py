@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from hydra.experimental.callback import Callback
 
-from . import __version__
-from .cli import DTYPES
+from .. import __version__
+from ..method.text2video_zero import TextToVideoZero
+from ..sd.loading import DTYPES
+from ..sd.model_folder import ModelFolderError
+from ..video_io import VideoIOError, to_uint8, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
-from .model_folder import ModelFolderError
-from .pipeline import TextToVideoZero
-from .video_io import VideoIOError, to_uint8, write_outputs, write_text
 
 # Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
 USER_ERRORS = (ValueError, ModelFolderError, VideoIOError, OSError)
@@ -146,9 +146,9 @@ def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None
     videos = frames if frames.ndim == 5 else [frames]
     per_video = [video_metrics(video, config.prompt if text is None else text, scorer) for video in videos]
     if toyworld:
-        from .toyworld.world import parse_caption
+        from ..toyworld.world import parse_caption
     if toyworld and parse_caption(config.prompt)[0]:  # a prompt with no coloured shape: nothing to judge
-        from .toyworld.judge import judge_video, requested_motion
+        from ..toyworld.judge import judge_video, requested_motion
 
         h, w = videos[0].shape[1:3]
         requested = requested_motion(config.method.motion_strength, config.method.direction, h, w)

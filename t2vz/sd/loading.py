@@ -18,6 +18,9 @@ from .text_encoder import TextEncoder, build_clip_text_model, clip_state_dict_fo
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
+# the dtypes a model loads in, by their command-line names
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 @dataclass
 class StableDiffusion:

@@ -1,4 +1,4 @@
-"""What the ablations measure: CLIP text score and frame consistency (METHOD.md "Metrics"), and model-free
+"""What the ablations measure: CLIP text score and frame consistency (docs/method.md), and model-free
 temporal metrics (phase-correlation motion, motion-compensated warp error) that need no CLIP weights.
 
 Frames are float tensors (f, h, w, 3) in [0, 1]. Metrics over frame pairs are means over an empty set for a
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from t2vz.text_encoder import MAX_TOKENS, load_tokenizer
+from t2vz.sd.text_encoder import MAX_TOKENS, load_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -31,7 +31,7 @@ def _check_frames(frames: torch.Tensor) -> torch.Tensor:
 class ClipScorer:
     """A `transformers.CLIPModel` with its tokenizer and CLIP's image preprocessing done in torch.
 
-    `name` records which CLIP model produced the numbers (METHOD.md: record which CLIP model was used).
+    `name` records which CLIP model produced the numbers (record which CLIP model was used).
     """
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, name: str, batch_size: int = 32):

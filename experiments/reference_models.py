@@ -1,12 +1,31 @@
 """Reference (diffusers / transformers) models with random, perturbed weights, tiny or of the full SD 1.5 shapes,
-and the matching t2vz configs. Test-only: t2vz never imports diffusers."""
+and the matching t2vz configs: the oracle of the parity tests (tests/, which find this folder on pytest's
+`pythonpath`) and of the benchmark (experiments/benchmark.py). diffusers comes with the test extra; t2vz itself
+never imports it."""
 from __future__ import annotations
 
-from conftest import perturb_
+import torch
 
-from t2vz.controlnet import ControlNetConfig
-from t2vz.unet import UNetConfig
-from t2vz.vae import VAEConfig
+from t2vz.sd.controlnet import ControlNetConfig
+from t2vz.sd.unet import UNetConfig
+from t2vz.sd.vae import VAEConfig
+
+
+@torch.no_grad()
+def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Move every parameter away from its default init (norm weights off 1, biases off 0, zero-inits off 0).
+
+    A mapping bug between two norms left at weight 1, bias 0 is invisible; after this, no two parameters agree.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+        if p.ndim == 1 and ("norm" in name or "layer_norm" in name) and name.endswith("weight"):
+            p.copy_(1.0 + 0.2 * noise)  # norm gains around 1
+        else:
+            p.add_(scale * noise)
+    return module
+
 
 TINY_UNET = UNetConfig(block_out_channels=(32, 64), attention_levels=(True, False), cross_attention_dim=32)
 SD15_UNET = UNetConfig()
@@ -64,7 +83,7 @@ def diffusers_vae(cfg: VAEConfig, seed: int = 0):
 
 
 def clip_text_model(cfg: dict, seed: int = 0):
-    from t2vz.text_encoder import build_clip_text_model
+    from t2vz.sd.text_encoder import build_clip_text_model
 
     return perturb_(build_clip_text_model(cfg), seed, scale=0.02).eval()
 
@@ -73,8 +92,8 @@ def write_t2vz_folder(path, unet_cfg: UNetConfig, vae_cfg: VAEConfig, clip_cfg: 
     """A t2vz model folder holding the reference models' weights (diffusers key names are t2vz's)."""
     import dataclasses
 
-    from t2vz.model_folder import write_model_folder
-    from t2vz.text_encoder import canonical_clip_state_dict, shipped_tokenizer_dir
+    from t2vz.sd.model_folder import write_model_folder
+    from t2vz.sd.text_encoder import canonical_clip_state_dict, shipped_tokenizer_dir
 
     return write_model_folder(
         path,
@@ -98,7 +117,7 @@ def reference_pipeline(cls_name: str, ref_unet, ref_vae, ref_clip):
     SD 1.5's DDIM scheduler and the shipped tokenizer, no safety checker."""
     import diffusers
 
-    from t2vz.text_encoder import load_tokenizer
+    from t2vz.sd.text_encoder import load_tokenizer
 
     pipe = getattr(diffusers, cls_name)(vae=ref_vae, text_encoder=ref_clip, tokenizer=load_tokenizer(),
                                         unet=ref_unet, scheduler=sd15_ddim_scheduler(), safety_checker=None,

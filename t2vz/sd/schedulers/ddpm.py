@@ -1,6 +1,6 @@
 """DDPM (Ho et al. 2020): forward noising q (Eq. 4 and its multi-step form) and the ancestral step (Eq. 7, 11).
 
-`forward` is Text2Video-Zero's DDPM forward from T₀ to T₁ (METHOD.md step 4). The exact marginal is
+`forward` is Text2Video-Zero's DDPM forward from T₀ to T₁ (Algorithm 1 step 4, docs/method.md). The exact marginal is
 q(x_{t1} | x_{t0}) = N(√a x_{t0}, (1 − a) I) with a = ᾱ_{t1}/ᾱ_{t0} = ∏_{t=t0+1}^{t1} α_t; both reference
 implementations use ∏_{t=t0}^{t1−1} α_t (one step early), available as `marginal="reference"`.
 

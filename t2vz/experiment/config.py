@@ -29,13 +29,13 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .attention import CROSS_FRAME_MODES, check_cross_frame_levels
-from .cli import DTYPES
-from .model_folder import model_method_defaults
-from .pipeline import DDPM_MARGINALS
-from .smoothing import SMOOTHING_FORMS
+from ..method.smoothing import SMOOTHING_FORMS
+from ..method.text2video_zero import DDPM_MARGINALS
+from ..sd.attention import CROSS_FRAME_MODES, check_cross_frame_levels
+from ..sd.loading import DTYPES
+from ..sd.model_folder import PAPER_METHOD, model_method_defaults
+from ..video_io import VIDEO_FORMATS
 from .tracking import LoggerConfig
-from .video_io import VIDEO_FORMATS
 
 # the enum-like options and their allowed values, from the modules that define them
 CHOICES = {"dtype": tuple(DTYPES), "method.ddpm_marginal": DDPM_MARGINALS, "method.cross_frame": CROSS_FRAME_MODES,
@@ -97,7 +97,7 @@ class SamplerConfig:
 class MethodConfig:
     """Text2Video-Zero: motion dynamics in the latents (λ, δ, t0 ≤ t1) and cross-frame attention (Sec. 3.2–3.3);
     optional background smoothing with weight α inside the mask from the `mask_tokens` words (None: all words).
-    λ, t0, t1 None: the model's own (`model_folder.method_defaults`; the paper's 12, 44, 47; toyworld 32, 8, 8)."""
+    λ, t0, t1 None: the model's own (`model_folder.method_defaults`: the paper's 12, 44, 47, or its folder's own)."""
 
     motion_strength: Optional[float] = None
     direction: list[float] = field(default_factory=lambda: [1.0, 1.0])
@@ -182,7 +182,7 @@ class GenerateConfig:
 
 @dataclass
 class MetricsConfig:
-    """What `t2vz.metrics.video_metrics` measures for every job, and which value the job returns to a sweeper."""
+    """What `t2vz.experiment.metrics.video_metrics` measures for every job, and which value the job returns to a sweeper."""
 
     clip_model: Optional[str] = None  # a transformers CLIPModel folder or hub id; None: model-free metrics only
     headline: str = "warp_error"  # the metric the job returns (lower is better for warp_error)
@@ -226,6 +226,7 @@ def to_generate_config(cfg: DictConfig) -> GenerateConfig:
     return OmegaConf.to_object(fill_method_defaults(cfg))
 
 
+MODEL_OWN_KEYS = ("method.motion_strength", "method.t0")  # their texts quote each model's own values
 # key → what it does: `--help` lists these with their defaults and, from CHOICES, their allowed values
 KEY_OPTIONS = {
     "prompt": "required: the video's text",
@@ -233,17 +234,19 @@ KEY_OPTIONS = {
     "seed": "seeds every random draw: same seed, same video",
     "device": "auto: cuda if available, else cpu; or cpu, cuda, cuda:N",
     "dtype": "weights and activations (fp16 keeps the VAE in fp32: it can overflow fp16)",
-    "compile": "torch.compile the UNet (compiles first: ~25 s for a tiny UNet on 2 CPU cores; README perf)",
+    "compile": "torch.compile the UNet (compiles first: ~25 s for a tiny UNet on 2 CPU cores; docs/performance.md)",
     "video.num_frames": "frames per video",
     "video.height": "pixels, a multiple of 8 (also video.width); null: the model's own size",
     "video.num_videos_per_prompt": "videos per run: video_0.mp4, video_1.mp4, ...",
     "sampler.num_inference_steps": "DDIM steps",
     "sampler.guidance_scale": "classifier-free guidance weight",
     "method.motion_strength": "lambda: motion per frame, in pixels of a 512x512 frame (null: the model's own, "
-                              "12 for SD 1.5 as in the paper, 32 for toyworld)",
+                              "{paper[motion_strength]:g} for SD 1.5 as in the paper, {toy[motion_strength]:g} for "
+                              "toyworld)",
     "method.direction": "delta = [dx, dy], the motion's direction",
     "method.t0": "motion is added between DDIM steps t0 <= t1, counted from the end (also method.t1); null: the "
-                 "model's own, 44 and 47 for SD 1.5 as in the paper, 15 and 15 for toyworld",
+                 "model's own, {paper[t0]} and {paper[t1]} for SD 1.5 as in the paper, {toy[t0]} and {toy[t1]} for "
+                 "toyworld",
     "method.cross_frame": "what self-attention of every frame looks at",
     "method.cross_frame_levels": "an ablation: only these UNet levels (0: full latent resolution) mix frames, "
                                  "e.g. [0]; null: every level, the paper",
@@ -292,7 +295,9 @@ ${hydra.help.footer}"""
 
 def help_template() -> str:
     """The `--help` text: what the command does, key options with defaults, examples, where outputs go."""
-    options = option_lines(GenerateConfig, KEY_OPTIONS, CHOICES)
+    own = {"paper": PAPER_METHOD, "toy": model_method_defaults("toyworld")}  # read from the shipped folder
+    described = {k: v.format(**own) if k in MODEL_OWN_KEYS else v for k, v in KEY_OPTIONS.items()}
+    options = option_lines(GenerateConfig, described, CHOICES)
     return f"""\
 t2vz: Text2Video-Zero on Stable Diffusion 1.5 (Khachatryan et al., ICCV 2023): a short video from a text
 prompt with a text-to-image model, zero-shot: no training, no video data.
@@ -331,13 +336,13 @@ def register() -> ConfigStore:
     })
     cs.store(group="hydra/job", name="t2vz", package="hydra.job", node={"name": "t2vz"})  # log file t2vz.log
     cs.store(group="hydra/callbacks", name="t2vz", package="hydra.callbacks",
-             node={"output_folder": {"_target_": "t2vz.run.OutputFolderCheck"}})
+             node={"output_folder": {"_target_": "t2vz.experiment.run.OutputFolderCheck"}})
     cs.store(name="experiment_config", node=ExperimentConfig)
     for group in ("logger", "metrics"):
         cs.store(group=group, name="default", node=EXPERIMENT_GROUPS[group])
     cs.store(group="hydra/callbacks", name="experiment", package="hydra.callbacks", node={
-        "output_folder": {"_target_": "t2vz.run.OutputFolderCheck"},
-        "multirun_summary": {"_target_": "t2vz.tracking.MultirunSummary"},
+        "output_folder": {"_target_": "t2vz.experiment.run.OutputFolderCheck"},
+        "multirun_summary": {"_target_": "t2vz.experiment.tracking.MultirunSummary"},
     })
     return cs
 

@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from .video_io import write_text
+from ..video_io import write_text
 
 WANDB_MODES = ("online", "offline", "disabled")
 LOGIN_TIMEOUT_S = 30  # online without a stored login, W&B asks on a terminal: an unattended job must not wait

@@ -34,8 +34,7 @@ class CrossFrame:
     levels: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.mode not in CROSS_FRAME_MODES:
-            raise ValueError(f"cross_frame mode {self.mode!r} is not one of {CROSS_FRAME_MODES}")
+        check_cross_frame_mode(self.mode)
         if int(self.num_frames) < 1:
             raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
         if self.levels is not None:
@@ -59,6 +58,12 @@ def check_levels(levels, prefix: str = "") -> tuple[int, ...]:
         raise ValueError(f"{prefix}cross_frame_levels={values!r} must be distinct UNet levels (integers >= 0; 0 is "
                          f"the full latent resolution), or None (null in a config) for every level, the paper")
     return tuple(sorted(values))
+
+
+def check_cross_frame_mode(mode: str) -> None:
+    """ValueError unless `mode` is one of CROSS_FRAME_MODES."""
+    if mode not in CROSS_FRAME_MODES:
+        raise ValueError(f"cross_frame={mode!r} is not one of {CROSS_FRAME_MODES}")
 
 
 def check_cross_frame_levels(levels, cross_frame: str, attention_levels: tuple[bool, ...] | None = None,

@@ -7,13 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .loading import load
-from .model_folder import ModelFolderError
-from .text_to_image import text_to_image
-from .video_io import write_image
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from ..method.text_to_image import text_to_image
+from ..sd.loading import DTYPES, load
+from ..sd.model_folder import ModelFolderError
+from ..video_io import write_image
 
 def text_to_image_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(

@@ -1,4 +1,4 @@
-"""Experiment jobs of the conditional pipelines, logged like the text-to-video runs (`t2vz.run.run_experiment`):
+"""Experiment jobs of the conditional pipelines, logged like the text-to-video runs (`t2vz.experiment.run.run_experiment`):
 
     python experiments/control_video.py prompt="an astronaut dancing" model=MODEL controlnet=CONTROLNET \
         control.video=dance.mp4 control.detector=canny
@@ -19,13 +19,13 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .attention import CROSS_FRAME_MODES
-from .cli import DTYPES
+from ..sd.attention import CROSS_FRAME_MODES
+from ..sd.loading import DTYPES
+from ..video_io import load_frames
 from .config import (
     HYDRA_HELP_TAIL, LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_choice, check_int, option_lines,
 )
 from .run import Task, compiled, measure, resolve_device
-from .video_io import load_frames
 
 DETECTORS = ("none", "canny")
 CHOICES = {"cross_frame": CROSS_FRAME_MODES, "control.detector": DETECTORS}  # the enum-like keys' allowed values
@@ -125,7 +125,7 @@ def control_maps(control: ControlConfig) -> torch.Tensor:
     if control.num_frames is not None and len(frames) < control.num_frames:
         raise ValueError(f"control.num_frames={control.num_frames} but {control.video} has {len(frames)} frames")
     if control.detector == "canny":
-        from .canny import canny_edges
+        from ..method.canny import canny_edges
 
         frames = canny_edges(frames, control.low_threshold, control.high_threshold)
     return frames
@@ -133,7 +133,7 @@ def control_maps(control: ControlConfig) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def cached_control_video(model: str, controlnet: str, device: str, dtype: str, compile_unet: bool):
-    from .controlvideo import ControlVideo
+    from ..method.controlvideo import ControlVideo
 
     return compiled(ControlVideo.from_pretrained(model, controlnet, device=resolve_device(device),
                                                  dtype=DTYPES[dtype]), compile_unet)
@@ -206,7 +206,7 @@ class InstructExperimentConfig(JobConfig):
 
 @functools.lru_cache(maxsize=1)
 def cached_instruct_video(model: str, device: str, dtype: str, compile_unet: bool):
-    from .instruct import VideoInstructPix2Pix
+    from ..method.instruct import VideoInstructPix2Pix
 
     return compiled(VideoInstructPix2Pix.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype]),
                     compile_unet)

@@ -1,7 +1,7 @@
 """Conditional Text2Video-Zero (Khachatryan et al., ICCV 2023, Sec. 3.4): a ControlNet (Zhang et al. 2023) steers
 every frame with its own control map (edges, pose, depth), and cross-frame attention keeps the frames one video.
 
-The steps, with the text-to-video ones they replace (see ../shared/METHOD.md):
+The steps, with the text-to-video ones they replace (docs/method.md):
   1. `draw_video_noise`   x_T ~ N(0, I) once per video, the same for every frame: the control maps carry the motion,
                           so there is no warp and no Δt (T′ = T = 1000)
   2. `controlled_unet`    ε(x_t, t, c_text, c_control^k): the ControlNet, with cross-frame attention in its encoder
@@ -9,7 +9,7 @@ The steps, with the text-to-video ones they replace (see ../shared/METHOD.md):
   3. `ddim_denoise`       DDIM from T to 0 on all frames with classifier-free guidance and cross-frame attention
                           (Eq. 8) in the UNet
   4. `decode_video`       VAE decode of every frame
-Long videos are denoised in chunks of frames, each with frame 1 prepended (`TextToVideoZero.chunks`).
+Long videos are denoised in chunks of frames, each with frame 1 prepended (`chunks.py`).
 
 The UNet batch is [uncond videos; text videos], each video's frames consecutive, `(2 b f) c h w`; the control maps
 are the same for every video and both branches, so they are repeated to that layout.
@@ -24,14 +24,15 @@ from dataclasses import asdict
 import torch
 from einops import repeat
 
-from .attention import CROSS_FRAME_MODES, CrossFrame
-from .controlnet import ControlNet
-from .loading import StableDiffusion, load, load_controlnet
-from .model_folder import ModelFolderError
-from .pipeline import TextToVideoZero, check_chunking, decode_video, draw_first_frame_noise, video_prompts
-from .schedulers import DDIM
-from .text_to_image import check_size, checked_latents, ddim_denoise, encode_prompts, step_counter
-from .video_io import load_frames, resize_frames, resized_shape
+from ..sd.attention import CrossFrame, check_cross_frame_mode
+from ..sd.controlnet import ControlNet
+from ..sd.loading import StableDiffusion, load, load_controlnet
+from ..sd.model_folder import ModelFolderError
+from ..sd.schedulers import DDIM
+from ..video_io import load_frames, resize_frames, resized_shape
+from .chunks import check_chunking, generate_in_chunks
+from .sampling import check_size, checked_latents, ddim_denoise, decode_video, encode_prompts, step_counter
+from .text2video_zero import draw_first_frame_noise, video_prompts
 
 # the UNet fields a ControlNet copies: they must be equal for its residuals to fit the UNet's skips
 ENCODER_FIELDS = ("in_channels", "block_out_channels", "attention_levels", "layers_per_block", "num_attention_heads",
@@ -121,7 +122,7 @@ class ControlVideo:
         else (B, F, H, W, 3) with B = prompts × videos per prompt (prompt-major).
 
         `control`: one control map per frame, as the ControlNet was trained on them (a canny ControlNet takes
-        white edges on black, `t2vz.canny.canny_edges`; pose and depth ControlNets take OpenPose skeletons and
+        white edges on black, `t2vz.method.canny.canny_edges`; pose and depth ControlNets take OpenPose skeletons and
         MiDaS depth maps, made by their own detectors): a video file, a folder of frames, or frames (F, H, W, 3),
         uint8 or float in [0, 1]. `num_frames`, `height` and `width` default to the control's; given, they must
         match it. `resolution` first resizes the control so that its long side is `resolution` (each side a
@@ -146,16 +147,16 @@ class ControlVideo:
         maps = maps.permute(0, 3, 1, 2)  # (f, 3, H, W), on the CPU: each chunk moves only its own maps
 
         on_step = step_counter(callback)
-        out = []
-        for i, ids in enumerate(TextToVideoZero.chunks(f, chunk_size)):
+
+        def generate(ids: list[int]) -> torch.Tensor:
             x = repeat(x_T, "b c h w -> (b f) c h w", f=len(ids))  # the same x_T for every frame
             x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
                              CrossFrame(len(ids), cross_frame), on_step, "DDIM (ControlNet, all frames)", progress,
                              unet=self.controlled_unet(maps[ids].to(device=sd.device, dtype=sd.dtype),
                                                        controlnet_conditioning_scale))
-            frames = decode_video(sd, x, len(ids))
-            out.append(frames if i == 0 else frames[:, 1:])  # drop frame 1, prepended to every later chunk
-        video = torch.cat(out, dim=1)
+            return decode_video(sd, x, len(ids))
+
+        video = generate_in_chunks(f, chunk_size, generate)
         return video[0] if video.shape[0] == 1 else video
 
     def check_inputs(self, maps, num_frames, height, width, guidance_scale, scale, cross_frame, chunk_size) -> int:
@@ -176,7 +177,6 @@ class ControlVideo:
             raise ValueError(f"guidance_scale={guidance_scale} must be a finite number >= 0")
         if not math.isfinite(float(scale)):
             raise ValueError(f"controlnet_conditioning_scale={scale} must be a finite number")
-        if cross_frame not in CROSS_FRAME_MODES:
-            raise ValueError(f"cross_frame={cross_frame!r} is not one of {CROSS_FRAME_MODES}")
+        check_cross_frame_mode(cross_frame)
         check_chunking(chunk_size, cross_frame, f)
         return f

@@ -1,0 +1,317 @@
+"""Text2Video-Zero (Khachatryan et al., ICCV 2023): text-to-video with a text-to-image model and no training.
+
+Algorithm 1 of the paper (docs/method.md), one named function per step, called in order by
+`TextToVideoZero.__call__`:
+  1. `draw_first_frame_noise`   x_T¹ ~ N(0, I)
+  2. `first_frame_trajectory`   DDIM on frame 1 from T to T₁, then on to T₀                    (DDIM Eq. 12)
+  3. `motion_path` + `motion.warp_latents`   x̃_{T₀}ᵏ = W_k(x_{T₀}¹), δᵏ = λ·(k−1)·δ           (Sec. 3.3)
+  4. `ddpm_forward`             x_{T₁}ᵏ ~ q(x_{T₁} | x̃_{T₀}ᵏ) for k = 2..m                      (DDPM Eq. 4)
+  5. `denoise_frames`           DDIM from T₁ to 0 on all frames with cross-frame attention    (Eq. 8)
+  6. `sampling.decode_video`    VAE decode of every frame, [−1, 1] → [0, 1]
+Steps 5 and 6 run chunk by chunk (`chunks.generate_in_chunks`) for long videos. Background smoothing (Sec. 3.3)
+lives in `smoothing.py`; the options, their defaults and their checks in `VideoOptions`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from einops import rearrange, repeat
+
+from ..sd.attention import CrossFrame, check_cross_frame_levels, check_cross_frame_mode
+from ..sd.loading import StableDiffusion, load
+from ..sd.schedulers import DDIM, DDPM, draw_noise
+from .chunks import check_chunking, generate_in_chunks
+from .motion import translation_path, warp_latents
+from .sampling import (
+    chain, check_size, checked_latents, ddim_denoise, decode_video, encode_prompts, fold_frames, step_counter,
+    unfold_frames,
+)
+from .smoothing import (
+    SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
+)
+
+DDPM_MARGINALS = ("exact", "reference")
+
+
+def video_prompts(prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
+                  num_videos_per_prompt: int) -> tuple[list[str], list[str] | None]:
+    """The prompt and negative prompt of every video, prompt-major: each of the prompts repeated
+    `num_videos_per_prompt` times (a single negative prompt serves every prompt). Checked: ValueError naming the
+    bad value."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = None
+    if negative_prompt is not None:
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
+    if negatives is not None and len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
+        raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
+    prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
+    return prompts, None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
+
+
+# ------------------------------------------------------------------------------------------- the six steps
+def draw_first_frame_noise(shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:
+    """Step 1: x_T¹ ~ N(0, I) for every video, (b, c, h, w); the first draw from `generator`."""
+    return draw_noise(shape, generator, device, dtype)
+
+
+def motion_timesteps(timesteps: torch.Tensor, t0: int, t1: int) -> tuple[int, int]:
+    """(T₁, T₀) = (timesteps[−t1−1], timesteps[−t0−1]): t0 ≤ t1 count steps from the end of the list, as in both
+    references, so Δt = t1 − t0 DDIM steps separate T₁ ≥ T₀ (941 and 881 at 50 steps with t0=44, t1=47).
+    Δt = 0 (an ablation point) warps x_{T₁}¹ itself and adds no noise, as both references do for t0 = t1."""
+    n = len(timesteps)
+    for name, value in (("t0", t0), ("t1", t1)):
+        if isinstance(value, bool) or int(value) != value or not 0 <= value <= n - 1:
+            raise ValueError(
+                f"{name}={value} is out of range for {n} DDIM steps: t0 and t1 count steps from the end of the "
+                f"timestep list and must lie in 0..{n - 1} (the paper's t0=44, t1=47 need at least 48 steps)"
+            )
+    if t0 > t1:
+        raise ValueError(f"t0={t0} must not exceed t1={t1} (Δt = t1 − t0 DDIM steps; 0 warps at T₁ itself)")
+    return int(timesteps[-t1 - 1]), int(timesteps[-t0 - 1])
+
+
+def motion_path(frame_ids: Sequence[int], motion_strength: float, direction: Sequence[float]) -> torch.Tensor:
+    """Step 3's motion: frame k (0-based id) translated by δᵏ = λ·k·δ, as 2×3 affine maps (f, 2, 3)."""
+    return translation_path(frame_ids, motion_strength, direction)
+
+
+def ddpm_forward(x_t0: torch.Tensor, T0: int, T1: int, generator, marginal: str = "exact") -> torch.Tensor:
+    """Step 4: x_{T₁} = √a·x_{T₀} + √(1−a)·ε with a = ᾱ_{T₁}/ᾱ_{T₀} ("exact") or ∏ α[T₀:T₁] ("reference"),
+    ε drawn from `generator` in x's shape: x_t0 ((b f), c, h, w) → same."""
+    noise = draw_noise(tuple(x_t0.shape), generator, x_t0.device, x_t0.dtype)  # drawn even for Δt = 0, as the
+    if T0 == T1:                                                                # references do: same stream
+        return x_t0
+    return DDPM().forward(x_t0, T0, T1, noise, marginal=marginal)
+
+
+@dataclass
+class FirstFrameTrajectory:
+    """The first frame's DDIM trajectory: its latents at T₁ and T₀, (b, c, h, w) each."""
+
+    x_T1: torch.Tensor
+    x_T0: torch.Tensor
+    T1: int
+    T0: int
+
+
+# --------------------------------------------------------------------------------------------- the options
+@dataclass
+class VideoOptions:
+    """Every option of `TextToVideoZero.__call__`, with its default; `resolve` checks them against a model.
+
+    The config of `python -m t2vz` (`experiment/config.py`) uses the same names in its `video`, `sampler` and
+    `method` groups. λ, t0 and t1 left None are the model's own (`StableDiffusion.method_defaults`: the paper's
+    12, 44, 47 unless its folder sets others; the toy model's are in its t2vz_model.json)."""
+
+    num_frames: int = 8
+    height: int | None = None                # pixels; None: the model's own size (512 for SD 1.5)
+    width: int | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    negative_prompt: str | Sequence[str] | None = None
+    num_videos_per_prompt: int = 1
+    eta: float = 0.0
+    motion_strength: float | None = None     # λ, pixels of a 512×512 reference grid (both references' unit)
+    direction: Sequence[float] = (1.0, 1.0)  # δ = (δx, δy)
+    t0: int | None = None                    # t0 ≤ t1 count DDIM steps from the end; Δt = t1 − t0
+    t1: int | None = None
+    motion: Callable[[Sequence[int]], torch.Tensor] | None = None  # frame_ids → (f, 2, 3): replaces λ·k·δ
+    motion_dynamics: bool = True             # False: the paper's ablation without Sec. 3.2
+    ddpm_marginal: str = "exact"             # step 4's ᾱ ratio; "reference": both references' product
+    cross_frame: str = "first"               # Eq. 8: "first", "first+previous" or "off"
+    cross_frame_levels: Sequence[int] | None = None  # an ablation: the UNet levels that mix frames (None: all)
+    smooth_bg: bool = False                  # background smoothing (Sec. 3.3) with weight alpha
+    alpha: float = 0.6
+    smoothing: str = "paper"                 # "paper": every step; "authors": once at T₁
+    masks: torch.Tensor | None = None        # foreground (F, H, W) or (B, F, H, W) in [0, 1]
+    mask_tokens: str | None = None           # else masks from cross-attention to these words (None: all)
+    chunk_size: int | None = None            # long videos: at most this many frames at once, frame 1 in each
+
+    @classmethod
+    def of(cls, options: dict) -> VideoOptions:
+        """Keyword arguments → VideoOptions; TypeError naming an unknown one and the known ones."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are "
+                            f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**options)
+
+    def resolve(self, sd: StableDiffusion) -> VideoOptions:
+        """A copy with the model's own size, λ, t0, t1 where None; ValueError naming the first bad value."""
+        own = sd.method_defaults
+        height, width = sd.image_size(self.height, self.width)
+        o = VideoOptions(**{**vars(self), "height": height, "width": width, **{
+            k: own[k] for k in ("motion_strength", "t0", "t1") if getattr(self, k) is None}})
+        if isinstance(o.num_frames, bool) or int(o.num_frames) != o.num_frames or o.num_frames < 1:
+            raise ValueError(f"num_frames={o.num_frames} must be an integer >= 1")
+        check_size(o.height, o.width, sd.vae.downsample_factor)
+        if not math.isfinite(float(o.motion_strength)):
+            raise ValueError(f"motion_strength (λ) must be a finite number, got {o.motion_strength}")
+        if len(o.direction) != 2 or not all(math.isfinite(float(d)) for d in o.direction):
+            raise ValueError(f"direction must be two finite numbers (δx, δy), got {tuple(o.direction)}")
+        check_cross_frame_mode(o.cross_frame)
+        if o.ddpm_marginal not in DDPM_MARGINALS:
+            raise ValueError(f"ddpm_marginal={o.ddpm_marginal!r} is not one of {DDPM_MARGINALS}")
+        check_chunking(o.chunk_size, o.cross_frame, o.num_frames)
+        check_cross_frame_levels(o.cross_frame_levels, o.cross_frame, sd.unet.config.attention_levels)
+        if o.smooth_bg and (o.smoothing not in SMOOTHING_FORMS or not 0.0 <= float(o.alpha) <= 1.0):
+            raise ValueError(f"smoothing={o.smoothing!r} must be one of {SMOOTHING_FORMS} and alpha={o.alpha} in "
+                             "[0, 1]")
+        motion_timesteps(DDIM(o.num_inference_steps).timesteps, o.t0, o.t1)  # t0, t1 in range
+        return o
+
+    def frame_path(self) -> torch.Tensor:
+        """Every frame's motion as affine maps (f, 2, 3): `motion`, or the translation δᵏ = λ·k·δ (step 3)."""
+        f = int(self.num_frames)
+        path = (self.motion or (lambda ids: motion_path(ids, self.motion_strength, self.direction)))(list(range(f)))
+        if tuple(path.shape) != (f, 2, 3):
+            raise ValueError(f"motion(frame_ids) returned shape {tuple(path.shape)}, expected ({f}, 2, 3)")
+        return path
+
+
+class TextToVideoZero:
+    """`pipe = TextToVideoZero.from_pretrained(path)`; `frames = pipe("a horse galloping on the street")`."""
+
+    def __init__(self, components: StableDiffusion):
+        self.sd = components
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "TextToVideoZero":
+        return cls(load(path, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        progress: bool = True,
+        **options,
+    ) -> torch.Tensor:
+        """Generate videos: frames (F, H, W, 3) float in [0, 1] for one prompt and one video, else (B, F, H, W, 3)
+        with B = prompts × videos per prompt (prompt-major).
+
+        `options` are the fields of `VideoOptions` (num_frames, num_inference_steps, guidance_scale,
+        motion_strength λ, direction δ, t0, t1, cross_frame, smooth_bg, alpha, chunk_size, …). `latents`
+        (B, 4, H/8, W/8) replaces the drawn x_T¹; `callback(i, t, x)` sees the latents after every DDIM step.
+        With η = 0 and cross_frame "first" or "off", chunked generation equals unchunked generation.
+        `motion_dynamics=False` is the paper's ablation without Sec. 3.2: every frame starts from its own x_T and
+        all frames are denoised from T together. `smooth_bg` blends each frame's background towards the warped
+        first frame (`smoothing.py`); the foreground comes from `masks` or from the UNet's cross-attention to
+        `mask_tokens`, recorded in an extra denoising pass.
+        """
+        o = VideoOptions.of(options).resolve(self.sd)
+        prompts, negatives = video_prompts(prompt, o.negative_prompt, o.num_videos_per_prompt)
+        sd, f, b = self.sd, int(o.num_frames), len(prompts)
+        scheduler = DDIM(o.num_inference_steps, eta=o.eta)
+        context = encode_prompts(sd, prompts, negatives, o.guidance_scale)
+        factor = sd.vae.downsample_factor
+        shape = (b, sd.unet.config.in_channels, o.height // factor, o.width // factor)
+        on_step = step_counter(callback)
+        path = o.frame_path()
+
+        x_T = (draw_first_frame_noise(shape, generator, sd.device, sd.dtype)                    # 1. x_T¹
+               if latents is None else checked_latents(sd, latents, shape))
+        if o.motion_dynamics:
+            first = self.first_frame_trajectory(x_T, scheduler, o.t0, o.t1, context, o.guidance_scale,
+                                                generator, on_step, progress)                    # 2. T → T₁ → T₀
+            x_T1 = self.motion_dynamics(first, path, generator, o.ddpm_marginal)                 # 3., 4.
+            timesteps = scheduler.timesteps[-o.t1 - 1 :]
+        else:  # the ablation: independent x_T per frame, all denoised from T
+            x_T1, timesteps = self.independent_frames(x_T, f, generator), scheduler.timesteps
+        denoise = dict(scheduler=scheduler, timesteps=timesteps, context=context, guidance_scale=o.guidance_scale,
+                       generator=generator, cross_frame=o.cross_frame, cross_frame_levels=o.cross_frame_levels,
+                       progress=progress)
+        x_T1, blend = self.background_smoothing(x_T1, path, o, prompts, denoise)
+        video = generate_in_chunks(f, o.chunk_size, lambda ids: decode_video(                   # 6. decode
+            sd, self.denoise_frames(x_T1[:, :, ids], **denoise,                                  # 5. T₁ → 0
+                                    step_callback=chain(blend(ids) if blend else None, on_step)), len(ids)))
+        return video[0] if video.shape[0] == 1 else video
+
+    # ---------------------------------------------------------------------------------------------- the steps
+    def first_frame_trajectory(self, x_T, scheduler, t0, t1, context, guidance_scale, generator, callback,
+                               progress) -> FirstFrameTrajectory:
+        """Step 2: DDIM on frame 1 alone, T → T₁ (keep x_{T₁}¹), then T₁ → T₀ (keep x_{T₀}¹)."""
+        T1, T0 = motion_timesteps(scheduler.timesteps, t0, t1)
+        ts = scheduler.timesteps
+        x_T1 = ddim_denoise(self.sd, x_T, scheduler, ts[: -t1 - 1], context, guidance_scale, generator,
+                            step_callback=callback, desc="DDIM (frame 1, T→T1)", progress=progress)
+        x_T0 = ddim_denoise(self.sd, x_T1, scheduler, ts[-t1 - 1 : -t0 - 1], context, guidance_scale, generator,
+                            step_callback=callback, desc="DDIM (frame 1, T1→T0)", progress=progress)
+        return FirstFrameTrajectory(x_T1=x_T1, x_T0=x_T0, T1=T1, T0=T0)
+
+    def motion_dynamics(self, trajectory: FirstFrameTrajectory, path: torch.Tensor, generator,
+                        marginal: str) -> torch.Tensor:
+        """Steps 3–4: warp x_{T₀}¹ by each later frame's motion (path (f, 2, 3), frame 1 unmoved), noise the warped
+        latents forward to T₁, stack after x_{T₁}¹. Returns video latents at T₁, (b, c, f, h, w)."""
+        b, f = trajectory.x_T0.shape[0], path.shape[0]
+        if f == 1:
+            return trajectory.x_T1[:, :, None]
+        x0 = repeat(trajectory.x_T0, "b c h w -> (b f) c h w", f=f - 1)
+        warped = warp_latents(x0, path[1:].repeat(b, 1, 1))
+        x_T1_later = unfold_frames(ddpm_forward(warped, trajectory.T0, trajectory.T1, generator, marginal), f - 1)
+        return torch.cat([trajectory.x_T1[:, :, None], x_T1_later], dim=2)
+
+    def independent_frames(self, x_T: torch.Tensor, f: int, generator) -> torch.Tensor:
+        """The ablation without motion dynamics: x_T¹ (b, c, h, w) and a fresh x_T for each later frame, drawn
+        after it → (b, c, f, h, w)."""
+        if f == 1:
+            return x_T[:, :, None]
+        later = draw_noise((x_T.shape[0] * (f - 1), *x_T.shape[1:]), generator, x_T.device, x_T.dtype)
+        return torch.cat([x_T[:, :, None], unfold_frames(later, f - 1)], dim=2)
+
+    def denoise_frames(self, x_T1: torch.Tensor, scheduler, timesteps, context, guidance_scale, generator,
+                       cross_frame: str, progress: bool, step_callback=None,
+                       cross_frame_levels: Sequence[int] | None = None) -> torch.Tensor:
+        """Step 5: DDIM from T₁ to 0 on all frames of a chunk with cross-frame attention: (b, c, f, h, w) at T₁ →
+        ((b f), c, h, w) at 0."""
+        f = x_T1.shape[2]  # the f frames of a video share its text context: one row per video, not per frame
+        attention = CrossFrame(f, cross_frame, cross_frame_levels)
+        return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, context, guidance_scale, generator,
+                            attention, step_callback, "DDIM (all frames)", progress)
+
+    # ----------------------------------------------------------------------------------- background smoothing
+    def background_smoothing(self, x_T1: torch.Tensor, path: torch.Tensor, o: VideoOptions, prompts: list[str],
+                             denoise: dict):
+        """Sec. 3.3's optional smoothing: (x_T1, blend). The authors' form blends x_T1 once here; the paper's
+        returns `blend(ids)`, a DDIM step callback for the chunk of frames `ids`. (x_T1, None) when off."""
+        if not o.smooth_bg:
+            return x_T1, None
+        b, _, f, h, w = x_T1.shape
+        if o.masks is not None:
+            foreground = resize_masks(o.masks.reshape(b, f, *o.masks.shape[-2:]), (h, w)).to(self.sd.device)
+        else:
+            positions = [token_positions(self.sd.tokenizer, p, o.mask_tokens) for p in prompts]
+            foreground = self.attention_masks(x_T1, o.chunk_size, positions, denoise)
+        if o.smoothing == "authors":
+            return smooth_video(x_T1, foreground, path, o.alpha, form="authors"), None
+        return x_T1, lambda ids: self.per_step_smoothing(foreground[:, ids], path[ids], o.alpha, len(ids))
+
+    def attention_masks(self, x_T1, chunk_size, positions, denoise) -> torch.Tensor:
+        """Foreground masks (b, f, h, w) from a denoising pass that records cross-attention to the subject tokens."""
+        b, _, f, h, w = x_T1.shape
+
+        def record(ids: list[int]) -> torch.Tensor:
+            n = b * len(ids)
+            rows = slice(n, 2 * n) if denoise["guidance_scale"] > 1.0 else slice(0, n)
+            row_positions = [pos for pos in positions for _ in ids]
+            with CrossAttentionMaps(self.sd.unet, row_positions, (h, w), rows) as maps:
+                self.denoise_frames(x_T1[:, :, ids], **denoise)
+            return masks_from_maps(rearrange(maps.mean(), "(b f) h w -> b f h w", b=b))
+        return generate_in_chunks(f, chunk_size, record).to(x_T1.device)
+
+    @staticmethod
+    def per_step_smoothing(foreground, path, alpha: float, f: int):
+        """The paper's per-step blend as a DDIM step callback on ((b f), c, h, w) latents."""
+        def blend(t: int, x: torch.Tensor) -> torch.Tensor:
+            return fold_frames(smooth_video(unfold_frames(x, f), foreground, path, alpha, form="paper"))
+        return blend

@@ -3,19 +3,22 @@
 Compose (`t2vz.experiment.config`, checked before any model loads) → build and run (`t2vz.experiment.run.generate_from_config`) → write
 the video, `config.yaml` and `run.json` into Hydra's output folder (outputs/DATE/TIME/, or hydra.run.dir=PATH).
 `python -m t2vz --help` lists the options; `-m key=a,b` sweeps. Bad input ends with one line,
-`t2vz: error: ...`, and exit code 2.
+`t2vz: error: ...`, and exit code 2; in a sweep a failed point writes its error to `error.txt` in its folder and
+the sweep goes on, ending with exit code 2 only if every point failed (`run.SweepFailures`).
 """
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .experiment.config import to_generate_config
-from .experiment.run import USER_ERRORS, generate_from_config, write_run
+from .experiment.run import USER_ERRORS, generate_from_config, record_failure, write_run
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
@@ -28,8 +31,12 @@ def main(cfg: DictConfig) -> str:
         names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start)
     except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__
-        print(f"t2vz: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            print(f"t2vz: error: {message}", file=sys.stderr)
+            sys.exit(2)
+        record_failure(run_dir, message)  # a sweep goes on; it fails at the end if every point failed
+        print(f"t2vz: error: job {Path(run_dir).name} failed: {message}", file=sys.stderr)
+        return None
     print(f"t2vz: wrote {', '.join(names)} to {run_dir}")
     return run_dir
 

@@ -249,3 +249,19 @@ def test_without_a_model_the_shipped_toy_model_makes_the_video(tmp_path):
 def test_no_prompt_is_one_line_with_an_example(tmp_path):
     (proc,) = run_t2vz([f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode == 2 and "no prompt given" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_goes_on_past_a_failed_point_and_fails_only_when_all_did(tmp_path):
+    """`python -m t2vz -m`: a bad point writes error.txt and the others run (exit 0); all bad: exit 2."""
+    common = ["-m", "prompt=a red circle on grass", "video.num_frames=2", "sampler.num_inference_steps=2",
+              "method.t0=1", "method.t1=1", "output.progress=false", "output.formats=[gif]"]
+    one_bad = subprocess.run([sys.executable, "-m", "t2vz", *common, "video.height=64,63",
+                              f"hydra.sweep.dir={tmp_path / 'one'}"], capture_output=True, text=True)
+    assert one_bad.returncode == 0, one_bad.stderr
+    assert (tmp_path / "one" / "0" / "video.gif").is_file()
+    assert "video.height=63" in (tmp_path / "one" / "1" / "error.txt").read_text()
+    assert not list((tmp_path / "one" / "1").glob("video*")) and "Traceback" not in one_bad.stderr
+    all_bad = subprocess.run([sys.executable, "-m", "t2vz", *common, "video.height=63,65",
+                              f"hydra.sweep.dir={tmp_path / 'all'}"], capture_output=True, text=True)
+    assert all_bad.returncode == 2 and "all 2 jobs of the sweep failed" in all_bad.stderr
+    assert "Traceback" not in all_bad.stderr

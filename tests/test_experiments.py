@@ -133,3 +133,18 @@ def test_a_failing_point_does_not_stop_the_sweep(tiny_model, tmp_path):
     assert "job 0 failed: method.motion_strength=nan" in proc.stderr
     rows = {r["status"] for r in csv.DictReader((sweep / "summary.csv").open())}
     assert rows == {"ok", "failed"}
+
+
+@pytest.mark.parametrize("script,args", [
+    ("run.py", ["prompt=a red circle on grass", "video.height=63"]),
+    ("control_video.py", ["prompt=x", "controlnet=NO_SUCH_FOLDER", "control.video=NO_SUCH.mp4"]),
+    ("instruct_video.py", ["instruction=make it snowy", "source.video=NO_SUCH.mp4"]),
+])
+def test_a_single_failing_job_exits_2(tmp_path, script, args):
+    """One job (no -m) that fails is recorded in metrics.json like a sweep's point, and exits with status 2."""
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / script), *args, "logger=disabled",
+                           f"hydra.run.dir={tmp_path / 'job'}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "failed:" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "job" / "metrics.json").read_text())["status"] == "failed"
+    assert not list((tmp_path / "job").glob("*.mp4"))

@@ -212,3 +212,18 @@ def test_two_point_sweep_shares_one_group(offline):
     assert {r["run"].run_group for r in runs} == {sweep_group(sweep)} == {"sweeps_xs"}
     assert sorted(r["summary"]["y"] for r in runs if "y" in r["summary"]) == [2.0, 4.0]
     assert (sweep / "summary.csv").read_text().splitlines()[1:] == ["0,1,2.0,ok,", "1,2,4.0,ok,"]
+
+
+def test_multirun_summary_fails_a_sweep_whose_jobs_all_failed(offline, capsys):
+    """All points failed: summary.csv is still written, then exit status 2 with one line naming it."""
+    sweep = offline / "multirun" / "all-failed"
+    for job in ("0", "1"):
+        write_job(sweep / job, {"overrides": [f"seed={job}"], "status": "failed", "error": "bad"})
+    config = OmegaConf.create({"logger": {"mode": "disabled"}, "hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SystemExit) as exit_info:
+        MultirunSummary().on_multirun_end(config)
+    assert exit_info.value.code == 2
+    assert (sweep / "summary.csv").is_file()
+    assert "all 2 jobs of the sweep failed" in capsys.readouterr().err
+    write_job(sweep / "2", {"overrides": ["seed=2"], "status": "ok"})  # one point done: the sweep is fine
+    MultirunSummary().on_multirun_end(config)

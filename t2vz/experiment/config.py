@@ -336,7 +336,8 @@ def register() -> ConfigStore:
     })
     cs.store(group="hydra/job", name="t2vz", package="hydra.job", node={"name": "t2vz"})  # log file t2vz.log
     cs.store(group="hydra/callbacks", name="t2vz", package="hydra.callbacks",
-             node={"output_folder": {"_target_": "t2vz.experiment.run.OutputFolderCheck"}})
+             node={"output_folder": {"_target_": "t2vz.experiment.run.OutputFolderCheck"},
+                   "sweep_failures": {"_target_": "t2vz.experiment.run.SweepFailures"}})
     cs.store(name="experiment_config", node=ExperimentConfig)
     for group in ("logger", "metrics"):
         cs.store(group=group, name="default", node=EXPERIMENT_GROUPS[group])

@@ -108,6 +108,27 @@ class OutputFolderCheck(Callback):
             sys.exit(2)
 
 
+FAILURE_FILE = "error.txt"
+
+
+def record_failure(job_dir: str | os.PathLike, message: str) -> None:
+    """Mark a job of a `python -m t2vz` sweep as failed: its error message in `error.txt` in its folder."""
+    write_text(Path(job_dir) / FAILURE_FILE, message + "\n")
+
+
+class SweepFailures(Callback):
+    """Hydra callback of `python -m t2vz`: a sweep whose every job failed (`record_failure`) exits with status 2,
+    after all of them ran; one that has a job done exits 0, its failed points named in their folders."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        jobs = [p.parent.parent for p in Path(config.hydra.sweep.dir).glob("*/.hydra/overrides.yaml")]
+        failed = [job for job in jobs if (job / FAILURE_FILE).is_file()]
+        if jobs and len(failed) == len(jobs):
+            print(f"t2vz: error: all {len(jobs)} jobs of the sweep failed (each folder's {FAILURE_FILE} says why)",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
 def compiled(pipe, compile_unet: bool):
     """`pipe` (any t2vz pipeline: its components are `pipe.sd`) with its UNet torch.compile'd when asked."""
     if compile_unet:
@@ -185,8 +206,10 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     measure, log to W&B.
 
     Writes `metrics.json` (metrics, the job's overrides, status "ok"/"failed", error) in every case: a job whose
-    input is bad is recorded as failed and returns NaN, so the other points of a sweep still run."""
+    input is bad is recorded as failed and returns NaN, so the other points of a sweep still run; a single job
+    (no -m) that failed exits with status 2. A sweep whose jobs all failed exits 2 (`tracking.MultirunSummary`)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from .tracking import LoggerConfig, Tracker
@@ -225,4 +248,6 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     write_text(run_dir / "metrics.json", json.dumps(record, indent=2) + "\n")
     if record["status"] == "ok":
         print(f"t2vz: job {run_dir.name} ok, {cfg.metrics.headline}={headline:.4g}; results in {run_dir}")
+    elif hydra_cfg.mode == RunMode.RUN:  # a single job that failed: exit 2, so a script can tell
+        sys.exit(2)
     return headline

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,8 @@ class MultirunSummary(Callback):
     """Hydra callback: at the end of a multirun, `summary.csv` in the sweep folder (one row per job: overrides,
     metrics, status, error) and one W&B run (job_type "summary", the jobs' group) whose history key "jobs" is the
     same table as a `wandb.Table`, and whose summary holds jobs_ok / jobs_failed. W&B settings come from the
-    composed config's `logger_key` node (a `LoggerConfig`; defaults where the config has none)."""
+    composed config's `logger_key` node (a `LoggerConfig`; defaults where the config has none). When every job
+    failed, it exits with status 2 after writing them."""
 
     def __init__(self, logger_key: str = "logger"):
         self.logger_key = logger_key
@@ -241,3 +243,7 @@ class MultirunSummary(Callback):
             t.log_table("jobs", columns, [[row.get(c) for c in columns] for row in rows])
             ok = sum(row["status"] == "ok" for row in rows)
             t.log_metrics({"jobs_ok": ok, "jobs_failed": len(rows) - ok})
+        if rows and ok == 0:  # a sweep in which nothing ran: fail it, as a single failed job does
+            print(f"t2vz: all {len(rows)} jobs of the sweep failed; their errors are in {sweep_dir / 'summary.csv'}",
+                  file=sys.stderr)
+            sys.exit(2)

@@ -129,10 +129,14 @@ def test_a_model_folder_sets_its_own_motion_defaults(tiny_model, tmp_path):
         return pipe(PROMPT, generator=torch.Generator().manual_seed(0), num_frames=3, height=32, width=32,
                     num_inference_steps=10, progress=False, **kwargs)
 
-    default = video()
-    assert torch.equal(default, video(**own))
-    assert not torch.equal(default, video(**{**own, "motion_strength": 0.0}))
-    assert not torch.equal(default, video(**{**own, "t0": 3}))
+    from t2vz.method.text2video_zero import t0_t1_for_steps
+
+    default = video()  # at 10 steps: the folder's t0, t1 (given at 50 steps) moved to the step count
+    moved = {**own, **dict(zip(("t0", "t1"), t0_t1_for_steps(own["t0"], own["t1"], 10)))}
+    assert (moved["t0"], moved["t1"]) == (0, 1)  # timesteps 41 and 101 at 50 steps → 1 and 101 at 10
+    assert torch.equal(default, video(**moved))
+    assert not torch.equal(default, video(**{**moved, "motion_strength": 0.0}))
+    assert not torch.equal(default, video(**{**moved, "t0": 1}))
     assert method_defaults({}) == {"motion_strength": 12.0, "t0": 44, "t1": 47}
     for bad, message in [({"lambda": 3}, "keys among motion_strength, t0, t1"),
                          ({"t0": 9, "t1": 5}, "integers 0 <= t0 <= t1"),
@@ -265,3 +269,43 @@ def test_sweep_goes_on_past_a_failed_point_and_fails_only_when_all_did(tmp_path)
                               f"hydra.sweep.dir={tmp_path / 'all'}"], capture_output=True, text=True)
     assert all_bad.returncode == 2 and "all 2 jobs of the sweep failed" in all_bad.stderr
     assert "Traceback" not in all_bad.stderr
+
+
+@pytest.mark.parametrize("steps,t0,t1", [(20, 18, 19), (25, 22, 24), (30, 27, 28)])
+def test_t0_t1_follow_the_step_count(tiny_model, tmp_path, steps, t0, t1):
+    """Without method.t0/t1, a converted SD 1.5 model runs at fewer steps: the warp lands on the timesteps nearest
+    the paper's T₁ = 941, T₀ = 881, and config.yaml and run.json record the t0, t1 used."""
+    overrides = [f"prompt={PROMPT}", f"model={tiny_model}", "video.height=32", "video.width=32",
+                 "video.num_frames=2", f"sampler.num_inference_steps={steps}", "output.progress=false",
+                 "output.formats=[gif]", f"hydra.run.dir={tmp_path / 'run'}"]
+    (proc,) = run_t2vz(overrides, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["method"]
+    assert (saved["t0"], saved["t1"]) == (t0, t1)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["method"] == {
+        "motion_strength": 12.0, "t0": t0, "t1": t1}
+
+
+def test_t0_t1_for_steps_lands_on_the_nearest_timesteps():
+    from t2vz.method.text2video_zero import motion_timesteps, t0_t1_for_steps
+    from t2vz.sd.schedulers import DDIM
+    assert t0_t1_for_steps(44, 47, 50) == (44, 47)  # the paper's, unchanged: parity with the references holds
+    for steps in (10, 20, 25, 30, 100):
+        timesteps = DDIM(steps).timesteps
+        T1, T0 = motion_timesteps(timesteps, *t0_t1_for_steps(44, 47, steps))
+        assert abs(T1 - 941) == min(abs(int(t) - 941) for t in timesteps)
+        assert abs(T0 - 881) == min(abs(int(t) - 881) for t in timesteps)
+    assert t0_t1_for_steps(8, 8, 20) == (3, 3)  # the toy model's own step 8 (T = 161) → 151 at 20 steps
+    assert t0_t1_for_steps(44, 60, 20) == (44, 60)  # not steps of the 50-step list: left for the error to name
+
+
+def test_pipeline_t0_t1_follow_the_step_count(tiny_model):
+    """TextToVideoZero without t0/t1 at 20 steps equals the call with the chosen t0=18, t1=19 given."""
+    pipe = TextToVideoZero.from_pretrained(tiny_model)
+    kwargs = dict(num_frames=2, height=32, width=32, num_inference_steps=20, progress=False)
+    own = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs)
+    given = pipe("a cat", generator=torch.Generator().manual_seed(0), t0=18, t1=19, **kwargs)
+    assert torch.equal(own, given)
+    with pytest.raises(ValueError, match="t0=44 is out of range for 20 DDIM steps.*leave t0 and t1 unset"):
+        pipe("a cat", t0=44, t1=47, **kwargs)  # explicit values out of range keep their error

@@ -30,7 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..method.smoothing import SMOOTHING_FORMS
-from ..method.text2video_zero import DDPM_MARGINALS
+from ..method.text2video_zero import DDPM_MARGINALS, t0_t1_for_steps
 from ..sd.attention import CROSS_FRAME_MODES, check_cross_frame_levels
 from ..sd.loading import DTYPES
 from ..sd.model_folder import PAPER_METHOD, model_method_defaults
@@ -177,7 +177,8 @@ class GenerateConfig:
             raise ValueError(
                 f"method.t1={self.method.t1} needs more than sampler.num_inference_steps="
                 f"{self.sampler.num_inference_steps} DDIM steps: t0 < t1 count steps from the end, so t1 must be "
-                f"at most {self.sampler.num_inference_steps - 1}; lower method.t0/method.t1 or raise the steps")
+                f"at most {self.sampler.num_inference_steps - 1}; lower method.t0/method.t1, raise the steps, or leave "
+                "method.t0/method.t1 unset (null) to use the model's own, moved to this step count")
 
 
 @dataclass
@@ -206,12 +207,16 @@ class ExperimentConfig(GenerateConfig):
 
 def fill_method_defaults(cfg: DictConfig) -> DictConfig:
     """Replace null `method.motion_strength`, `method.t0`, `method.t1` of a composed config, in place, by its model's
-    own (`model_folder.model_method_defaults`: read from the folder's t2vz_model.json, no weights loaded)."""
+    own (`model_folder.model_method_defaults`: read from the folder's t2vz_model.json, no weights loaded), t0 and
+    t1 moved to `sampler.num_inference_steps` (`text2video_zero.t0_t1_for_steps`)."""
     if OmegaConf.is_missing(cfg, "model") or "method" not in cfg:
         return cfg
     keys = [k for k in ("motion_strength", "t0", "t1") if k in cfg.method and cfg.method[k] is None]
     if keys:
         own = model_method_defaults(cfg.model)
+        steps = OmegaConf.select(cfg, "sampler.num_inference_steps", default=None)
+        if isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000:  # else reported later
+            own["t0"], own["t1"] = t0_t1_for_steps(own["t0"], own["t1"], steps)
         for key in keys:
             cfg.method[key] = own[key]
     return cfg

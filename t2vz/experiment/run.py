@@ -84,6 +84,8 @@ def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateC
         "device": str(resolve_device(config.device)), "dtype": config.dtype, "seed": config.seed,
         "frames": list(frames.shape), "wall_s": round(time.perf_counter() - start, 3), "outputs": names,
     }
+    if hasattr(config, "method"):  # text-to-video: the λ, t0, t1 used (the model's own where none was given)
+        info["method"] = {k: getattr(config.method, k) for k in ("motion_strength", "t0", "t1")}
     write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
     return names + ["config.yaml", "run.json"]
 

@@ -71,11 +71,32 @@ def motion_timesteps(timesteps: torch.Tensor, t0: int, t1: int) -> tuple[int, in
         if isinstance(value, bool) or int(value) != value or not 0 <= value <= n - 1:
             raise ValueError(
                 f"{name}={value} is out of range for {n} DDIM steps: t0 and t1 count steps from the end of the "
-                f"timestep list and must lie in 0..{n - 1} (the paper's t0=44, t1=47 need at least 48 steps)"
+                f"timestep list and must lie in 0..{n - 1} (the paper's t0=44, t1=47 need at least 48 steps); "
+                "leave t0 and t1 unset to use the model's own, moved to this step count"
             )
     if t0 > t1:
         raise ValueError(f"t0={t0} must not exceed t1={t1} (Δt = t1 − t0 DDIM steps; 0 warps at T₁ itself)")
     return int(timesteps[-t1 - 1]), int(timesteps[-t0 - 1])
+
+
+REFERENCE_STEPS = 50  # the DDIM step count at which the paper's t0, t1 (and a model folder's own) are given
+
+
+def t0_t1_for_steps(t0: int, t1: int, num_inference_steps: int) -> tuple[int, int]:
+    """A model's own t0, t1, given at 50 steps, at another step count: the positions (from the end) of the
+    timesteps nearest the ones they name at 50 steps, so that the motion is injected at the same noise levels.
+    SD 1.5's t0 = 44, t1 = 47 name T₀ = 881, T₁ = 941; at 20 steps the nearest are 901 and 951, t0 = 18, t1 = 19.
+    Unchanged at 50 steps, and where t0, t1 do not name steps of the 50-step schedule (motion_timesteps says so)."""
+    reference = DDIM(REFERENCE_STEPS).timesteps
+    if num_inference_steps == REFERENCE_STEPS or not all(
+            isinstance(v, int) and 0 <= v < REFERENCE_STEPS for v in (t0, t1)):
+        return t0, t1
+    timesteps = DDIM(num_inference_steps).timesteps
+
+    def nearest(t: int) -> int:
+        index = int(torch.argmin((timesteps - reference[-t - 1]).abs()))  # a tie takes the noisier one
+        return len(timesteps) - 1 - index
+    return nearest(t0), nearest(t1)
 
 
 def motion_path(frame_ids: Sequence[int], motion_strength: float, direction: Sequence[float]) -> torch.Tensor:
@@ -145,8 +166,12 @@ class VideoOptions:
         return cls(**options)
 
     def resolve(self, sd: StableDiffusion) -> VideoOptions:
-        """A copy with the model's own size, λ, t0, t1 where None; ValueError naming the first bad value."""
-        own = sd.method_defaults
+        """A copy with the model's own size, λ, t0, t1 where None (t0, t1 moved to the step count,
+        `t0_t1_for_steps`); ValueError naming the first bad value."""
+        own = dict(sd.method_defaults)
+        if isinstance(self.num_inference_steps, int) and not isinstance(self.num_inference_steps, bool) \
+                and 1 <= self.num_inference_steps <= 1000:  # a bad count is reported below
+            own["t0"], own["t1"] = t0_t1_for_steps(own["t0"], own["t1"], self.num_inference_steps)
         height, width = sd.image_size(self.height, self.width)
         o = VideoOptions(**{**vars(self), "height": height, "width": width, **{
             k: own[k] for k in ("motion_strength", "t0", "t1") if getattr(self, k) is None}})

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .experiment.config import to_generate_config
-from .experiment.run import USER_ERRORS, generate_from_config, record_failure, write_run
+from .experiment.run import USER_ERRORS, check_model_folders, generate_from_config, record_failure, write_run
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
@@ -26,6 +26,7 @@ def main(cfg: DictConfig) -> str:
     start = time.perf_counter()
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        check_model_folders(cfg)  # the model first: values such as method.t1 are checked against it
         config = to_generate_config(cfg)
         frames = generate_from_config(config)
         names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start)

@@ -309,3 +309,15 @@ def test_pipeline_t0_t1_follow_the_step_count(tiny_model):
     assert torch.equal(own, given)
     with pytest.raises(ValueError, match="t0=44 is out of range for 20 DDIM steps.*leave t0 and t1 unset"):
         pipe("a cat", t0=44, t1=47, **kwargs)  # explicit values out of range keep their error
+
+
+@pytest.mark.parametrize("entry", ["t2vz", "run.py"])
+def test_a_missing_model_is_named_before_the_values_that_depend_on_it(tmp_path, entry):
+    """model=NO_SUCH_FOLDER with t1 out of range for 2 steps: the message is about the model, the real mistake."""
+    script = ["-m", "t2vz"] if entry == "t2vz" else [str(REPO / "experiments" / "run.py"), "logger=disabled"]
+    proc = subprocess.run([sys.executable, *script, "prompt=x", f"model={tmp_path / 'NO_SUCH_FOLDER'}",
+                           "sampler.num_inference_steps=2", "method.t1=47", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "NO_SUCH_FOLDER does not exist" in proc.stderr and "method.t1" not in proc.stderr
+    assert "Traceback" not in proc.stderr

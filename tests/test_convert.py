@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -241,6 +242,9 @@ REFUSALS = {
                    r"complete ControlNet checkpoint\?"),
     "missing": (lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith("first_stage_model.decoder.up.0")]],
                 r"26 missing keys: first_stage_model\.decoder\.up\.0\.block\.0\.norm1\.weight, .* \.\.\. and 18 more"),
+    "missing-proj-in": (lambda sd: sd.pop("model.diffusion_model.input_blocks.1.1.proj_in.weight"),
+                        r"does not match an SD 1\.x model: 1 missing keys: "
+                        r"model\.diffusion_model\.input_blocks\.1\.1\.proj_in\.weight\. "),
     "unexpected": (_add(model__diffusion_model__extra__weight=torch.zeros(3), lora_unet_down__alpha=torch.zeros(1)),
                    r"2 unexpected keys: lora_unet_down\.alpha, model\.diffusion_model\.extra\.weight"),
     "wrong-shape": (lambda sd: sd.update({"first_stage_model.quant_conv.bias": torch.zeros(5)}),
@@ -299,12 +303,24 @@ class ModelCheckpoint:
     """Stands in for the Lightning callback objects that old .ckpt files pickle next to their state_dict."""
 
 
-def test_refuses_pickles_with_python_objects(tmp_path):
+class Payload:
+    """A pickle whose loading would run a command: os.system, as a malicious checkpoint carries it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo PAYLOAD-RAN",))
+
+
+def test_refuses_pickles_with_python_objects(tmp_path, capfd):
     torch.save({"state_dict": {"a": torch.zeros(1)}, "callbacks": ModelCheckpoint()}, tmp_path / "objects.ckpt")
-    with pytest.raises(ConversionError, match=r"contains Python objects besides tensors \(.*ModelCheckpoint\); "
-                                              r"t2vz will not "
-                                              r"execute code from a checkpoint"):
+    with pytest.raises(ConversionError, match=r"is a pickle holding Python objects that are not tensors "
+                                              r"\(.*ModelCheckpoint\); it is refused because loading it would "
+                                              r"run code from the file. Use the model's .safetensors release"):
         convert(tmp_path / "objects.ckpt", tmp_path / "out")
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "x": Payload()}, tmp_path / "payload.ckpt")
+    with pytest.raises(ConversionError, match=r"payload\.ckpt is a pickle holding Python objects that are not "
+                                              r"tensors \(\w+\.system\); it is refused because loading it"):
+        convert(tmp_path / "payload.ckpt", tmp_path / "out")
+    assert "PAYLOAD-RAN" not in capfd.readouterr().out and not (tmp_path / "out").exists()
 
 
 def test_refusals_of_paths(tmp_path):

@@ -54,12 +54,14 @@ def sniff(path: Path) -> str:
 def _refuse_pickle(path: Path, err: Exception) -> ConversionError:
     """Turn torch.load's errors into one clear sentence."""
     msg = str(err)
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-    if found:
+    found = (re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
+             or re.search(r"unsupported GLOBAL ([\w.]+)", msg, re.IGNORECASE))
+    if found or "Weights only load failed" in msg:
+        what = f" ({found.group(1)})" if found else ""
         return ConversionError(
-            f"{path} contains Python objects besides tensors ({found.group(1)}); t2vz will not execute code from a "
-            "checkpoint. "
-            "Use the model's .safetensors release, or re-save only its state_dict from a Python session you trust"
+            f"{path} is a pickle holding Python objects that are not tensors{what}; it is refused because loading "
+            "it would run code from the file. Use the model's .safetensors release, or re-save only its "
+            "state_dict from a Python session you trust"
         )
     return ConversionError(
         f"{path} is truncated or corrupt ({type(err).__name__}: {msg.splitlines()[0][:200]}); download it again"

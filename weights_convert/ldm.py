@@ -150,7 +150,9 @@ def read_encoder_config(sd, prefix: str, where: str, need, what: str = "UNet") -
     return dict(
         in_channels=conv_in.shape[1],
         block_out_channels=[need(f"{prefix}input_blocks.{i}.0.out_layers.3.weight", what).shape[0] for i in firsts],
-        attention_levels=[f"{prefix}input_blocks.{i}.1.proj_in.weight" in sd for i in firsts],
+        # a level attends if its first input block has a second module (the transformer) at all, so that one
+        # missing tensor of it is reported as missing, not the whole transformer as unexpected
+        attention_levels=[any(k.startswith(f"{prefix}input_blocks.{i}.1.") for k in sd) for i in firsts],
         layers_per_block=per_level - 1,
         cross_attention_dim=context,
     )

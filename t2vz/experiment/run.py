@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from .. import __version__
 from ..method.text2video_zero import TextToVideoZero
 from ..sd.loading import DTYPES
-from ..sd.model_folder import ModelFolderError
+from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
 from ..video_io import VideoIOError, to_uint8, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
 
@@ -108,6 +108,19 @@ class OutputFolderCheck(Callback):
             print(f"t2vz: error: cannot create the output folder {folder}: {e.strerror or e}; "
                   "choose a writable hydra.run.dir (or hydra.sweep.dir for -m)", file=sys.stderr)
             sys.exit(2)
+
+
+def check_model_folders(cfg) -> None:
+    """The user's model (and ControlNet) folder, read before any value that depends on it is checked: a missing
+    or wrong folder is the mistake to name first (ModelFolderError). No weights are read."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.select(cfg, "model", default=None, throw_on_missing=False)
+    if isinstance(model, str):
+        read_model_config(resolve_model_path(model))
+    controlnet = OmegaConf.select(cfg, "controlnet", default=None, throw_on_missing=False)
+    if isinstance(controlnet, str):
+        read_controlnet_config(controlnet)
 
 
 FAILURE_FILE = "error.txt"
@@ -229,6 +242,7 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     headline = float("nan")
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name) as tracker:
         try:
+            check_model_folders(cfg)
             config = task.to_config(cfg)
             frames, sd = task.generate(config)
             names = write_run(run_dir, frames, config, config_yaml, start)

@@ -148,3 +148,28 @@ def test_a_single_failing_job_exits_2(tmp_path, script, args):
     assert "failed:" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "job" / "metrics.json").read_text())["status"] == "failed"
     assert not list((tmp_path / "job").glob("*.mp4"))
+
+
+def test_a_sweep_waits_for_an_unreachable_wandb_once(tiny_model, tmp_path):
+    """logger.mode=online with a key but no W&B server (a closed port on this machine): the first job waits
+    logger.init_timeout, warns once, and every job still logs, offline; the second job does not wait again."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9",
+               WANDB_SILENT="true", WANDB_DISABLE_GIT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+               WANDB_CACHE_DIR=str(tmp_path / "wandb_cache"), WANDB_DATA_DIR=str(tmp_path / "wandb_data"))
+    sweep = tmp_path / "sweep"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "-m", f"model={tiny_model}",
+                           "prompt=a horse", *SMALL, "seed=0,1", "logger.mode=online", "logger.init_timeout=3",
+                           f"hydra.sweep.dir={sweep}"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("W&B could not be reached") == 1, proc.stderr[-3000:]
+    assert (sweep / ".wandb_unreachable").is_file()
+    for job in ("0", "1"):
+        assert json.loads((sweep / job / "metrics.json").read_text())["status"] == "ok"
+        assert list((sweep / job / "wandb").glob("offline-run-*")), f"job {job} has no offline run"
+    assert wall < 120, f"the sweep took {wall:.0f} s: W&B's wait was not bounded"

@@ -227,3 +227,44 @@ def test_multirun_summary_fails_a_sweep_whose_jobs_all_failed(offline, capsys):
     assert "all 2 jobs of the sweep failed" in capsys.readouterr().err
     write_job(sweep / "2", {"overrides": ["seed=2"], "status": "ok"})  # one point done: the sweep is fine
     MultirunSummary().on_multirun_end(config)
+
+
+def test_unreachable_wandb_switches_the_rest_of_the_run_to_offline(offline, monkeypatch):
+    """An online run that cannot reach W&B: one warning, the run logged offline; a later run in the same process
+    goes offline at once, without waiting for the server again and without a second warning."""
+    import t2vz.experiment.tracking as tracking
+
+    monkeypatch.setattr(tracking, "_unreachable", False)
+    monkeypatch.setattr(wandb, "login", lambda *a, **k: True)
+    real_init, modes = wandb.init, []
+
+    def init(*args, mode=None, settings=None, **kwargs):
+        modes.append((mode, settings.init_timeout))
+        if mode == "online":
+            raise wandb.errors.CommError("Timed out while retrying: dial tcp 127.0.0.1:9: connection refused")
+        return real_init(*args, mode=mode, settings=settings, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    config = LoggerConfig(mode="online", init_timeout=2.5)
+    with pytest.warns(RuntimeWarning, match=r"W&B could not be reached within logger.init_timeout=2.5 s "
+                                            r"\(CommError: Timed out.*\); this and the following jobs log offline"):
+        with Tracker(config, offline / "job0", {"seed": 0}) as first:
+            first.log_metrics({"x": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        with Tracker(config, offline / "job1", {"seed": 1}) as second:
+            second.log_metrics({"x": 2.0})
+    assert modes == [("online", 2.5), ("offline", 2.5), ("offline", 2.5)]
+    assert read_run(first.run_dir)["summary"]["x"] == 1.0 and read_run(second.run_dir)["summary"]["x"] == 2.0
+    monkeypatch.setattr(tracking, "_unreachable", False)
+    with Tracker(LoggerConfig(mode="online", on_unreachable="disabled"), offline / "job2", {}) as off:
+        pass
+    assert off.run_dir is None and modes[-1] == ("online", 15.0)  # the default timeout; then nothing logged
+
+
+def test_logger_checks_its_fallback_and_timeout():
+    with pytest.raises(ValueError, match="logger.on_unreachable='online' is not one of offline, disabled"):
+        LoggerConfig(on_unreachable="online")
+    for bad in (0, -1, float("inf"), True):
+        with pytest.raises(ValueError, match="logger.init_timeout=.* must be a positive number of seconds"):
+            LoggerConfig(init_timeout=bad)

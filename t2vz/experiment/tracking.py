@@ -9,8 +9,10 @@ The run's config is the resolved job config (plus `info`, e.g. run.json, under "
 `{dir}/wandb/{offline-,}run-DATE-ID/`, dir = the job's output folder unless `LoggerConfig.dir` says otherwise. Jobs
 of one multirun share a group (`sweep_group`); then `MultirunSummary`, a Hydra callback, writes `summary.csv` from
 every job's `metrics.json` into the sweep folder and logs one "summary" run with the same table. The mode is
-`LoggerConfig.mode`, else WANDB_MODE. Any W&B error (no network, no login) is one RuntimeWarning, after which the
-tracker does nothing: the caller's local files are the record.
+`LoggerConfig.mode`, else WANDB_MODE. An online run waits at most `LoggerConfig.init_timeout` seconds for W&B; if it
+cannot be reached, one RuntimeWarning, and this and every later job of the run or sweep log offline (or not at
+all, `on_unreachable`) without waiting again. Any other W&B error is one RuntimeWarning, after which the tracker
+does nothing: the caller's local files are the record.
 """
 from __future__ import annotations
 
@@ -34,7 +36,10 @@ from omegaconf import OmegaConf
 from ..video_io import write_text
 
 WANDB_MODES = ("online", "offline", "disabled")
+UNREACHABLE_MODES = ("offline", "disabled")
 LOGIN_TIMEOUT_S = 30  # online without a stored login, W&B asks on a terminal: an unattended job must not wait
+UNREACHABLE_FILE = ".wandb_unreachable"  # in a sweep folder: W&B could not be reached, the other jobs skip trying
+_unreachable = False  # this process could not reach W&B: later runs go straight to `on_unreachable`
 
 
 @dataclass
@@ -48,11 +53,19 @@ class LoggerConfig:
     group: Optional[str] = None  # None: the multirun's sweep folder (`sweep_group`); single runs get none
     tags: list[str] = field(default_factory=list)
     dir: Optional[str] = None  # where W&B writes its run folders; None: the job's output folder
+    init_timeout: float = 15.0  # seconds an online run waits for W&B's server before giving up (W&B's own: 90)
+    on_unreachable: str = "offline"  # when W&B cannot be reached online: offline runs (wandb sync later), or disabled
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in WANDB_MODES:
             raise ValueError(f"logger.mode={self.mode!r} is not one of {', '.join(WANDB_MODES)}; "
                              "or null to leave WANDB_MODE in charge")
+        if self.on_unreachable not in UNREACHABLE_MODES:
+            raise ValueError(f"logger.on_unreachable={self.on_unreachable!r} is not one of "
+                             f"{', '.join(UNREACHABLE_MODES)}")
+        if isinstance(self.init_timeout, bool) or not isinstance(self.init_timeout, (int, float)) \
+                or not 0 < self.init_timeout < float("inf"):
+            raise ValueError(f"logger.init_timeout={self.init_timeout!r} must be a positive number of seconds")
 
 
 def as_logger_config(config: LoggerConfig | Mapping | None) -> LoggerConfig:
@@ -91,29 +104,75 @@ class Tracker:
         self.run, self.run_path, self.run_dir, self.failed = None, None, None, False
 
     def start(self) -> Tracker:
-        """Start the W&B run (`wandb.init`); on failure: one warning, and a no-op tracker."""
+        """Start the W&B run (`wandb.init`, online runs waiting at most `init_timeout` s for the server). If W&B
+        cannot be reached online, one warning, and this run and every later one of the process or the sweep go
+        `on_unreachable` (offline or disabled) without trying again. Any other failure: one warning, a no-op
+        tracker."""
+        global _unreachable
         mode = self.config.mode or os.environ.get("WANDB_MODE", "online")  # W&B's own default: online
         if not self.config.enabled or mode == "disabled" or self.run is not None:
             return self
+        online = mode not in ("offline", "dryrun")  # online, or W&B's legacy "run", "shared"
+        marker = self.unreachable_marker()
+        if online and (_unreachable or (marker is not None and marker.exists())):
+            return self.start_unreachable()  # W&B was unreachable earlier in this run or sweep: do not wait again
+        if online and not self._call("starting the run", lambda _: self.logged_in(), always=True):
+            return self
+        if not online:
+            return self.started(self._call("starting the run", lambda _: self.init(self.config.mode), always=True))
+        try:
+            return self.started(self.init(self.config.mode))
+        except Exception as e:  # no network, a firewall, W&B down: the rest of the run or sweep skips trying
+            _unreachable = True
+            if marker is not None:
+                write_text(marker, f"{type(e).__name__}: {e}\n")
+            sync = " (wandb sync their runs later)" if self.config.on_unreachable == "offline" else ""
+            warnings.warn(f"W&B could not be reached within logger.init_timeout={self.config.init_timeout} s "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); this and the following jobs log "
+                          f"{self.config.on_unreachable}{sync}", RuntimeWarning, stacklevel=2)
+            return self.start_unreachable()
 
-        def init(_):
-            import wandb
+    def start_unreachable(self) -> Tracker:
+        """The run in `on_unreachable` mode: offline (kept for `wandb sync`), or none at all."""
+        if self.config.on_unreachable == "disabled":
+            return self
+        return self.started(self._call("starting the run", lambda _: self.init("offline"), always=True))
 
-            # online (or legacy "run", "shared"): find a stored key, or ask for LOGIN_TIMEOUT_S on a terminal
-            if mode not in ("offline", "dryrun") and not wandb.login(timeout=LOGIN_TIMEOUT_S, verify=False):
-                raise RuntimeError("no W&B login (run `wandb login`, or set WANDB_MODE=offline)")
-            folder = Path(self.config.dir) if self.config.dir else self.job_dir
-            folder.mkdir(parents=True, exist_ok=True)
-            run = wandb.init(
-                project=self.config.project, entity=self.config.entity, mode=self.config.mode, dir=str(folder),
-                name=self.name, group=self.group or hydra_sweep_group(), job_type=self.job_type,
-                tags=list(self.config.tags), config=self.run_config, reinit="create_new")
-            return None if run.disabled else run  # W&B turns itself off after a login timeout
+    def init(self, mode: Optional[str]):
+        """`wandb.init` for this job's run in `mode` (None: WANDB_MODE decides), waiting at most `init_timeout` s
+        for the server; None when W&B turned itself off."""
+        import wandb
 
-        self.run = self._call("starting the run", init, always=True)
-        if self.run is not None:
-            self.run_path, self.run_dir = self.run.path, Path(self.run.settings.sync_dir)
+        folder = Path(self.config.dir) if self.config.dir else self.job_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        run = wandb.init(
+            project=self.config.project, entity=self.config.entity, mode=mode, dir=str(folder), name=self.name,
+            group=self.group or hydra_sweep_group(), job_type=self.job_type, tags=list(self.config.tags),
+            config=self.run_config, reinit="create_new",
+            settings=wandb.Settings(init_timeout=float(self.config.init_timeout)))
+        return None if run.disabled else run  # W&B turns itself off after a login timeout
+
+    def started(self, run) -> Tracker:
+        self.run = run
+        if run is not None:
+            self.run_path, self.run_dir = run.path, Path(run.settings.sync_dir)
         return self
+
+    @staticmethod
+    def logged_in() -> bool:
+        """An online run needs a W&B key: a stored one, or one typed within LOGIN_TIMEOUT_S on a terminal."""
+        import wandb
+
+        if not wandb.login(timeout=LOGIN_TIMEOUT_S, verify=False):
+            raise RuntimeError("no W&B login (run `wandb login`, or set WANDB_MODE=offline)")
+        return True
+
+    @staticmethod
+    def unreachable_marker() -> Optional[Path]:
+        """The running Hydra multirun's `.wandb_unreachable` file (shared by jobs in other processes); None
+        outside a multirun."""
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        return Path(HydraConfig.get().sweep.dir) / UNREACHABLE_FILE if multirun else None
 
     def _call(self, what: str, fn: Callable[[Any], Any], always: bool = False) -> Any:
         """fn(run) if the run is live (or `always`); any exception → one warning, and the tracker turns no-op."""

@@ -321,3 +321,31 @@ def test_a_missing_model_is_named_before_the_values_that_depend_on_it(tmp_path, 
     assert proc.returncode == 2
     assert "NO_SUCH_FOLDER does not exist" in proc.stderr and "method.t1" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_delta_t_sets_t0_from_t1_at_any_step_count():
+    """method.delta_t (ablate_delta_t's swept key): t0 = t1 − Δt, t1 given or the model's own at that step count."""
+    def method(*overrides):
+        return to_generate_config(compose_generate(["prompt=p", "model=models/sd15", *overrides])).method
+    assert (method("method.delta_t=3").t0, method("method.delta_t=3").t1) == (44, 47)
+    at20 = method("method.delta_t=3", "sampler.num_inference_steps=20")
+    assert (at20.t0, at20.t1) == (16, 19)
+    assert method("method.delta_t=2", "method.t1=10").t0 == 8
+    assert method("method.delta_t=3", "method.t0=44").t0 == 44  # agreeing values are fine (a saved config.yaml)
+    with pytest.raises(ValueError, match="method.delta_t=30 exceeds method.t1=19"):
+        method("method.delta_t=30", "sampler.num_inference_steps=20")
+    with pytest.raises(ValueError, match="method.t0=40 and method.delta_t=3 disagree with method.t1=47"):
+        method("method.delta_t=3", "method.t0=40")
+    with pytest.raises(ValueError, match="method.delta_t=-1 must be an integer >= 0"):
+        method("method.delta_t=-1")
+
+
+def test_pipeline_delta_t(tiny_model):
+    pipe = TextToVideoZero.from_pretrained(tiny_model)
+    kwargs = dict(num_frames=2, height=32, width=32, num_inference_steps=10, progress=False)
+    by_delta = pipe("a cat", generator=torch.Generator().manual_seed(0), t1=5, delta_t=2, **kwargs)
+    assert torch.equal(by_delta, pipe("a cat", generator=torch.Generator().manual_seed(0), t0=3, t1=5, **kwargs))
+    with pytest.raises(ValueError, match="t0=1 and delta_t=2 disagree with t1=5"):
+        pipe("a cat", t0=1, t1=5, delta_t=2, **kwargs)
+    with pytest.raises(ValueError, match="delta_t=9 exceeds t1=5"):
+        pipe("a cat", t1=5, delta_t=9, **kwargs)

@@ -25,7 +25,7 @@ SMALL = ["video.num_frames=3", "video.height=32", "video.width=32", "sampler.num
 # per ablation: two points of its swept key (the command line replaces the experiment's own sweep of that key)
 TWO_POINTS = {
     "ablate_lambda": ["method.motion_strength=0,64"],
-    "ablate_delta_t": ["method.t0=3,1"],
+    "ablate_delta_t": ["method.delta_t=0,2", "method.t0=null"],
     "ablate_alpha": ["method.alpha=0.0,1.0"],
     "ablate_components": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
     "ablate_components_sd15": ["method.motion_dynamics=true,false", "method.cross_frame=first"],

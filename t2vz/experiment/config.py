@@ -103,6 +103,7 @@ class MethodConfig:
     direction: list[float] = field(default_factory=lambda: [1.0, 1.0])
     t0: Optional[int] = None
     t1: Optional[int] = None
+    delta_t: Optional[int] = None  # Δt = t1 − t0 DDIM steps: with t0 null, t0 = t1 − Δt (sweeps Δt at any t1)
     ddpm_marginal: str = "exact"
     motion_dynamics: bool = True  # False: the paper's ablation, an independent x_T per frame
     cross_frame: str = "first"
@@ -117,10 +118,18 @@ class MethodConfig:
             raise ValueError(f"method.motion_strength={self.motion_strength!r} must be a finite number")
         if len(self.direction) != 2 or not all(math.isfinite(d) for d in self.direction):
             raise ValueError(f"method.direction={list(self.direction)!r} must be two finite numbers [dx, dy]")
+        if self.delta_t is not None and self.t0 is not None and self.t1 is not None and self.t0 < 0:
+            raise ValueError(f"method.delta_t={self.delta_t} exceeds method.t1={self.t1}: t0 = t1 - delta_t must be "
+                             ">= 0; lower method.delta_t or raise method.t1 (or the steps)")
         if self.t0 is not None:
             check_int("method.t0", self.t0, 0)
         if self.t1 is not None:
             check_int("method.t1", self.t1, 1)
+        if self.delta_t is not None:
+            check_int("method.delta_t", self.delta_t, 0)
+            if self.t0 is not None and self.t1 is not None and self.t1 - self.t0 != self.delta_t:
+                raise ValueError(f"method.t0={self.t0} and method.delta_t={self.delta_t} disagree with "
+                                 f"method.t1={self.t1} (t0 = t1 - delta_t); give method.t0 or method.delta_t")
         if self.t0 is not None and self.t1 is not None and self.t0 > self.t1:
             raise ValueError(f"method.t0={self.t0} must not exceed method.t1={self.t1} "
                              f"(t1 - t0 DDIM steps of motion; the paper uses t0=44 t1=47)")
@@ -208,7 +217,8 @@ class ExperimentConfig(GenerateConfig):
 def fill_method_defaults(cfg: DictConfig) -> DictConfig:
     """Replace null `method.motion_strength`, `method.t0`, `method.t1` of a composed config, in place, by its model's
     own (`model_folder.model_method_defaults`: read from the folder's t2vz_model.json, no weights loaded), t0 and
-    t1 moved to `sampler.num_inference_steps` (`text2video_zero.t0_t1_for_steps`)."""
+    t1 moved to `sampler.num_inference_steps` (`text2video_zero.t0_t1_for_steps`); with `method.delta_t`, a null
+    t0 is t1 − Δt."""
     if OmegaConf.is_missing(cfg, "model") or "method" not in cfg:
         return cfg
     keys = [k for k in ("motion_strength", "t0", "t1") if k in cfg.method and cfg.method[k] is None]
@@ -217,6 +227,11 @@ def fill_method_defaults(cfg: DictConfig) -> DictConfig:
         steps = OmegaConf.select(cfg, "sampler.num_inference_steps", default=None)
         if isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000:  # else reported later
             own["t0"], own["t1"] = t0_t1_for_steps(own["t0"], own["t1"], steps)
+        if cfg.method.get("delta_t") is not None and "t0" in keys:  # t0 = t1 − Δt, t1 given or the model's own
+            keys.remove("t0")
+            t1 = own["t1"] if "t1" in keys else cfg.method.t1
+            if isinstance(t1, int) and isinstance(cfg.method.delta_t, int):
+                cfg.method.t0 = t1 - cfg.method.delta_t
         for key in keys:
             cfg.method[key] = own[key]
     return cfg
@@ -252,6 +267,7 @@ KEY_OPTIONS = {
     "method.t0": "motion is added between DDIM steps t0 <= t1, counted from the end (also method.t1); null: the "
                  "model's own, {paper[t0]} and {paper[t1]} for SD 1.5 as in the paper, {toy[t0]} and {toy[t1]} for "
                  "toyworld",
+    "method.delta_t": "Delta t = t1 - t0 DDIM steps; with method.t0 null, t0 = t1 - delta_t (null: unused)",
     "method.cross_frame": "what self-attention of every frame looks at",
     "method.cross_frame_levels": "an ablation: only these UNet levels (0: full latent resolution) mix frames, "
                                  "e.g. [0]; null: every level, the paper",

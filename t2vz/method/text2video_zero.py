@@ -144,6 +144,7 @@ class VideoOptions:
     direction: Sequence[float] = (1.0, 1.0)  # δ = (δx, δy)
     t0: int | None = None                    # t0 ≤ t1 count DDIM steps from the end; Δt = t1 − t0
     t1: int | None = None
+    delta_t: int | None = None               # Δt = t1 − t0: with t0 None, t0 = t1 − Δt
     motion: Callable[[Sequence[int]], torch.Tensor] | None = None  # frame_ids → (f, 2, 3): replaces λ·k·δ
     motion_dynamics: bool = True             # False: the paper's ablation without Sec. 3.2
     ddpm_marginal: str = "exact"             # step 4's ᾱ ratio; "reference": both references' product
@@ -175,6 +176,16 @@ class VideoOptions:
         height, width = sd.image_size(self.height, self.width)
         o = VideoOptions(**{**vars(self), "height": height, "width": width, **{
             k: own[k] for k in ("motion_strength", "t0", "t1") if getattr(self, k) is None}})
+        if o.delta_t is not None:
+            if isinstance(o.delta_t, bool) or not isinstance(o.delta_t, int) or o.delta_t < 0:
+                raise ValueError(f"delta_t={o.delta_t!r} must be an integer >= 0 (Δt = t1 − t0 DDIM steps)")
+            if self.t0 is None:
+                o.t0 = o.t1 - o.delta_t
+            elif o.t1 - o.t0 != o.delta_t:
+                raise ValueError(f"t0={o.t0} and delta_t={o.delta_t} disagree with t1={o.t1} (t0 = t1 − Δt); give "
+                                 "t0 or delta_t")
+            if o.t0 < 0:
+                raise ValueError(f"delta_t={o.delta_t} exceeds t1={o.t1}: t0 = t1 − Δt must be >= 0")
         if isinstance(o.num_frames, bool) or int(o.num_frames) != o.num_frames or o.num_frames < 1:
             raise ValueError(f"num_frames={o.num_frames} must be an integer >= 1")
         check_size(o.height, o.width, sd.vae.downsample_factor)

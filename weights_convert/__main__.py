@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 from t2vz.sd.model_folder import ModelFolderError
 
@@ -33,6 +35,9 @@ examples:
 """
 
 
+PATH_ERRORS = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m weights_convert", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,7 +56,8 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the conversion; returns 0, or 2 with one line on stderr when the checkpoint cannot be converted."""
+    """Run the conversion; returns 0, or 2 with one line on stderr when the checkpoint cannot be converted or OUT
+    cannot be written there (1 when the machine fails the write, e.g. a full disk)."""
     args = parse_args(argv)
     try:
         report = convert(args.src, args.out, tokenizer=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite,
@@ -59,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConversionError, ModelFolderError) as e:
         print(f"weights_convert: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, permissions: the folder was not written
-        print(f"weights_convert: error: {e}; nothing was written", file=sys.stderr)
-        return 1
+    except OSError as e:  # a path under a file, permissions, disk full: the folder was not written
+        blocking = next((p for p in Path(args.out).parents if p.exists()), None)
+        why = (f"{blocking} is a file, not a folder" if blocking is not None and blocking.is_file()
+               else f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
+        print(f"weights_convert: error: cannot write {args.out}: {why}; nothing was written", file=sys.stderr)
+        return 2 if e.errno in PATH_ERRORS else 1  # a path the user can fix, or the machine (a full disk)
     print(report)
     return 0
 

@@ -39,6 +39,8 @@ def sniff(path: Path) -> str:
     """What a weights file is by its first bytes: 'safetensors', 'zip' (torch.save), 'pickle' (legacy torch.save)."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if not head:
+        raise ConversionError(f"{path} is empty (0 bytes); download it again")
     if head[:4] == b"PK\x03\x04":
         return "zip"
     if head[8:9] == b"{":  # an 8-byte header length, then the JSON header

@@ -245,11 +245,11 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             check_model_folders(cfg)
             config = task.to_config(cfg)
             frames, sd = task.generate(config)
-            names = write_run(run_dir, frames, config, config_yaml, start)
-            np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
-            metrics = task.measure(frames, config, sd)
+            metrics = task.measure(frames, config, sd)  # before writing: a job that fails leaves no video
             if config.metrics.headline not in metrics:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
+            names = write_run(run_dir, frames, config, config_yaml, start)
+            np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
             record.update(metrics)
             tracker.log_metrics(metrics)
             stem = config.output.stem if frames.ndim == 4 else f"{config.output.stem}_0"

@@ -42,6 +42,8 @@ def video_prompts(prompt: str | Sequence[str], negative_prompt: str | Sequence[s
     """The prompt and negative prompt of every video, prompt-major: each of the prompts repeated
     `num_videos_per_prompt` times (a single negative prompt serves every prompt). Checked: ValueError naming the
     bad value."""
+    if not isinstance(prompt, (str, list, tuple)):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = None
     if negative_prompt is not None:
@@ -57,6 +59,15 @@ def video_prompts(prompt: str | Sequence[str], negative_prompt: str | Sequence[s
 
 
 # ------------------------------------------------------------------------------------------- the six steps
+def check_masks(masks: torch.Tensor | None, b: int, f: int) -> None:
+    """Background smoothing's given foreground masks: one per frame, (f, H, W) for one video or (b, f, H, W)."""
+    if masks is None:
+        return
+    if masks.ndim not in (3, 4) or masks.shape[-3] != f or masks.numel() != b * f * masks.shape[-2] * masks.shape[-1]:
+        raise ValueError(f"masks of shape {tuple(masks.shape)} for {b} video(s) of {f} frames: give one mask per "
+                         f"frame, ({f}, H, W) for one video or ({b}, {f}, H, W)")
+
+
 def draw_first_frame_noise(shape: tuple[int, ...], generator, device, dtype) -> torch.Tensor:
     """Step 1: x_T¹ ~ N(0, I) for every video, (b, c, h, w); the first draw from `generator`."""
     return draw_noise(shape, generator, device, dtype)
@@ -248,6 +259,8 @@ class TextToVideoZero:
         o = VideoOptions.of(options).resolve(self.sd)
         prompts, negatives = video_prompts(prompt, o.negative_prompt, o.num_videos_per_prompt)
         sd, f, b = self.sd, int(o.num_frames), len(prompts)
+        if o.smooth_bg:
+            check_masks(o.masks, b, f)
         scheduler = DDIM(o.num_inference_steps, eta=o.eta)
         context = encode_prompts(sd, prompts, negatives, o.guidance_scale)
         factor = sd.vae.downsample_factor

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = "t2vz-model"
@@ -159,6 +159,8 @@ def read_meta(path: str | os.PathLike, fmt: str = FORMAT) -> dict:
     """Read and check `t2vz_model.json` of a folder of format `fmt` (FORMAT: a model, CONTROLNET_FORMAT: a
     ControlNet); a folder of the other format gets an error saying which it is and what loads it."""
     folder = Path(path)
+    if folder.is_file():
+        raise ModelFolderError(file_instead_of_folder(folder))
     if not folder.is_dir():
         raise ModelFolderError(
             f"model folder {folder} does not exist; convert a checkpoint first "
@@ -193,6 +195,23 @@ def read_meta(path: str | os.PathLike, fmt: str = FORMAT) -> dict:
         if name not in meta:
             raise ModelFolderError(f"{cfg_path} has no {name!r} entry; re-run the conversion")
     return meta
+
+
+def file_instead_of_folder(file: Path) -> str:
+    """What to tell a user who passed a file where a model folder goes: a LoRA cannot be a model; a checkpoint
+    must be converted first."""
+    keys: list[str] = []
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError):
+        pass  # not a .safetensors file: no keys to look at
+    if any(k.startswith("lora_") or ".lora_down." in k or ".lora_A." in k for k in keys):
+        return (f"{file} is a file, a LoRA (keys like {next(k for k in keys if 'lora' in k)}), not a t2vz model "
+                "folder: a LoRA adds to a base model and is not one; convert the base model with "
+                "python -m weights_convert CHECKPOINT FOLDER and pass model=FOLDER")
+    return (f"{file} is a file, not a t2vz model folder: convert it first with python -m weights_convert {file} "
+            "FOLDER, then pass model=FOLDER")
 
 
 def read_model_config(path: str | os.PathLike) -> dict:

@@ -1,0 +1,263 @@
+"""What a user who mistypes gets, across every entry point: a corpus of bad inputs (broken and wrong files, folders
+that are files, unwritable outputs, options out of range, NaN, missing and unreadable videos, control maps of the
+wrong size or count, a video with no frames).
+
+Each command-line case asserts: a non-zero exit (2, a user error), one line on stderr that names the bad value
+first, no traceback, and no partial video or model folder left behind. The commands run as the user runs them
+(`python -m ...`, `experiments/*.py`), a few at a time, once per module; the Python API cases run in-process."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from ldm_fixtures import TINY_UNET, tiny_ldm_checkpoint, write_checkpoint
+from reference_models import tiny_instruct_pix2pix_folder
+from safetensors.torch import save_file
+
+from t2vz.sd.controlnet import ControlNet, ControlNetConfig
+from t2vz.sd.model_folder import write_controlnet_folder
+from t2vz.video_io import write_video
+from weights_convert.convert import convert
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONTROLNET = ControlNetConfig.from_unet(TINY_UNET, conditioning_embedding_out_channels=(8, 16))  # fits "model"
+CONVERT = [sys.executable, "-m", "weights_convert"]
+T2VZ = [sys.executable, "-m", "t2vz"]
+RUN = [sys.executable, str(REPO / "experiments" / "run.py"), "logger=disabled"]
+CONTROL = [sys.executable, str(REPO / "experiments" / "control_video.py"), "logger=disabled"]
+INSTRUCT = [sys.executable, str(REPO / "experiments" / "instruct_video.py"), "logger=disabled"]
+SMALL = ["video.num_frames=2", "video.height=32", "video.width=32", "sampler.num_inference_steps=2",
+         "output.progress=false"]
+
+
+def rename_prefix(sd: dict, old: str, new: str) -> dict:
+    return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Every input of the corpus, good ones (a tiny model, its ControlNet, an InstructPix2Pix model, a control
+    video) and bad ones, in one folder."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    good = tiny_ldm_checkpoint()
+    write_checkpoint(good, root / "good.safetensors")
+    convert(root / "good.safetensors", root / "model")
+    torch.manual_seed(0)
+    write_controlnet_folder(root / "cn", ControlNet(TINY_CONTROLNET).state_dict(),
+                            {"controlnet": dataclasses.asdict(TINY_CONTROLNET)})
+    tiny_instruct_pix2pix_folder(root / "ip2p")
+    frames = torch.zeros(4, 32, 32, 3)
+    for k in range(4):  # a square moving right (a GIF keeps identical frames as one)
+        frames[k, 8:20, 4 + 3 * k : 16 + 3 * k] = 1.0
+    write_video(root / "square.gif", frames)
+    write_video(root / "odd_size.gif", frames[:, :31, :31])  # the tiny VAE downsamples by 2: 31 does not divide
+
+    (root / "empty.safetensors").write_bytes(b"")
+    data = (root / "good.safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (root / "random.ckpt").write_bytes(b"\x13\x37" + os.urandom(4096))
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "x": Payload()}, root / "payload.ckpt")
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, root / "lora.safetensors")
+    save_file({k: v for k, v in good.items() if k.startswith("first_stage_model.")}, root / "vae_only.safetensors")
+    save_file(rename_prefix(good, "cond_stage_model.transformer.", "conditioner.embedders.0.transformer."),
+              root / "sdxl.safetensors")
+    save_file(rename_prefix(good, "cond_stage_model.transformer.text_model.", "cond_stage_model.model."),
+              root / "sd2.safetensors")
+    inpaint = dict(good)
+    w = inpaint["model.diffusion_model.input_blocks.0.0.weight"]
+    inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], 9, *w.shape[2:])
+    save_file(inpaint, root / "inpainting.safetensors")
+    save_file({k: v for k, v in good.items() if k != "model.diffusion_model.input_blocks.1.1.proj_in.weight"},
+              root / "missing_key.safetensors")
+    save_file({**good, "first_stage_model.quant_conv.bias": torch.zeros(5)}, root / "misshaped.safetensors")
+    (root / "not_a_model").mkdir()
+    (root / "not_a_model" / "notes.txt").write_text("hello")
+    (root / "a_file.txt").write_text("not a folder")
+    (root / "no_frames").mkdir()
+    (root / "garbage.mp4").write_bytes(os.urandom(2048))
+    return root
+
+
+class Payload:
+    """A pickle whose loading would run a command, as a malicious checkpoint carries it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo PAYLOAD-RAN",))
+
+
+# name → (command, expected text on the error line). {root}: the fixture folder; {out}: where outputs would go.
+CASES = {
+    # weights_convert
+    "convert-empty-file": (CONVERT + ["{root}/empty.safetensors", "{out}/m"], "empty.safetensors is empty"),
+    "convert-truncated": (CONVERT + ["{root}/truncated.safetensors", "{out}/m"], "truncated"),
+    "convert-random-bytes": (CONVERT + ["{root}/random.ckpt", "{out}/m"],
+                             "neither a .safetensors file nor a PyTorch checkpoint"),
+    "convert-pickle-payload": (CONVERT + ["{root}/payload.ckpt", "{out}/m"],
+                               "is a pickle holding Python objects that are not tensors"),
+    "convert-lora": (CONVERT + ["{root}/lora.safetensors", "{out}/m"], "lora.safetensors is a LoRA"),
+    "convert-vae-only": (CONVERT + ["{root}/vae_only.safetensors", "{out}/m"], "has no UNet weights"),
+    "convert-sdxl": (CONVERT + ["{root}/sdxl.safetensors", "{out}/m"], "Stable Diffusion XL"),
+    "convert-sd2": (CONVERT + ["{root}/sd2.safetensors", "{out}/m"], "Stable Diffusion 2.x"),
+    "convert-inpainting": (CONVERT + ["{root}/inpainting.safetensors", "{out}/m"], "inpainting"),
+    "convert-missing-key": (CONVERT + ["{root}/missing_key.safetensors", "{out}/m"],
+                            "1 missing keys: model.diffusion_model.input_blocks.1.1.proj_in.weight"),
+    "convert-misshaped-key": (CONVERT + ["{root}/misshaped.safetensors", "{out}/m"],
+                              "first_stage_model.quant_conv.bias has shape (5,), expected (8,)"),
+    "convert-missing-source": (CONVERT + ["{root}/nothing.safetensors", "{out}/m"], "does not exist"),
+    "convert-folder-not-a-model": (CONVERT + ["{root}/not_a_model", "{out}/m"],
+                                   "neither a checkpoint file nor a diffusers folder"),
+    "convert-output-under-a-file": (CONVERT + ["{root}/good.safetensors", "{root}/a_file.txt/m"],
+                                    "cannot write {root}/a_file.txt/m: {root}/a_file.txt is a file"),
+    "convert-output-exists": (CONVERT + ["{root}/good.safetensors", "{root}/model"], "exists"),
+    # python -m t2vz
+    "t2vz-no-prompt": (T2VZ + ["hydra.run.dir={out}/r"], "no prompt given"),
+    "t2vz-missing-model": (T2VZ + ["prompt=x", "model={root}/nothing", "hydra.run.dir={out}/r"],
+                           "nothing does not exist"),
+    "t2vz-model-is-a-lora-file": (T2VZ + ["prompt=x", "model={root}/lora.safetensors", "hydra.run.dir={out}/r"],
+                                  "lora.safetensors is a file"),
+    "t2vz-model-folder-not-a-model": (T2VZ + ["prompt=x", "model={root}/not_a_model", "hydra.run.dir={out}/r"],
+                                      "is not a t2vz model folder"),
+    "t2vz-model-is-a-controlnet": (T2VZ + ["prompt=x", "model={root}/cn", "hydra.run.dir={out}/r"], "ControlNet"),
+    "t2vz-zero-frames": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "video.num_frames=0",
+                                 "hydra.run.dir={out}/r"], "video.num_frames=0"),
+    "t2vz-height-not-multiple-of-8": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "video.height=63",
+                                              "hydra.run.dir={out}/r"], "video.height=63"),
+    "t2vz-zero-steps": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "sampler.num_inference_steps=0",
+                                "hydra.run.dir={out}/r"], "sampler.num_inference_steps=0"),
+    "t2vz-guidance-nan": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "sampler.guidance_scale=nan",
+                                  "hydra.run.dir={out}/r"], "sampler.guidance_scale=nan"),
+    "t2vz-lambda-inf": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "method.motion_strength=inf",
+                                "hydra.run.dir={out}/r"], "method.motion_strength=inf"),
+    "t2vz-alpha-out-of-range": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "method.alpha=1.5",
+                                        "hydra.run.dir={out}/r"], "method.alpha=1.5"),
+    "t2vz-t0-above-t1": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "method.t0=1", "method.t1=0",
+                                 "hydra.run.dir={out}/r"], "method.t1=0"),
+    "t2vz-t1-beyond-steps": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "method.t1=5",
+                                     "hydra.run.dir={out}/r"], "method.t1=5"),
+    "t2vz-unknown-cross-frame": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "method.cross_frame=last",
+                                         "hydra.run.dir={out}/r"], "method.cross_frame='last'"),
+    "t2vz-chunk-size-1": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "video.chunk_size=1",
+                                  "hydra.run.dir={out}/r"], "video.chunk_size=1"),
+    "t2vz-dtype": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "dtype=fp64", "hydra.run.dir={out}/r"],
+                   "dtype='fp64'"),
+    "t2vz-no-cuda": (T2VZ + ["prompt=x", "model={root}/model", *SMALL, "device=cuda", "hydra.run.dir={out}/r"],
+                     "device='cuda'"),
+    "t2vz-unwritable-output": (T2VZ + ["prompt=x", "model={root}/model", *SMALL,
+                                       "hydra.run.dir={root}/a_file.txt/r"], "cannot create the output folder"),
+    # experiments/run.py
+    "run-unknown-headline": (RUN + ["prompt=x", "model={root}/model", *SMALL, "metrics.headline=nope",
+                                    "hydra.run.dir={out}/r"], "metrics.headline='nope'"),
+    "run-missing-model": (RUN + ["prompt=x", "model={root}/nothing", *SMALL, "hydra.run.dir={out}/r"],
+                          "nothing does not exist"),
+    # experiments/control_video.py
+    "control-missing-video": (CONTROL + ["prompt=x", "model={root}/model", "controlnet={root}/cn",
+                                         "control.video={root}/missing.mp4", "sampler.num_inference_steps=2",
+                                         "hydra.run.dir={out}/r"], "missing.mp4"),
+    "control-unreadable-video": (CONTROL + ["prompt=x", "model={root}/model", "controlnet={root}/cn",
+                                            "control.video={root}/garbage.mp4", "sampler.num_inference_steps=2",
+                                            "hydra.run.dir={out}/r"], "garbage.mp4"),
+    "control-video-without-frames": (CONTROL + ["prompt=x", "model={root}/model", "controlnet={root}/cn",
+                                                "control.video={root}/no_frames", "sampler.num_inference_steps=2",
+                                                "hydra.run.dir={out}/r"], "no_frames"),
+    "control-maps-wrong-size": (CONTROL + ["prompt=x", "model={root}/model", "controlnet={root}/cn",
+                                           "control.video={root}/odd_size.gif", "sampler.num_inference_steps=2",
+                                           "hydra.run.dir={out}/r"], "31×31"),
+    "control-maps-too-few": (CONTROL + ["prompt=x", "model={root}/model", "controlnet={root}/cn",
+                                        "control.video={root}/square.gif", "control.num_frames=9",
+                                        "sampler.num_inference_steps=2", "hydra.run.dir={out}/r"], "9"),
+    "control-controlnet-is-a-model": (CONTROL + ["prompt=x", "model={root}/model", "controlnet={root}/model",
+                                                 "control.video={root}/square.gif",
+                                                 "sampler.num_inference_steps=2", "hydra.run.dir={out}/r"],
+                                      "model folder, not a ControlNet"),
+    # experiments/instruct_video.py
+    "instruct-missing-video": (INSTRUCT + ["instruction=make it snowy", "model={root}/ip2p",
+                                           "source.video={root}/missing.mp4", "sampler.num_inference_steps=2",
+                                           "hydra.run.dir={out}/r"], "missing.mp4"),
+    "instruct-not-an-ip2p-model": (INSTRUCT + ["instruction=make it snowy", "model={root}/model",
+                                               "source.video={root}/square.gif", "sampler.num_inference_steps=2",
+                                               "hydra.run.dir={out}/r"], "in_channels=4"),
+    "instruct-image-guidance-nan": (INSTRUCT + ["instruction=make it snowy", "model={root}/ip2p",
+                                                "source.video={root}/square.gif", "sampler.num_inference_steps=2",
+                                                "sampler.image_guidance_scale=nan", "hydra.run.dir={out}/r"],
+                                    "sampler.image_guidance_scale=nan"),
+}
+
+
+@pytest.fixture(scope="module")
+def results(files, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every command-line case run once, four at a time: name → (process, its output folder)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+
+    def run(name: str):
+        command, _ = CASES[name]
+        out = tmp_path_factory.mktemp(name)
+        args = [a.format(root=files, out=out) for a in command]
+        return name, (subprocess.run(args, capture_output=True, text=True, env=env, cwd=out, timeout=600), out)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, CASES))
+
+
+def test_the_corpus_is_large():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_gets_one_clear_line(results, files, name):
+    proc, out = results[name]
+    expected = CASES[name][1].format(root=files, out=out)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}:\n{text[-3000:]}"
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line or "failed:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert expected in errors[0], f"{expected!r} not in {errors[0]!r}"
+    assert "PAYLOAD-RAN" not in text
+    left = [p for p in out.rglob("*") if p.suffix in (".mp4", ".gif", ".npz", ".safetensors")
+            or p.name == "t2vz_model.json"]
+    assert not left, f"partial outputs left behind: {left}"
+    assert not (files / "a_file.txt").is_dir() and (files / "model" / "t2vz_model.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------- the Python API
+@pytest.fixture(scope="module")
+def pipe(files):
+    import t2vz
+    return t2vz.TextToVideoZero.from_pretrained(files / "model")
+
+
+API_CASES = {
+    "prompt-not-text": (dict(prompt=123), "prompt must be a string"),
+    "latents-wrong-shape": (dict(latents=torch.zeros(1, 4, 3, 3)), "latents have shape (1, 4, 3, 3)"),
+    "frames-zero": (dict(num_frames=0), "num_frames=0"),
+    "lambda-nan": (dict(motion_strength=float("nan")), "motion_strength"),
+    "direction-three-numbers": (dict(direction=(1.0, 0.0, 2.0)), "direction must be two finite numbers"),
+    "unknown-option": (dict(num_frame=3), "unknown option(s) num_frame"),
+    "masks-wrong-count": (dict(smooth_bg=True, masks=torch.ones(3, 32, 32)), "masks"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(API_CASES))
+def test_bad_python_arguments_name_the_value(pipe, name):
+    kwargs, expected = API_CASES[name]
+    kwargs = {"prompt": "a cat", "num_frames": 2, "height": 32, "width": 32, "num_inference_steps": 2,
+              "progress": False, **kwargs}
+    with pytest.raises((ValueError, TypeError)) as info:
+        pipe(kwargs.pop("prompt"), **kwargs)
+    assert expected in str(info.value)
+
+
+def test_control_video_api_refuses_a_count_mismatch(files):
+    import t2vz
+    pipe = t2vz.ControlVideo.from_pretrained(files / "model", controlnet=files / "cn")
+    with pytest.raises(ValueError, match="num_frames=3 but the control video has 4 frames"):
+        pipe("x", control=files / "square.gif", num_frames=3, num_inference_steps=2, progress=False)

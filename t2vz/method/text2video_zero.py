@@ -4,8 +4,8 @@ Algorithm 1 of the paper (docs/method.md), one named function per step, called i
 `TextToVideoZero.__call__`:
   1. `draw_first_frame_noise`   x_T¹ ~ N(0, I)
   2. `first_frame_trajectory`   DDIM on frame 1 from T to T₁, then on to T₀                    (DDIM Eq. 12)
-  3. `motion_path` + `motion.warp_latents`   x̃_{T₀}ᵏ = W_k(x_{T₀}¹), δᵏ = λ·(k−1)·δ           (Sec. 3.3)
-  4. `ddpm_forward`             x_{T₁}ᵏ ~ q(x_{T₁} | x̃_{T₀}ᵏ) for k = 2..m                      (DDPM Eq. 4)
+  3. `warp_first_frame`         x̃_{T₀}ᵏ = W_k(x_{T₀}¹), δᵏ = λ·(k−1)·δ (`motion_path`)        (Sec. 3.3)
+  4. `noise_to_T1`              x_{T₁}ᵏ ~ q(x_{T₁} | x̃_{T₀}ᵏ) for k = 2..m (`ddpm_forward`)    (DDPM Eq. 4)
   5. `denoise_frames`           DDIM from T₁ to 0 on all frames with cross-frame attention    (Eq. 8)
   6. `sampling.decode_video`    VAE decode of every frame, [−1, 1] → [0, 1]
 Steps 5 and 6 run chunk by chunk (`chunks.generate_in_chunks`) for long videos. Background smoothing (Sec. 3.3)
@@ -273,7 +273,8 @@ class TextToVideoZero:
         if o.motion_dynamics:
             first = self.first_frame_trajectory(x_T, scheduler, o.t0, o.t1, context, o.guidance_scale,
                                                 generator, on_step, progress)                    # 2. T → T₁ → T₀
-            x_T1 = self.motion_dynamics(first, path, generator, o.ddpm_marginal)                 # 3., 4.
+            warped = self.warp_first_frame(first.x_T0, path)                                     # 3. W_k(x_{T₀}¹)
+            x_T1 = self.noise_to_T1(first, warped, generator, o.ddpm_marginal)                   # 4. T₀ → T₁
             timesteps = scheduler.timesteps[-o.t1 - 1 :]
         else:  # the ablation: independent x_T per frame, all denoised from T
             x_T1, timesteps = self.independent_frames(x_T, f, generator), scheduler.timesteps
@@ -298,17 +299,24 @@ class TextToVideoZero:
                             step_callback=callback, desc="DDIM (frame 1, T1→T0)", progress=progress)
         return FirstFrameTrajectory(x_T1=x_T1, x_T0=x_T0, T1=T1, T0=T0)
 
-    def motion_dynamics(self, trajectory: FirstFrameTrajectory, path: torch.Tensor, generator,
-                        marginal: str) -> torch.Tensor:
-        """Steps 3–4: warp x_{T₀}¹ by each later frame's motion (path (f, 2, 3), frame 1 unmoved), noise the warped
-        latents forward to T₁, stack after x_{T₁}¹. Returns video latents at T₁, (b, c, f, h, w)."""
-        b, f = trajectory.x_T0.shape[0], path.shape[0]
+    @staticmethod
+    def warp_first_frame(x_T0: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """Step 3: x̃_{T₀}ᵏ = W_k(x_{T₀}¹) for the later frames k = 2..m: x_T0 (b, c, h, w) and every frame's motion
+        (path (f, 2, 3), frame 1 unmoved) → ((b (f−1)), c, h, w), video-major."""
+        b, f = x_T0.shape[0], path.shape[0]
         if f == 1:
-            return trajectory.x_T1[:, :, None]
-        x0 = repeat(trajectory.x_T0, "b c h w -> (b f) c h w", f=f - 1)
-        warped = warp_latents(x0, path[1:].repeat(b, 1, 1))
-        x_T1_later = unfold_frames(ddpm_forward(warped, trajectory.T0, trajectory.T1, generator, marginal), f - 1)
-        return torch.cat([trajectory.x_T1[:, :, None], x_T1_later], dim=2)
+            return x_T0[:0]
+        return warp_latents(repeat(x_T0, "b c h w -> (b f) c h w", f=f - 1), path[1:].repeat(b, 1, 1))
+
+    @staticmethod
+    def noise_to_T1(trajectory: FirstFrameTrajectory, warped: torch.Tensor, generator, marginal: str) -> torch.Tensor:
+        """Step 4: the warped later frames noised forward from T₀ to T₁ (`ddpm_forward`), after x_{T₁}¹: the video's
+        latents at T₁, (b, c, f, h, w)."""
+        first = trajectory.x_T1[:, :, None]
+        if warped.shape[0] == 0:  # a one-frame video: nothing to warp
+            return first
+        later = ddpm_forward(warped, trajectory.T0, trajectory.T1, generator, marginal)
+        return torch.cat([first, unfold_frames(later, warped.shape[0] // first.shape[0])], dim=2)
 
     def independent_frames(self, x_T: torch.Tensor, f: int, generator) -> torch.Tensor:
         """The ablation without motion dynamics: x_T¹ (b, c, h, w) and a fresh x_T for each later frame, drawn

@@ -1,11 +1,12 @@
-"""The one chunk loop (t2vz/method/chunks.py): which frames each chunk holds, that frame 1 is kept once, and the
-chunk_size checks; the pipelines' chunked-equals-unchunked tests live with each pipeline."""
+"""The one chunk loop (t2vz/method/chunks.py): which frames each chunk holds, that each chunk's ε lands in place,
+frame 1's keys and values shared, and the chunk_size checks; the pipelines' chunked-equals-unchunked tests live with
+each pipeline."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from t2vz.method.chunks import check_chunking, frame_chunks, generate_in_chunks
+from t2vz.method.chunks import check_chunking, eps_by_chunks, frame_chunks
 from t2vz.method.text2video_zero import VideoOptions
 
 
@@ -13,27 +14,31 @@ from t2vz.method.text2video_zero import VideoOptions
     (5, None, [[0, 1, 2, 3, 4]]),
     (5, 5, [[0, 1, 2, 3, 4]]),
     (5, 9, [[0, 1, 2, 3, 4]]),
-    (5, 3, [[0, 1, 2], [0, 3, 4]]),
-    (6, 3, [[0, 1, 2], [0, 3, 4], [0, 5]]),
-    (4, 2, [[0, 1], [0, 2], [0, 3]]),
+    (5, 3, [[0, 1, 2], [3, 4]]),
+    (6, 3, [[0, 1, 2], [3, 4, 5]]),
+    (4, 2, [[0, 1], [2, 3]]),
     (1, 2, [[0]]),
 ])
 def test_frame_chunks(f, size, expected):
     assert frame_chunks(f, size) == expected
 
 
-def test_generate_in_chunks_keeps_frame_1_once_and_frames_in_order():
-    """Each chunk's frames carry their global id as a value: the result is frames 0..f−1, in order, once each."""
+def test_eps_by_chunks_puts_each_chunk_in_place_and_shares_frame_1():
+    """Each chunk's rows are its frames of every video (video-major); the result puts them back in order; the
+    first chunk records frame 1's keys and values and the later ones replay them."""
+    g, f = 2, 7
+    x = torch.arange(g * f, dtype=torch.float32).reshape(g * f, 1, 1, 1).expand(-1, 4, 2, 2).clone()
     seen = []
 
-    def generate(ids):
-        seen.append(list(ids))
-        return torch.tensor(ids, dtype=torch.float32).reshape(1, len(ids), 1, 1, 1).expand(2, -1, 2, 2, 3)
+    def predict_chunk(rows, t, ids, anchor):
+        seen.append((list(ids), rows[:, 0, 0, 0].tolist(), anchor.replaying))
+        return rows * 10
 
-    video = generate_in_chunks(7, 3, generate)
-    assert seen == [[0, 1, 2], [0, 3, 4], [0, 5, 6]]
-    assert video.shape == (2, 7, 2, 2, 3)
-    assert video[:, :, 0, 0, 0].tolist() == [list(range(7))] * 2
+    eps = eps_by_chunks(predict_chunk, f, 3)(x, torch.tensor(1))
+    assert torch.equal(eps, x * 10)
+    assert seen == [([0, 1, 2], [0, 1, 2, 7, 8, 9], False), ([3, 4, 5], [3, 4, 5, 10, 11, 12], True),
+                    ([6], [6, 13], True)]
+    assert eps_by_chunks(lambda rows, t, ids, anchor: rows + (anchor is None), f, None)(x, 1).equal(x + 1)
 
 
 @pytest.mark.parametrize("size,mode,message", [

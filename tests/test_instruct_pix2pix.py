@@ -75,7 +75,7 @@ def test_chunks_equal_unchunked(tiny):
     chunked = pipe(INSTRUCTION, chunk_size=3, callback=lambda i, t, x: steps.append((i, x.shape[0])), **common)
     assert chunked.shape == whole.shape == (5, 32, 32, 3)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
-    assert steps == [(i, 3) for i in range(6)]  # chunks [0, 1, 2], [0, 3, 4]; the counter runs across chunks
+    assert steps == [(i, 5) for i in range(3)]  # chunks [0, 1, 2], [3, 4]; the callback sees every frame once a step
 
 
 @torch.no_grad()

@@ -102,6 +102,25 @@ def test_chunked_equals_unchunked(tiny):
         assert_parity(chunked, full)
 
 
+@torch.no_grad()
+def test_chunks_run_frame_1_once_per_step(tiny):
+    """48 frames in chunks of 8: the UNet sees every frame once per video-pass step (frame 1's keys and values are
+    shared with the later chunks, not recomputed), 6 calls a step, with the frames of one unchunked pass."""
+    pipe, _ = tiny
+    common = dict(num_frames=48, height=16, width=16, num_inference_steps=4, t0=1, t1=1, eta=0.5, progress=False)
+    full = pipe("a cat", generator=torch.Generator().manual_seed(5), **common)
+    rows = []
+    handle = pipe.sd.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        chunked = pipe("a cat", generator=torch.Generator().manual_seed(5), chunk_size=8, **common)
+    finally:
+        handle.remove()
+    assert_parity(chunked, full)  # η > 0 too: the DDIM noise is drawn for all frames at once either way
+    video_pass = rows[-2 * 6:]  # steps 2 (T₁) and 1, after frame 1's 2 steps alone
+    assert rows[:2] == [2, 2]  # frame 1 alone, both guidance branches
+    assert video_pass == [2 * 8] * 12 and len(rows) == 2 + 2 * 6  # 48 frames = 6 chunks of 8, once per step
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

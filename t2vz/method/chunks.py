@@ -1,28 +1,35 @@
-"""Long videos by chunks: the frames are denoised a chunk at a time, frame 1 prepended to every later chunk so
-that cross-frame attention (Eq. 8) always has the anchor frame, and each frame keeps its global id (its motion,
-its noise). With η = 0 and cross_frame "first" or "off" a frame depends on frame 1 and itself only, so chunked
-generation equals unchunked generation (docs/method.md, "Long videos"). The one loop the three pipelines share.
+"""Long videos by chunks: at every DDIM step the UNet sees the video's frames a chunk at a time, so its memory is
+bounded by the chunk, not by the video. Frame 1 runs in the first chunk only; its keys and values in every
+cross-frame attention layer are recorded there and replayed to the later chunks (`sd.attention.AnchorKeys`), so
+each frame attends to the same K¹, V¹ as in one call over all frames, and each keeps its global id (its motion,
+its noise). With cross_frame "first" or "off" a frame depends on frame 1 and itself only, so chunked denoising
+equals unchunked denoising (docs/method.md, "Long videos"). The one chunk loop the three pipelines share.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
+
+from ..sd.attention import AnchorKeys
+
+# predict_chunk(x, t, ids, anchor) → ε: the noise prediction for the rows of frames `ids` of every video,
+# ((g len(ids)), c, h, w), with frame 1's keys and values taken from or recorded into `anchor` (None: one chunk)
+ChunkPredictor = Callable[[torch.Tensor, torch.Tensor, list[int], AnchorKeys | None], torch.Tensor]
 
 
 def frame_chunks(f: int, chunk_size: int | None) -> list[list[int]]:
-    """Frame ids per denoising chunk: all at once, or [0] + up to chunk_size − 1 new frames per chunk."""
+    """Frame ids per chunk, each at most chunk_size frames: all at once, or frame 1 and the frames after it in the
+    first chunk, then the rest in order (the later chunks attend to frame 1 without holding it)."""
     if chunk_size is None or chunk_size >= f:
         return [list(range(f))]
-    new = list(range(1, f))
-    return [list(range(chunk_size))] + [
-        [0] + new[i : i + chunk_size - 1] for i in range(chunk_size - 1, len(new), chunk_size - 1)
-    ]
+    return [list(range(start, min(start + chunk_size, f))) for start in range(0, f, chunk_size)]
 
 
 def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) -> None:
-    """Chunks need chunk_size ≥ 2 (frame 1 plus new frames), and a cross-frame mode in which a frame depends on
-    frame 1 and itself only."""
+    """Chunks need chunk_size ≥ 2 (the first chunk holds frame 1 plus new frames), and a cross-frame mode in which a
+    frame depends on frame 1 and itself only."""
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 2:
@@ -32,12 +39,22 @@ def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) ->
                          "depends on the one before, across chunk borders")
 
 
-def generate_in_chunks(f: int, chunk_size: int | None,
-                       generate: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-    """`generate(ids)` → frames (b, len(ids), H, W, 3) of those frame ids, for each chunk of `frame_chunks`;
-    frame 1, repeated at the head of every later chunk, is kept once. Returns (b, f, H, W, 3)."""
-    out = []
-    for i, ids in enumerate(frame_chunks(f, chunk_size)):
-        frames = generate(ids)
-        out.append(frames if i == 0 else frames[:, 1:])
-    return torch.cat(out, dim=1)
+def eps_by_chunks(predict_chunk: ChunkPredictor, f: int, chunk_size: int | None
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The noise prediction `predict(x, t)` for all f frames of every video, x ((g f), c, h, w) video-major →
+    ε of the same shape, from `predict_chunk` run on each chunk of `frame_chunks` in turn: the first chunk records
+    frame 1's keys and values, the later ones replay them."""
+    chunks = frame_chunks(f, chunk_size)
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if len(chunks) == 1:
+            return predict_chunk(x, t, chunks[0], None)
+        frames = rearrange(x, "(g f) c h w -> g f c h w", f=f)
+        eps = torch.empty_like(frames)
+        anchor = AnchorKeys()
+        for i, ids in enumerate(chunks):
+            anchor.replaying = i > 0
+            rows = rearrange(frames[:, ids], "g f c h w -> (g f) c h w")
+            eps[:, ids] = rearrange(predict_chunk(rows, t, ids, anchor), "(g f) c h w -> g f c h w", f=len(ids))
+        return rearrange(eps, "g f c h w -> (g f) c h w")
+    return predict

@@ -6,10 +6,10 @@ The steps, with the text-to-video ones they replace (docs/method.md):
                           so there is no warp and no Δt (T′ = T = 1000)
   2. `controlled_unet`    ε(x_t, t, c_text, c_control^k): the ControlNet, with cross-frame attention in its encoder
                           too, turns frame k's control map into residuals for the locked UNet's skips and mid block
-  3. `ddim_denoise`       DDIM from T to 0 on all frames with classifier-free guidance and cross-frame attention
+  3. `sampling.ddim_loop` DDIM from T to 0 on all frames with classifier-free guidance and cross-frame attention
                           (Eq. 8) in the UNet
   4. `decode_video`       VAE decode of every frame
-Long videos are denoised in chunks of frames, each with frame 1 prepended (`chunks.py`).
+For long videos the UNet and ControlNet see a chunk of frames at a time (`chunks.py`).
 
 The UNet batch is [uncond videos; text videos], each video's frames consecutive, `(2 b f) c h w`; the control maps
 are the same for every video and both branches, so they are repeated to that layout.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from einops import repeat
@@ -30,8 +30,8 @@ from ..sd.loading import StableDiffusion, load, load_controlnet
 from ..sd.model_folder import ModelFolderError
 from ..sd.schedulers import DDIM
 from ..video_io import load_frames, resize_frames, resized_shape
-from .chunks import check_chunking, generate_in_chunks
-from .sampling import check_size, checked_latents, ddim_denoise, decode_video, encode_prompts, step_counter
+from .chunks import check_chunking, eps_by_chunks
+from .sampling import check_size, checked_latents, ddim_loop, decode_video, encode_prompts, guided_eps, step_counter
 from .text2video_zero import draw_first_frame_noise, video_prompts
 
 # the UNet fields a ControlNet copies: they must be equal for its residuals to fit the UNet's skips
@@ -127,8 +127,9 @@ class ControlVideo:
         uint8 or float in [0, 1]. `num_frames`, `height` and `width` default to the control's; given, they must
         match it. `resolution` first resizes the control so that its long side is `resolution` (each side a
         multiple of 8). `controlnet_conditioning_scale` multiplies the ControlNet's residuals. `latents`
-        (B, 4, H/8, W/8) replace the drawn x_T. `chunk_size` bounds memory for long videos (frame 1 is prepended to
-        every chunk; with η = 0 and cross_frame "first" or "off" the frames equal unchunked generation).
+        (B, 4, H/8, W/8) replace the drawn x_T. `chunk_size` bounds memory for long videos: the UNet and the
+        ControlNet see at most chunk_size frames at a time (`chunks.py`); with cross_frame "first" or "off" the
+        frames equal unchunked generation.
         """
         prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
         sd, factor = self.sd, self.sd.vae.downsample_factor
@@ -147,16 +148,17 @@ class ControlVideo:
         maps = maps.permute(0, 3, 1, 2)  # (f, 3, H, W), on the CPU: each chunk moves only its own maps
 
         on_step = step_counter(callback)
+        attention = CrossFrame(f, cross_frame)
 
-        def generate(ids: list[int]) -> torch.Tensor:
-            x = repeat(x_T, "b c h w -> (b f) c h w", f=len(ids))  # the same x_T for every frame
-            x = ddim_denoise(sd, x, scheduler, scheduler.timesteps, context, guidance_scale, generator,
-                             CrossFrame(len(ids), cross_frame), on_step, "DDIM (ControlNet, all frames)", progress,
-                             unet=self.controlled_unet(maps[ids].to(device=sd.device, dtype=sd.dtype),
-                                                       controlnet_conditioning_scale))
-            return decode_video(sd, x, len(ids))
+        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
+            unet = self.controlled_unet(maps[ids].to(device=sd.device, dtype=sd.dtype), controlnet_conditioning_scale)
+            return guided_eps(unet, x, t, context, guidance_scale,
+                              cross_frame=replace(attention, num_frames=len(ids), anchor=anchor))
 
-        video = generate_in_chunks(f, chunk_size, generate)
+        x = repeat(x_T, "b c h w -> (b f) c h w", f=f)  # the same x_T for every frame
+        x = ddim_loop(x, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, f, chunk_size), generator,
+                      on_step, "DDIM (ControlNet, all frames)", progress)
+        video = decode_video(sd, x, f)
         return video[0] if video.shape[0] == 1 else video
 
     def check_inputs(self, maps, num_frames, height, width, guidance_scale, scale, cross_frame, chunk_size) -> int:

@@ -24,13 +24,14 @@ One named function per step:
   3. `branch_contexts` + `branch_batch`         the three branches' text rows and 8-channel UNet input
   4. `instruct_guidance`                        Eq. 3 above, inside a DDIM loop (`sampling.ddim_loop`)
   5. `sampling.decode_video`                    VAE decode of every frame, [−1, 1] → [0, 1]
-Long videos are edited in chunks (`chunks.py`), each with frame 1 prepended.
+For long videos the UNet sees a chunk of frames of each branch at a time (`chunks.py`).
 """
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -38,7 +39,7 @@ from ..sd.attention import CrossFrame, check_cross_frame_mode
 from ..sd.loading import StableDiffusion, load
 from ..sd.schedulers import DDIM, draw_noise
 from ..video_io import load_frames, resize_frames, resized_shape
-from .chunks import check_chunking, generate_in_chunks
+from .chunks import check_chunking, eps_by_chunks
 from .sampling import check_size, checked_latents, ddim_loop, decode_video, step_counter
 
 
@@ -141,9 +142,8 @@ class VideoInstructPix2Pix:
         (Eq. 3, module docstring); unlike diffusers, which drops all guidance when s_I < 1, the formula is applied
         for any s_T, s_I ≥ 0. `latents` (F, 4, H/8, W/8) replaces the drawn noise (one draw of that shape from
         `generator`, independent per frame). `callback(i, t, x)` sees the latents after every DDIM step.
-        `chunk_size` bounds memory for long videos: frames are edited in chunks of at most chunk_size frames, each
-        with frame 1 prepended (its noise and source latent); with η = 0 and cross_frame "first" or "off" the
-        result equals unchunked editing.
+        `chunk_size` bounds memory for long videos: the UNet sees at most chunk_size frames of each branch at a
+        time (`chunks.py`); with cross_frame "first" or "off" the result equals unchunked editing.
         """
         self.check_inputs(instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                           resolution, size_multiple, cross_frame, chunk_size)
@@ -165,29 +165,27 @@ class VideoInstructPix2Pix:
 
         on_step = step_counter(callback)
 
-
-        def edit(ids: list[int]) -> torch.Tensor:
-            source = encode_source(sd, resize_frames(frames[ids], (height, width)))
-            x = self.denoise_frames(x_T[ids], source, scheduler, context, guidance_scale, image_guidance_scale,
-                                    generator, cross_frame, on_step, progress)
-            return decode_video(sd, x, len(ids))  # (1, len(ids), H, W, 3)
-
-        return generate_in_chunks(f, chunk_size, edit)[0]
+        source = encode_source(sd, resize_frames(frames, (height, width)))
+        x = self.denoise_frames(x_T, source, scheduler, context, guidance_scale, image_guidance_scale, generator,
+                                cross_frame, on_step, progress, chunk_size)
+        return decode_video(sd, x, f)[0]
 
     def denoise_frames(self, x_T: torch.Tensor, source: torch.Tensor, scheduler: DDIM, context: torch.Tensor,
                        guidance_scale: float, image_guidance_scale: float, generator, cross_frame: str,
-                       step_callback=None, progress: bool = True) -> torch.Tensor:
-        """Step 4: DDIM from T to 0 on the f frames of a chunk, x_T (f, c, h, w) and E(x) (f, c_s, h, w) → x_0
-        (f, c, h, w), with the three-branch guidance of Eq. 3 and cross-frame attention within each branch."""
+                       step_callback=None, progress: bool = True, chunk_size: int | None = None) -> torch.Tensor:
+        """Step 4: DDIM from T to 0 on the f frames, x_T (f, c, h, w) and E(x) (f, c_s, h, w) → x_0 (f, c, h, w),
+        with the three-branch guidance of Eq. 3 and cross-frame attention within each branch; the UNet sees at
+        most `chunk_size` frames of each branch at a time."""
         f = x_T.shape[0]
         attention = CrossFrame(f, cross_frame)  # the 3f rows are three videos of f frames: one per branch
 
-        def predict_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps = self.sd.unet(branch_batch(x, source), t, context, cross_frame=attention)
+        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
+            frames = replace(attention, num_frames=len(ids), anchor=anchor)
+            eps = self.sd.unet(branch_batch(x, source[ids]), t, context, cross_frame=frames)
             return instruct_guidance(eps, guidance_scale, image_guidance_scale)
 
-        return ddim_loop(x_T, scheduler, scheduler.timesteps, predict_eps, generator, step_callback,
-                         f"DDIM (Instruct-Pix2Pix, {f} frames)", progress)
+        return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, f, chunk_size), generator,
+                         step_callback, f"DDIM (Instruct-Pix2Pix, {f} frames)", progress)
 
     def check_inputs(self, instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                      resolution, size_multiple, cross_frame, chunk_size) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from einops import rearrange
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from ..sd.attention import CrossFrame
 from ..sd.loading import StableDiffusion
 from ..sd.schedulers import DDIM
+from .chunks import eps_by_chunks
 
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
@@ -122,15 +124,18 @@ def ddim_denoise(
     step_callback: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
     desc: str = "DDIM",
     progress: bool = True,
-    unet: Callable[..., torch.Tensor] | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """DDIM with classifier-free guidance (T2V-Zero steps 2 and 5): x ((b f), c, h, w) at timesteps[0] → x one DDIM
-    step below timesteps[−1]. `unet(x, t, context, cross_frame=...)` replaces `sd.unet` (ControlVideo passes the
-    UNet driven by its ControlNet)."""
-    unet = sd.unet if unet is None else unet
-    return ddim_loop(x, scheduler, timesteps,
-                     lambda x, t: guided_eps(unet, x, t, context, guidance_scale, cross_frame=cross_frame),
-                     generator, step_callback, desc, progress)
+    step below timesteps[−1], f = `cross_frame.num_frames` (1 without). With `chunk_size`, the UNet sees at most
+    that many frames of each video at a time (`chunks.eps_by_chunks`)."""
+    f = 1 if cross_frame is None else cross_frame.num_frames
+
+    def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
+        frames = None if cross_frame is None else replace(cross_frame, num_frames=len(ids), anchor=anchor)
+        return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames)
+    return ddim_loop(x, scheduler, timesteps, eps_by_chunks(predict_chunk, f, chunk_size), generator,
+                     step_callback, desc, progress)
 
 
 def decode_images(sd: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,15 @@ Algorithm 1 of the paper (docs/method.md), one named function per step, called i
   4. `noise_to_T1`              x_{T₁}ᵏ ~ q(x_{T₁} | x̃_{T₀}ᵏ) for k = 2..m (`ddpm_forward`)    (DDPM Eq. 4)
   5. `denoise_frames`           DDIM from T₁ to 0 on all frames with cross-frame attention    (Eq. 8)
   6. `sampling.decode_video`    VAE decode of every frame, [−1, 1] → [0, 1]
-Steps 5 and 6 run chunk by chunk (`chunks.generate_in_chunks`) for long videos. Background smoothing (Sec. 3.3)
-lives in `smoothing.py`; the options, their defaults and their checks in `VideoOptions`.
+For long videos step 5 runs the UNet on a chunk of frames at a time (`chunks.eps_by_chunks`). Background
+smoothing (Sec. 3.3) lives in `smoothing.py`; the options, their defaults and their checks in `VideoOptions`.
 """
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from einops import rearrange, repeat
@@ -24,11 +24,11 @@ from einops import rearrange, repeat
 from ..sd.attention import CrossFrame, check_cross_frame_levels, check_cross_frame_mode
 from ..sd.loading import StableDiffusion, load
 from ..sd.schedulers import DDIM, DDPM, draw_noise
-from .chunks import check_chunking, generate_in_chunks
+from .chunks import check_chunking, eps_by_chunks
 from .motion import translation_path, warp_latents
 from .sampling import (
-    chain, check_size, checked_latents, ddim_denoise, decode_video, encode_prompts, fold_frames, step_counter,
-    unfold_frames,
+    chain, check_size, checked_latents, ddim_denoise, ddim_loop, decode_video, encode_prompts, fold_frames,
+    guided_eps, step_counter, unfold_frames,
 )
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
@@ -166,7 +166,7 @@ class VideoOptions:
     smoothing: str = "paper"                 # "paper": every step; "authors": once at T₁
     masks: torch.Tensor | None = None        # foreground (F, H, W) or (B, F, H, W) in [0, 1]
     mask_tokens: str | None = None           # else masks from cross-attention to these words (None: all)
-    chunk_size: int | None = None            # long videos: at most this many frames at once, frame 1 in each
+    chunk_size: int | None = None            # long videos: the UNet sees at most this many frames at once
 
     @classmethod
     def of(cls, options: dict) -> VideoOptions:
@@ -250,7 +250,7 @@ class TextToVideoZero:
         `options` are the fields of `VideoOptions` (num_frames, num_inference_steps, guidance_scale,
         motion_strength λ, direction δ, t0, t1, cross_frame, smooth_bg, alpha, chunk_size, …). `latents`
         (B, 4, H/8, W/8) replaces the drawn x_T¹; `callback(i, t, x)` sees the latents after every DDIM step.
-        With η = 0 and cross_frame "first" or "off", chunked generation equals unchunked generation.
+        With cross_frame "first" or "off", chunked generation equals unchunked generation.
         `motion_dynamics=False` is the paper's ablation without Sec. 3.2: every frame starts from its own x_T and
         all frames are denoised from T together. `smooth_bg` blends each frame's background towards the warped
         first frame (`smoothing.py`); the foreground comes from `masks` or from the UNet's cross-attention to
@@ -280,11 +280,10 @@ class TextToVideoZero:
             x_T1, timesteps = self.independent_frames(x_T, f, generator), scheduler.timesteps
         denoise = dict(scheduler=scheduler, timesteps=timesteps, context=context, guidance_scale=o.guidance_scale,
                        generator=generator, cross_frame=o.cross_frame, cross_frame_levels=o.cross_frame_levels,
-                       progress=progress)
+                       chunk_size=o.chunk_size, progress=progress)
         x_T1, blend = self.background_smoothing(x_T1, path, o, prompts, denoise)
-        video = generate_in_chunks(f, o.chunk_size, lambda ids: decode_video(                   # 6. decode
-            sd, self.denoise_frames(x_T1[:, :, ids], **denoise,                                  # 5. T₁ → 0
-                                    step_callback=chain(blend(ids) if blend else None, on_step)), len(ids)))
+        x_0 = self.denoise_frames(x_T1, **denoise, step_callback=chain(blend, on_step))          # 5. T₁ → 0
+        video = decode_video(sd, x_0, f)                                                          # 6. decode
         return video[0] if video.shape[0] == 1 else video
 
     # ---------------------------------------------------------------------------------------------- the steps
@@ -328,13 +327,14 @@ class TextToVideoZero:
 
     def denoise_frames(self, x_T1: torch.Tensor, scheduler, timesteps, context, guidance_scale, generator,
                        cross_frame: str, progress: bool, step_callback=None,
-                       cross_frame_levels: Sequence[int] | None = None) -> torch.Tensor:
-        """Step 5: DDIM from T₁ to 0 on all frames of a chunk with cross-frame attention: (b, c, f, h, w) at T₁ →
-        ((b f), c, h, w) at 0."""
+                       cross_frame_levels: Sequence[int] | None = None, chunk_size: int | None = None
+                       ) -> torch.Tensor:
+        """Step 5: DDIM from T₁ to 0 on all frames with cross-frame attention, the UNet seeing at most `chunk_size`
+        frames of each video at a time: (b, c, f, h, w) at T₁ → ((b f), c, h, w) at 0."""
         f = x_T1.shape[2]  # the f frames of a video share its text context: one row per video, not per frame
         attention = CrossFrame(f, cross_frame, cross_frame_levels)
         return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, context, guidance_scale, generator,
-                            attention, step_callback, "DDIM (all frames)", progress)
+                            attention, step_callback, "DDIM (all frames)", progress, chunk_size)
 
     # ----------------------------------------------------------------------------------- background smoothing
     def background_smoothing(self, x_T1: torch.Tensor, path: torch.Tensor, o: VideoOptions, prompts: list[str],
@@ -348,23 +348,33 @@ class TextToVideoZero:
             foreground = resize_masks(o.masks.reshape(b, f, *o.masks.shape[-2:]), (h, w)).to(self.sd.device)
         else:
             positions = [token_positions(self.sd.tokenizer, p, o.mask_tokens) for p in prompts]
-            foreground = self.attention_masks(x_T1, o.chunk_size, positions, denoise)
+            foreground = self.attention_masks(x_T1, positions, denoise)
         if o.smoothing == "authors":
             return smooth_video(x_T1, foreground, path, o.alpha, form="authors"), None
-        return x_T1, lambda ids: self.per_step_smoothing(foreground[:, ids], path[ids], o.alpha, len(ids))
+        return x_T1, self.per_step_smoothing(foreground, path, o.alpha, f)
 
-    def attention_masks(self, x_T1, chunk_size, positions, denoise) -> torch.Tensor:
-        """Foreground masks (b, f, h, w) from a denoising pass that records cross-attention to the subject tokens."""
+    def attention_masks(self, x_T1, positions, denoise) -> torch.Tensor:
+        """Foreground masks (b, f, h, w) from a denoising pass that records cross-attention to the subject tokens,
+        chunk by chunk as the video pass runs (one recorder per chunk, each over all the steps)."""
         b, _, f, h, w = x_T1.shape
+        recorders: dict[tuple[int, ...], CrossAttentionMaps] = {}
+        attention = CrossFrame(f, denoise["cross_frame"], denoise["cross_frame_levels"])
 
-        def record(ids: list[int]) -> torch.Tensor:
+        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
             n = b * len(ids)
-            rows = slice(n, 2 * n) if denoise["guidance_scale"] > 1.0 else slice(0, n)
-            row_positions = [pos for pos in positions for _ in ids]
-            with CrossAttentionMaps(self.sd.unet, row_positions, (h, w), rows) as maps:
-                self.denoise_frames(x_T1[:, :, ids], **denoise)
-            return masks_from_maps(rearrange(maps.mean(), "(b f) h w -> b f h w", b=b))
-        return generate_in_chunks(f, chunk_size, record).to(x_T1.device)
+            rows = slice(n, 2 * n) if denoise["guidance_scale"] > 1.0 else slice(0, n)  # the text branch's
+            recorder = recorders.setdefault(tuple(ids), CrossAttentionMaps(
+                self.sd.unet, [pos for pos in positions for _ in ids], (h, w), rows))
+            with recorder:
+                return guided_eps(self.sd.unet, x, t, denoise["context"], denoise["guidance_scale"],
+                                  cross_frame=replace(attention, num_frames=len(ids), anchor=anchor))
+        ddim_loop(fold_frames(x_T1), denoise["scheduler"], denoise["timesteps"],
+                  eps_by_chunks(predict_chunk, f, denoise["chunk_size"]), denoise["generator"],
+                  desc="DDIM (attention masks)", progress=denoise["progress"])
+        foreground = torch.zeros(b, f, h, w, device=x_T1.device)
+        for ids, recorder in recorders.items():
+            foreground[:, list(ids)] = masks_from_maps(rearrange(recorder.mean(), "(b f) h w -> b f h w", b=b))
+        return foreground
 
     @staticmethod
     def per_step_smoothing(foreground, path, alpha: float, f: int):

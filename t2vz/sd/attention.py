@@ -5,7 +5,7 @@ Axis letters: b batch, f frames, n tokens, c channels, h w spatial, d head dim.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,17 @@ from einops import rearrange
 from torch import nn
 
 CROSS_FRAME_MODES = ("first", "first+previous", "off")
+
+
+class AnchorKeys:
+    """Frame 1's keys and values in every cross-frame self-attention layer, kept between the UNet calls of one
+    denoising step when a long video is denoised in chunks (`method/chunks.py`): the first chunk, which holds
+    frame 1, records them; the later chunks, which do not, attend to them (`replaying`). So frame 1 runs through
+    the UNet once per step, and every frame attends to the same K¹, V¹ as in one unchunked call."""
+
+    def __init__(self):
+        self.kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.replaying = False
 
 
 @dataclass(frozen=True)
@@ -27,11 +38,14 @@ class CrossFrame:
     `levels` (an ablation, not the paper): the UNet levels whose self-attention mixes frames, 0 the full latent
     resolution, 1 half of it, and so on (the mid block is at the deepest level); the others keep per-frame
     self-attention. None: every level, as in the paper.
+    `anchor` (mode "first" only): frame 1's keys and values shared between the chunks of one step (`AnchorKeys`);
+    while it replays, the batch holds no frame 1 and all `num_frames` frames attend to the recorded K¹, V¹.
     """
 
     num_frames: int
     mode: str = "first"
     levels: tuple[int, ...] | None = None
+    anchor: AnchorKeys | None = field(default=None, compare=False)
 
     def __post_init__(self):
         check_cross_frame_mode(self.mode)
@@ -124,7 +138,7 @@ class Attention(nn.Module):
                 f"batch of {x.shape[0]} frames is not a whole number of videos of {cross_frame.num_frames} frames"
             )
         if cross_frame.mode == "first":
-            return self.to_out[0](self.first_frame_attention(x, cross_frame.num_frames))
+            return self.to_out[0](self.first_frame_attention(x, cross_frame.num_frames, cross_frame.anchor))
         return self.to_out[0](self.sparse_causal_attention(x, cross_frame.num_frames))
 
     def text_attention(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -142,17 +156,24 @@ class Attention(nn.Module):
         out = self.attend(q, self.to_k(context), self.to_v(context))
         return rearrange(out, "b (g n) c -> (b g) n c", g=g)
 
-    def first_frame_attention(self, x: torch.Tensor, f: int) -> torch.Tensor:
+    def first_frame_attention(self, x: torch.Tensor, f: int, anchor: AnchorKeys | None = None) -> torch.Tensor:
         """Cross-Frame-Attn(Qᵏ, K¹, V¹) = softmax(Qᵏ (K¹)ᵀ/√d) V¹ for every frame k (T2V-Zero Eq. 8).
 
         K and V are projected from the first frame only; the queries of all f frames of one video are folded into
-        one sequence of f·n tokens that attends to the first frame's n tokens in a single SDPA call.
+        one sequence of f·n tokens that attends to the first frame's n tokens in a single SDPA call. With an
+        `anchor` that replays, K¹ and V¹ are the ones recorded for this layer and x holds later frames only.
         (b f) n c → (b f) n c.
         """
         x = rearrange(x, "(b f) n c -> b f n c", f=f)
         q = rearrange(self.to_q(x), "b f n c -> b (f n) c")
-        anchor = x[:, 0]  # (b, n, c): the first frame
-        out = self.attend(q, self.to_k(anchor), self.to_v(anchor))
+        if anchor is not None and anchor.replaying:
+            k, v = anchor.kv[self]  # (b, n, c) each, from the chunk that held frame 1
+        else:
+            first = x[:, 0]  # (b, n, c): the first frame
+            k, v = self.to_k(first), self.to_v(first)
+            if anchor is not None:
+                anchor.kv[self] = (k, v)
+        out = self.attend(q, k, v)
         return rearrange(out, "b (f n) c -> (b f) n c", f=f)
 
     def sparse_causal_attention(self, x: torch.Tensor, f: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """`python -m t2vz prompt="a horse galloping on the street" model=MODEL_FOLDER`: one Hydra job = one video.
 
-Compose (`t2vz.experiment.config`, checked before any model loads) → build and run (`t2vz.experiment.run.generate_from_config`) → write
-the video, `config.yaml` and `run.json` into Hydra's output folder (outputs/DATE/TIME/, or hydra.run.dir=PATH).
+Compose (`t2vz.experiment.config`, checked before any model loads) → build and run
+(`t2vz.experiment.run.generate_from_config`) → write the video, `config.yaml` and `run.json` into Hydra's output
+folder (outputs/DATE/TIME/, or hydra.run.dir=PATH).
 `python -m t2vz --help` lists the options; `-m key=a,b` sweeps. Bad input ends with one line,
 `t2vz: error: ...`, and exit code 2; in a sweep a failed point writes its error to `error.txt` in its folder and
 the sweep goes on, ending with exit code 2 only if every point failed (`run.SweepFailures`).

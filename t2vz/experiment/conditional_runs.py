@@ -1,4 +1,4 @@
-"""Experiment jobs of the conditional pipelines, logged like the text-to-video runs (`t2vz.experiment.run.run_experiment`):
+"""Experiment jobs of the conditional pipelines, logged like the text-to-video runs (`run.run_experiment`):
 
     python experiments/control_video.py prompt="an astronaut dancing" model=MODEL controlnet=CONTROLNET \
         control.video=dance.mp4 control.detector=canny

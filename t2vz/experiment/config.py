@@ -192,7 +192,7 @@ class GenerateConfig:
 
 @dataclass
 class MetricsConfig:
-    """What `t2vz.experiment.metrics.video_metrics` measures for every job, and which value the job returns to a sweeper."""
+    """What `metrics.video_metrics` measures for every job, and which value the job returns to a sweeper."""
 
     clip_model: Optional[str] = None  # a transformers CLIPModel folder or hub id; None: model-free metrics only
     headline: str = "warp_error"  # the metric the job returns (lower is better for warp_error)

@@ -83,10 +83,16 @@ def sweep_group(sweep_dir: str | os.PathLike) -> str:
     return "_".join(Path(sweep_dir).parts[-2:])
 
 
+def hydra_sweep_dir() -> Optional[Path]:
+    """The sweep folder of the running Hydra multirun job; None outside Hydra or in a single run."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return Path(HydraConfig.get().sweep.dir) if multirun else None
+
+
 def hydra_sweep_group() -> Optional[str]:
     """`sweep_group` of the running Hydra multirun job; None outside Hydra or in a single run."""
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    return sweep_group(HydraConfig.get().sweep.dir) if multirun else None
+    sweep_dir = hydra_sweep_dir()
+    return None if sweep_dir is None else sweep_group(sweep_dir)
 
 
 class Tracker:
@@ -171,8 +177,8 @@ class Tracker:
     def unreachable_marker() -> Optional[Path]:
         """The running Hydra multirun's `.wandb_unreachable` file (shared by jobs in other processes); None
         outside a multirun."""
-        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        return Path(HydraConfig.get().sweep.dir) / UNREACHABLE_FILE if multirun else None
+        sweep_dir = hydra_sweep_dir()
+        return None if sweep_dir is None else sweep_dir / UNREACHABLE_FILE
 
     def _call(self, what: str, fn: Callable[[Any], Any], always: bool = False) -> Any:
         """fn(run) if the run is live (or `always`); any exception → one warning, and the tracker turns no-op."""

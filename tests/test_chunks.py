@@ -8,6 +8,7 @@ import torch
 
 from t2vz.method.chunks import check_chunking, eps_by_chunks, frame_chunks
 from t2vz.method.text2video_zero import VideoOptions
+from t2vz.sd.attention import CrossFrame
 
 
 @pytest.mark.parametrize("f,size,expected", [
@@ -30,15 +31,16 @@ def test_eps_by_chunks_puts_each_chunk_in_place_and_shares_frame_1():
     x = torch.arange(g * f, dtype=torch.float32).reshape(g * f, 1, 1, 1).expand(-1, 4, 2, 2).clone()
     seen = []
 
-    def predict_chunk(rows, t, ids, anchor):
-        seen.append((list(ids), rows[:, 0, 0, 0].tolist(), anchor.replaying))
+    def predict_chunk(rows, t, ids, frames):
+        seen.append((list(ids), rows[:, 0, 0, 0].tolist(), frames.num_frames, frames.anchor.replaying))
         return rows * 10
 
-    eps = eps_by_chunks(predict_chunk, f, 3)(x, torch.tensor(1))
+    eps = eps_by_chunks(predict_chunk, CrossFrame(f), 3)(x, torch.tensor(1))
     assert torch.equal(eps, x * 10)
-    assert seen == [([0, 1, 2], [0, 1, 2, 7, 8, 9], False), ([3, 4, 5], [3, 4, 5, 10, 11, 12], True),
-                    ([6], [6, 13], True)]
-    assert eps_by_chunks(lambda rows, t, ids, anchor: rows + (anchor is None), f, None)(x, 1).equal(x + 1)
+    assert seen == [([0, 1, 2], [0, 1, 2, 7, 8, 9], 3, False), ([3, 4, 5], [3, 4, 5, 10, 11, 12], 3, True),
+                    ([6], [6, 13], 1, True)]
+    whole = CrossFrame(f)  # one chunk: the video's own CrossFrame, no anchor
+    assert eps_by_chunks(lambda rows, t, ids, frames: rows + (frames is whole), whole, None)(x, 1).equal(x + 1)
 
 
 @pytest.mark.parametrize("size,mode,message", [

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from t2vz.sd.model_folder import is_lora_key
 from t2vz.sd.unet import UNetConfig
 from t2vz.sd.vae import VAEConfig
 
@@ -105,7 +106,7 @@ def refuse_other_models(sd: dict, where: str) -> None:
                               "keys); t2vz implements SD 1.x. Use an SD 1.5-based checkpoint")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise refuse_sd2(where, "OpenCLIP text encoder, cond_stage_model.model.* keys")
-    lora = [k for k in keys if k.startswith("lora_") or ".lora_down." in k or ".lora_A." in k]
+    lora = [k for k in keys if is_lora_key(k)]
     if lora and not any(k.startswith(UNET) for k in keys):
         raise ConversionError(f"{where} is a LoRA (keys like {lora[0]}), not a full SD 1.x checkpoint: it adds to "
                               "a base model and is not one; convert the base model's checkpoint")

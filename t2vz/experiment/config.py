@@ -225,8 +225,7 @@ def fill_method_defaults(cfg: DictConfig) -> DictConfig:
     if keys:
         own = model_method_defaults(cfg.model)
         steps = OmegaConf.select(cfg, "sampler.num_inference_steps", default=None)
-        if isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 1000:  # else reported later
-            own["t0"], own["t1"] = t0_t1_for_steps(own["t0"], own["t1"], steps)
+        own["t0"], own["t1"] = t0_t1_for_steps(own["t0"], own["t1"], steps)
         if cfg.method.get("delta_t") is not None and "t0" in keys:  # t0 = t1 − Δt, t1 given or the model's own
             keys.remove("t0")
             t1 = own["t1"] if "t1" in keys else cfg.method.t1

@@ -8,15 +8,17 @@ equals unchunked denoising (docs/method.md, "Long videos"). The one chunk loop t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from einops import rearrange
 
-from ..sd.attention import AnchorKeys
+from ..sd.attention import AnchorKeys, CrossFrame
 
-# predict_chunk(x, t, ids, anchor) → ε: the noise prediction for the rows of frames `ids` of every video,
-# ((g len(ids)), c, h, w), with frame 1's keys and values taken from or recorded into `anchor` (None: one chunk)
-ChunkPredictor = Callable[[torch.Tensor, torch.Tensor, list[int], AnchorKeys | None], torch.Tensor]
+# predict_chunk(x, t, ids, cross_frame) → ε: the noise prediction for the rows of frames `ids` of every video,
+# ((g len(ids)), c, h, w), with the chunk's cross-frame attention (its frame count, and the AnchorKeys its frame 1
+# keys and values are recorded into or replayed from)
+ChunkPredictor = Callable[[torch.Tensor, torch.Tensor, list[int], CrossFrame | None], torch.Tensor]
 
 
 def frame_chunks(f: int, chunk_size: int | None) -> list[list[int]]:
@@ -39,22 +41,25 @@ def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) ->
                          "depends on the one before, across chunk borders")
 
 
-def eps_by_chunks(predict_chunk: ChunkPredictor, f: int, chunk_size: int | None
+def eps_by_chunks(predict_chunk: ChunkPredictor, cross_frame: CrossFrame | None, chunk_size: int | None
                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The noise prediction `predict(x, t)` for all f frames of every video, x ((g f), c, h, w) video-major →
-    ε of the same shape, from `predict_chunk` run on each chunk of `frame_chunks` in turn: the first chunk records
-    frame 1's keys and values, the later ones replay them."""
+    """The noise prediction `predict(x, t)` for all f = `cross_frame.num_frames` frames of every video (1 without
+    cross-frame attention), x ((g f), c, h, w) video-major → ε of the same shape, from `predict_chunk` run on each
+    chunk of `frame_chunks` in turn with that chunk's CrossFrame: the first chunk records frame 1's keys and
+    values, the later ones replay them."""
+    f = 1 if cross_frame is None else cross_frame.num_frames
     chunks = frame_chunks(f, chunk_size)
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if len(chunks) == 1:
-            return predict_chunk(x, t, chunks[0], None)
+            return predict_chunk(x, t, chunks[0], cross_frame)
         frames = rearrange(x, "(g f) c h w -> g f c h w", f=f)
         eps = torch.empty_like(frames)
         anchor = AnchorKeys()
         for i, ids in enumerate(chunks):
             anchor.replaying = i > 0
             rows = rearrange(frames[:, ids], "g f c h w -> (g f) c h w")
-            eps[:, ids] = rearrange(predict_chunk(rows, t, ids, anchor), "(g f) c h w -> g f c h w", f=len(ids))
+            chunk = replace(cross_frame, num_frames=len(ids), anchor=anchor)
+            eps[:, ids] = rearrange(predict_chunk(rows, t, ids, chunk), "(g f) c h w -> g f c h w", f=len(ids))
         return rearrange(eps, "g f c h w -> (g f) c h w")
     return predict

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from einops import repeat
@@ -150,13 +150,12 @@ class ControlVideo:
         on_step = step_counter(callback)
         attention = CrossFrame(f, cross_frame)
 
-        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
+        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
             unet = self.controlled_unet(maps[ids].to(device=sd.device, dtype=sd.dtype), controlnet_conditioning_scale)
-            return guided_eps(unet, x, t, context, guidance_scale,
-                              cross_frame=replace(attention, num_frames=len(ids), anchor=anchor))
+            return guided_eps(unet, x, t, context, guidance_scale, cross_frame=frames)
 
         x = repeat(x_T, "b c h w -> (b f) c h w", f=f)  # the same x_T for every frame
-        x = ddim_loop(x, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, f, chunk_size), generator,
+        x = ddim_loop(x, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size), generator,
                       on_step, "DDIM (ControlNet, all frames)", progress)
         video = decode_video(sd, x, f)
         return video[0] if video.shape[0] == 1 else video

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 
@@ -179,12 +178,11 @@ class VideoInstructPix2Pix:
         f = x_T.shape[0]
         attention = CrossFrame(f, cross_frame)  # the 3f rows are three videos of f frames: one per branch
 
-        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
-            frames = replace(attention, num_frames=len(ids), anchor=anchor)
+        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
             eps = self.sd.unet(branch_batch(x, source[ids]), t, context, cross_frame=frames)
             return instruct_guidance(eps, guidance_scale, image_guidance_scale)
 
-        return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, f, chunk_size), generator,
+        return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size), generator,
                          step_callback, f"DDIM (Instruct-Pix2Pix, {f} frames)", progress)
 
     def check_inputs(self, instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,

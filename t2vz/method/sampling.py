@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from einops import rearrange
@@ -129,12 +128,9 @@ def ddim_denoise(
     """DDIM with classifier-free guidance (T2V-Zero steps 2 and 5): x ((b f), c, h, w) at timesteps[0] → x one DDIM
     step below timesteps[−1], f = `cross_frame.num_frames` (1 without). With `chunk_size`, the UNet sees at most
     that many frames of each video at a time (`chunks.eps_by_chunks`)."""
-    f = 1 if cross_frame is None else cross_frame.num_frames
-
-    def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
-        frames = None if cross_frame is None else replace(cross_frame, num_frames=len(ids), anchor=anchor)
+    def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame | None) -> torch.Tensor:
         return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames)
-    return ddim_loop(x, scheduler, timesteps, eps_by_chunks(predict_chunk, f, chunk_size), generator,
+    return ddim_loop(x, scheduler, timesteps, eps_by_chunks(predict_chunk, cross_frame, chunk_size), generator,
                      step_callback, desc, progress)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from einops import rearrange, repeat
@@ -97,12 +97,14 @@ def t0_t1_for_steps(t0: int, t1: int, num_inference_steps: int) -> tuple[int, in
     """A model's own t0, t1, given at 50 steps, at another step count: the positions (from the end) of the
     timesteps nearest the ones they name at 50 steps, so that the motion is injected at the same noise levels.
     SD 1.5's t0 = 44, t1 = 47 name T₀ = 881, T₁ = 941; at 20 steps the nearest are 901 and 951, t0 = 18, t1 = 19.
-    Unchanged at 50 steps, and where t0, t1 do not name steps of the 50-step schedule (motion_timesteps says so)."""
-    reference = DDIM(REFERENCE_STEPS).timesteps
-    if num_inference_steps == REFERENCE_STEPS or not all(
-            isinstance(v, int) and 0 <= v < REFERENCE_STEPS for v in (t0, t1)):
+    Unchanged at 50 steps, and where t0, t1 do not name steps of the 50-step schedule or the step count is not
+    one (the checks that follow say why)."""
+    steps_ok = isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool) \
+        and 1 <= num_inference_steps <= DDIM(REFERENCE_STEPS).num_train_timesteps
+    if not steps_ok or num_inference_steps == REFERENCE_STEPS or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < REFERENCE_STEPS for v in (t0, t1)):
         return t0, t1
-    timesteps = DDIM(num_inference_steps).timesteps
+    reference, timesteps = DDIM(REFERENCE_STEPS).timesteps, DDIM(num_inference_steps).timesteps
 
     def nearest(t: int) -> int:
         index = int(torch.argmin((timesteps - reference[-t - 1]).abs()))  # a tie takes the noisier one
@@ -181,9 +183,7 @@ class VideoOptions:
         """A copy with the model's own size, λ, t0, t1 where None (t0, t1 moved to the step count,
         `t0_t1_for_steps`); ValueError naming the first bad value."""
         own = dict(sd.method_defaults)
-        if isinstance(self.num_inference_steps, int) and not isinstance(self.num_inference_steps, bool) \
-                and 1 <= self.num_inference_steps <= 1000:  # a bad count is reported below
-            own["t0"], own["t1"] = t0_t1_for_steps(own["t0"], own["t1"], self.num_inference_steps)
+        own["t0"], own["t1"] = t0_t1_for_steps(own["t0"], own["t1"], self.num_inference_steps)
         height, width = sd.image_size(self.height, self.width)
         o = VideoOptions(**{**vars(self), "height": height, "width": width, **{
             k: own[k] for k in ("motion_strength", "t0", "t1") if getattr(self, k) is None}})
@@ -360,16 +360,16 @@ class TextToVideoZero:
         recorders: dict[tuple[int, ...], CrossAttentionMaps] = {}
         attention = CrossFrame(f, denoise["cross_frame"], denoise["cross_frame_levels"])
 
-        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], anchor) -> torch.Tensor:
+        def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
             n = b * len(ids)
             rows = slice(n, 2 * n) if denoise["guidance_scale"] > 1.0 else slice(0, n)  # the text branch's
             recorder = recorders.setdefault(tuple(ids), CrossAttentionMaps(
                 self.sd.unet, [pos for pos in positions for _ in ids], (h, w), rows))
             with recorder:
                 return guided_eps(self.sd.unet, x, t, denoise["context"], denoise["guidance_scale"],
-                                  cross_frame=replace(attention, num_frames=len(ids), anchor=anchor))
+                                  cross_frame=frames)
         ddim_loop(fold_frames(x_T1), denoise["scheduler"], denoise["timesteps"],
-                  eps_by_chunks(predict_chunk, f, denoise["chunk_size"]), denoise["generator"],
+                  eps_by_chunks(predict_chunk, attention, denoise["chunk_size"]), denoise["generator"],
                   desc="DDIM (attention masks)", progress=denoise["progress"])
         foreground = torch.zeros(b, f, h, w, device=x_T1.device)
         for ids, recorder in recorders.items():

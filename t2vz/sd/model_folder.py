@@ -197,6 +197,11 @@ def read_meta(path: str | os.PathLike, fmt: str = FORMAT) -> dict:
     return meta
 
 
+def is_lora_key(key: str) -> bool:
+    """A LoRA's tensor name: kohya's `lora_unet_*`/`lora_te_*`, `*.lora_down.*`, or diffusers/PEFT's `*.lora_A.*`."""
+    return key.startswith("lora_") or ".lora_down." in key or ".lora_A." in key
+
+
 def file_instead_of_folder(file: Path) -> str:
     """What to tell a user who passed a file where a model folder goes: a LoRA cannot be a model; a checkpoint
     must be converted first."""
@@ -206,8 +211,9 @@ def file_instead_of_folder(file: Path) -> str:
             keys = list(f.keys())
     except (SafetensorError, OSError):
         pass  # not a .safetensors file: no keys to look at
-    if any(k.startswith("lora_") or ".lora_down." in k or ".lora_A." in k for k in keys):
-        return (f"{file} is a file, a LoRA (keys like {next(k for k in keys if 'lora' in k)}), not a t2vz model "
+    lora = [k for k in keys if is_lora_key(k)]
+    if lora:
+        return (f"{file} is a file, a LoRA (keys like {lora[0]}), not a t2vz model "
                 "folder: a LoRA adds to a base model and is not one; convert the base model with "
                 "python -m weights_convert CHECKPOINT FOLDER and pass model=FOLDER")
     return (f"{file} is a file, not a t2vz model folder: convert it first with python -m weights_convert {file} "

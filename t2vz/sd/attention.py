@@ -6,11 +6,15 @@ Axis letters: b batch, f frames, n tokens, c channels, h w spatial, d head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+if TYPE_CHECKING:
+    from .tome import TokenMerging
 
 CROSS_FRAME_MODES = ("first", "first+previous", "off")
 
@@ -19,10 +23,14 @@ class AnchorKeys:
     """Frame 1's keys and values in every cross-frame self-attention layer, kept between the UNet calls of one
     denoising step when a long video is denoised in chunks (`method/chunks.py`): the first chunk, which holds
     frame 1, records them; the later chunks, which do not, attend to them (`replaying`). So frame 1 runs through
-    the UNet once per step, and every frame attends to the same K¹, V¹ as in one unchunked call."""
+    the UNet once per step, and every frame attends to the same K¹, V¹ as in one unchunked call.
+
+    With token merging (`sd.tome`), `destinations` keeps each transformer block's destination choice the same way:
+    drawn by the first chunk, replayed by the later ones, so every chunk is partitioned as one unchunked call is."""
 
     def __init__(self):
         self.kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.destinations: dict[nn.Module, torch.Tensor] = {}
         self.replaying = False
 
 
@@ -217,7 +225,15 @@ class FeedForward(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention (`attn1`, where cross-frame attention lives), text cross-attention
-    (`attn2`), feed-forward; each with a residual connection. (b, n, c) → (b, n, c)."""
+    (`attn2`), feed-forward; each with a residual connection. (b, n, c) → (b, n, c).
+
+    With `merging` (ToMe for SD, `sd.tome`; `grid` = the tokens' h, w), as tomesd's diffusers block: the matching is
+    computed on the block's input x, before any norm; each sublayer the options name runs on the merged tokens of
+    its normalised input, and its output is unmerged before the residual add, so the residual stream keeps all n
+    tokens. Under cross-frame attention every frame is merged with its own matching (on one partition), so all
+    frames have n − r tokens and frame 1's keys and values come from its merged tokens, as in tomesd patched into
+    diffusers' TextToVideoZeroPipeline.
+    """
 
     def __init__(self, dim: int, heads: int, context_dim: int):
         super().__init__()
@@ -228,16 +244,33 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None,
+                merging: TokenMerging | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        if merging is not None:
+            return self.merged_forward(x, context, cross_frame, merging, grid)
         x = x + self.attn1(self.norm1(x), cross_frame=cross_frame)
         x = x + self.attn2(self.norm2(x), context=context)
         return x + self.ff(self.norm3(x))
+
+    def merged_forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None,
+                       merging: TokenMerging, grid: tuple[int, int]) -> torch.Tensor:
+        """The block with token merging; x (b, h·w, c) → (b, h·w, c)."""
+        anchor = cross_frame.anchor if cross_frame is not None else None
+        matching = merging.plan(x, *grid, anchor=anchor, key=self)
+
+        def through(merged: bool, sublayer, y: torch.Tensor) -> torch.Tensor:
+            return matching.around(sublayer, y) if merged and matching is not None else sublayer(y)
+
+        x = x + through(merging.merge_attn, lambda y: self.attn1(y, cross_frame=cross_frame), self.norm1(x))
+        x = x + through(merging.merge_crossattn, lambda y: self.attn2(y, context=context), self.norm2(x))
+        return x + through(merging.merge_mlp, self.ff, self.norm3(x))
 
 
 class Transformer2D(nn.Module):
     """GroupNorm → 1×1 conv → transformer block over the h·w tokens → 1×1 conv, plus the input (residual).
 
-    (b, c, h, w), context (b, n, c_ctx) → (b, c, h, w).
+    (b, c, h, w), context (b, n, c_ctx) → (b, c, h, w). `merging` (token merging, `sd.tome`) is handed to the
+    blocks with the token grid's h, w.
     """
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32):
@@ -247,12 +280,13 @@ class Transformer2D(nn.Module):
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None,
+                merging: TokenMerging | None = None) -> torch.Tensor:
         _, _, h, w = x.shape
         residual = x
         x = self.proj_in(self.norm(x))
         x = rearrange(x, "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
-            x = block(x, context, cross_frame)
+            x = block(x, context, cross_frame, merging, (h, w))
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
         return self.proj_out(x) + residual

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossFrame
+from .tome import TokenMerging
 from .unet import UNetConfig, add_encoder, check_context_rows, run_encoder, timesteps_for
 
 
@@ -111,6 +112,7 @@ class ControlNet(nn.Module):
         control: torch.Tensor,
         conditioning_scale: float = 1.0,
         cross_frame: CrossFrame | None = None,
+        merging: TokenMerging | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar, context (n, 77, 768), control (n or 1, 3, 8h, 8w)
         in [0, 1] → (down residuals, one per UNet skip: (n, c_level, h_level, w_level); mid residual
@@ -118,7 +120,8 @@ class ControlNet(nn.Module):
 
         `cross_frame` and a `context` with one row per video are as in `UNet.forward`: every `attn1` of the copied
         encoder becomes cross-frame attention (T2V-Zero Eq. 8), and the text keys and values are projected once per
-        video.
+        video. `merging` (token merging, `sd.tome`) acts in the copied encoder as in `UNet.forward`; tomesd patches
+        only the UNet, so a run that reproduces it leaves this None.
         """
         n, _, h, w = x.shape
         check_context_rows(n, context)
@@ -133,7 +136,7 @@ class ControlNet(nn.Module):
         temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
 
         x = self.conv_in(x) + self.controlnet_cond_embedding(control.to(x.dtype))  # x + Z(c; Θ_z1)
-        x, skips = run_encoder(self, x, temb, context, cross_frame)
+        x, skips = run_encoder(self, x, temb, context, cross_frame, merging)
 
         down = [zero(skip) * conditioning_scale for zero, skip in zip(self.controlnet_down_blocks, skips)]
         return down, self.controlnet_mid_block(x) * conditioning_scale

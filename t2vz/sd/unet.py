@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import CrossFrame, Transformer2D, at_level
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .tome import TokenMerging, merging_at
 
 
 @dataclass
@@ -91,12 +92,12 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(c_out)] if downsample else [])
 
-    def forward(self, x, temb, context, cross_frame):
+    def forward(self, x, temb, context, cross_frame, merging=None):
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[i](x, context, cross_frame)
+                x = self.attentions[i](x, context, cross_frame, merging)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -116,9 +117,9 @@ class MidBlock(nn.Module):
             [Transformer2D(c, cfg.num_attention_heads, cfg.cross_attention_dim, cfg.norm_num_groups)]
         )
 
-    def forward(self, x, temb, context, cross_frame):
+    def forward(self, x, temb, context, cross_frame, merging=None):
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, cross_frame)
+        x = self.attentions[0](x, context, cross_frame, merging)
         return self.resnets[1](x, temb)
 
 
@@ -140,11 +141,11 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(c_out)] if upsample else [])
 
-    def forward(self, x, skips, temb, context, cross_frame):
+    def forward(self, x, skips, temb, context, cross_frame, merging=None):
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions:
-                x = self.attentions[i](x, context, cross_frame)
+                x = self.attentions[i](x, context, cross_frame, merging)
         for up in self.upsamplers:
             x = up(x, size=skips[-1].shape[-2:])  # the next level's skip: 2h×2w, or 2h−1 where h was odd
         return x
@@ -170,14 +171,17 @@ def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
 
 
 def run_encoder(module: nn.Module, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
-                cross_frame: CrossFrame | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                cross_frame: CrossFrame | None, merging: TokenMerging | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The down blocks and mid block of an `add_encoder` module on x = conv_in's output (n, c0, h, w) →
-    (the mid block's output, the skips in encoder order, x first)."""
+    (the mid block's output, the skips in encoder order, x first). `merging`: token merging at the levels it
+    covers (`sd.tome.merging_at`)."""
     skips = [x]
     for level, block in enumerate(module.down_blocks):
-        x, block_skips = block(x, temb, context, at_level(cross_frame, level))
+        x, block_skips = block(x, temb, context, at_level(cross_frame, level), merging_at(merging, level))
         skips += block_skips
-    return module.mid_block(x, temb, context, at_level(cross_frame, len(module.down_blocks) - 1)), skips
+    deepest = len(module.down_blocks) - 1
+    return module.mid_block(x, temb, context, at_level(cross_frame, deepest), merging_at(merging, deepest)), skips
 
 
 class UNet(nn.Module):
@@ -212,6 +216,7 @@ class UNet(nn.Module):
         cross_frame: CrossFrame | None = None,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        merging: TokenMerging | None = None,
     ) -> torch.Tensor:
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar timestep, context (n, 77, 768) → ε (n, c_out, h, w).
 
@@ -226,12 +231,16 @@ class UNet(nn.Module):
         the y_c = F(x; Θ) + Z(...) of ControlNet (Zhang et al. 2023, Eq. 2) for the locked UNet. The encoder path
         itself is unchanged (the residuals reach the decoder only), as in diffusers' `down_block_additional_residuals`
         / `mid_block_additional_residual`.
+
+        `merging`: Token Merging for SD (`sd.tome.TokenMerging`) in the transformer blocks of the levels downsampled
+        at most `merging.max_downsample` (level i: 2**i), frames merged each with its own matching. None or ratio 0:
+        the exact path, no merging code runs.
         """
         n = x.shape[0]
         check_context_rows(n, context)
         temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
 
-        x, skips = run_encoder(self, self.conv_in(x), temb, context, cross_frame)
+        x, skips = run_encoder(self, self.conv_in(x), temb, context, cross_frame, merging)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {len(skips)} skips")
@@ -239,5 +248,6 @@ class UNet(nn.Module):
         if mid_residual is not None:
             x = x + mid_residual
         for i, block in enumerate(self.up_blocks):
-            x = block(x, skips, temb, context, at_level(cross_frame, len(self.up_blocks) - 1 - i))
+            level = len(self.up_blocks) - 1 - i
+            x = block(x, skips, temb, context, at_level(cross_frame, level), merging_at(merging, level))
         return self.conv_out(F.silu(self.conv_norm_out(x)))

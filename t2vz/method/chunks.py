@@ -3,7 +3,8 @@ bounded by the chunk, not by the video. Frame 1 runs in the first chunk only; it
 cross-frame attention layer are recorded there and replayed to the later chunks (`sd.attention.AnchorKeys`), so
 each frame attends to the same K¹, V¹ as in one call over all frames, and each keeps its global id (its motion,
 its noise). With cross_frame "first" or "off" a frame depends on frame 1 and itself only, so chunked denoising
-equals unchunked denoising (docs/method.md, "Long videos"). The one chunk loop the three pipelines share.
+equals unchunked denoising (docs/method.md, "Long videos"). With feature caching (DeepCache) each chunk keeps its own
+cache (`chunk_caches`). The one chunk loop the three pipelines share.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from einops import rearrange
 
 from ..sd.attention import AnchorKeys, CrossFrame
+from ..sd.deepcache import FeatureCache, check_branch, check_interval
 
 # predict_chunk(x, t, ids, cross_frame) → ε: the noise prediction for the rows of frames `ids` of every video,
 # ((g len(ids)), c, h, w), with the chunk's cross-frame attention (its frame count, and the AnchorKeys its frame 1
@@ -63,3 +65,30 @@ def eps_by_chunks(predict_chunk: ChunkPredictor, cross_frame: CrossFrame | None,
             eps[:, ids] = rearrange(predict_chunk(rows, t, ids, chunk), "(g f) c h w -> g f c h w", f=len(ids))
         return rearrange(eps, "g f c h w -> (g f) c h w")
     return predict
+
+
+def chunk_caches(cache: tuple[int, int] | None) -> Callable[[list[int]], FeatureCache | None]:
+    """DeepCache's feature caches for one denoising loop, cache = (interval, branch): `caches(ids)` is the
+    `FeatureCache` of the chunk of frames `ids`, made on its first call; None without caching.
+
+    A cached feature belongs to the rows it was computed for, so each chunk keeps its own (keyed by its frame ids),
+    and every chunk is called once per step: the chunks' counters stay in step, all of a step's chunks are full or
+    cached passes together, and the later chunks replay frame 1's keys and values (`AnchorKeys`) in exactly the
+    attention layers the first chunk ran. Each frame's cached feature is then the one an unchunked loop keeps for
+    it, so chunked equals unchunked with caching too. Make one per loop: a new loop starts on a full pass.
+    interval 1 keeps nothing: every call is the plain UNet."""
+    if cache is None:
+        return lambda ids: None
+    interval, branch = cache
+    check_interval(interval)
+    check_branch(branch)
+    if interval == 1:
+        return lambda ids: None
+    caches: dict[tuple[int, ...], FeatureCache] = {}
+
+    def of_chunk(ids: list[int]) -> FeatureCache:
+        key = tuple(ids)
+        if key not in caches:
+            caches[key] = FeatureCache(interval, branch)
+        return caches[key]
+    return of_chunk

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..sd.attention import CrossFrame
 from ..sd.loading import StableDiffusion
 from ..sd.schedulers import DDIM
-from .chunks import eps_by_chunks
+from .chunks import chunk_caches, eps_by_chunks
 
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
@@ -124,12 +124,22 @@ def ddim_denoise(
     desc: str = "DDIM",
     progress: bool = True,
     chunk_size: int | None = None,
+    cache: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """DDIM with classifier-free guidance (T2V-Zero steps 2 and 5): x ((b f), c, h, w) at timesteps[0] → x one DDIM
     step below timesteps[−1], f = `cross_frame.num_frames` (1 without). With `chunk_size`, the UNet sees at most
-    that many frames of each video at a time (`chunks.eps_by_chunks`)."""
+    that many frames of each video at a time (`chunks.eps_by_chunks`).
+
+    `cache` = (interval, branch): DeepCache's feature caching (`sd/deepcache.py`), a full UNet pass every
+    `interval` steps of this loop, starting with its first, and branch `branch` alone in between. The caches live
+    for this call only (one per chunk, `chunks.chunk_caches`): every loop starts on a full pass."""
+    caches = chunk_caches(cache)
+
     def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame | None) -> torch.Tensor:
-        return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames)
+        kept = caches(ids)
+        if kept is None:  # no `cache` keyword then: a wrapped or compiled UNet need not know it
+            return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames)
+        return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames, cache=kept)
     return ddim_loop(x, scheduler, timesteps, eps_by_chunks(predict_chunk, cross_frame, chunk_size), generator,
                      step_callback, desc, progress)
 

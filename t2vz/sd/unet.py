@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossFrame, Transformer2D, at_level
+from .deepcache import FeatureCache, check_branch, skip_count
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from .tome import TokenMerging, merging_at
 
@@ -78,7 +79,8 @@ def timesteps_for(t: torch.Tensor | int | float, n: int, device: torch.device) -
 
 class DownBlock(nn.Module):
     """One resolution level of the encoder: `layers` resnets (each followed by a transformer where the level has
-    attention), then a stride-2 downsampler except at the last level. Returns the output and the skips."""
+    attention), then a stride-2 downsampler except at the last level. Returns the output and the skips, one per
+    layer (the downsampler counts as the last layer)."""
 
     def __init__(self, c_in: int, c_out: int, temb: int, cfg: UNetConfig, attention: bool, downsample: bool):
         super().__init__()
@@ -92,14 +94,19 @@ class DownBlock(nn.Module):
         )
         self.downsamplers = nn.ModuleList([Downsample2D(c_out)] if downsample else [])
 
-    def forward(self, x, temb, context, cross_frame, merging=None):
+    def forward(self, x, temb, context, cross_frame, merging=None, layers: int | None = None):
+        """`layers`: run only the first that many layers (the shallow branch of a cached UNet call)."""
         skips = []
         for i, resnet in enumerate(self.resnets):
+            if layers is not None and len(skips) == layers:
+                return x, skips
             x = resnet(x, temb)
             if self.attentions:
                 x = self.attentions[i](x, context, cross_frame, merging)
             skips.append(x)
         for down in self.downsamplers:
+            if layers is not None and len(skips) == layers:
+                return x, skips
             x = down(x)
             skips.append(x)
         return x, skips
@@ -141,11 +148,16 @@ class UpBlock(nn.Module):
         )
         self.upsamplers = nn.ModuleList([Upsample2D(c_out)] if upsample else [])
 
-    def forward(self, x, skips, temb, context, cross_frame, merging=None):
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+    def forward(self, x, skips, temb, context, cross_frame, merging=None, start: int = 0, stop: int | None = None):
+        """Layers [start, stop) of the level (all by default); the upsampler follows the level's last layer. A
+        cached UNet call splits a level at its branch (`UNet.run_decoder`)."""
+        stop = len(self.resnets) if stop is None else stop
+        for i in range(start, stop):
+            x = self.resnets[i](torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions:
                 x = self.attentions[i](x, context, cross_frame, merging)
+        if stop < len(self.resnets):
+            return x
         for up in self.upsamplers:
             x = up(x, size=skips[-1].shape[-2:])  # the next level's skip: 2h×2w, or 2h−1 where h was odd
         return x
@@ -217,6 +229,7 @@ class UNet(nn.Module):
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
         merging: TokenMerging | None = None,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar timestep, context (n, 77, 768) → ε (n, c_out, h, w).
 
@@ -235,19 +248,75 @@ class UNet(nn.Module):
         `merging`: Token Merging for SD (`sd.tome.TokenMerging`) in the transformer blocks of the levels downsampled
         at most `merging.max_downsample` (level i: 2**i), frames merged each with its own matching. None or ratio 0:
         the exact path, no merging code runs.
+
+        `cache` (DeepCache, `deepcache.py`): on a full call the whole UNet runs and the feature entering the decoder
+        layer of branch `cache.branch` is kept; on a cached call only the branch runs (conv_in, the encoder layers
+        that make skips 0..B, the decoder layers that consume them) on the kept feature, so the deep layers do not
+        run. The ControlNet residuals are then added to the skips the branch computes; the kept feature holds none:
+        where it is the mid block's output (the deepest branch) this call's `mid_residual` is added to it, as to a
+        computed one. Both as DeepCache's `DeepCacheSDHelper` on diffusers' UNet.
         """
         n = x.shape[0]
         check_context_rows(n, context)
+        if down_residuals is not None and len(down_residuals) != skip_count(self.config):
+            raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {skip_count(self.config)} skips")
+        if cache is not None:
+            check_branch(cache.branch, self.config)
         temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
+        if cache is not None and not cache.begin_call(x):
+            return self.cached_forward(x, temb, context, cross_frame, down_residuals, mid_residual, cache, merging)
 
+        shape = tuple(x.shape)
         x, skips = run_encoder(self, self.conv_in(x), temb, context, cross_frame, merging)
         if down_residuals is not None:
-            if len(down_residuals) != len(skips):
-                raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {len(skips)} skips")
             skips = [skip + residual for skip, residual in zip(skips, down_residuals)]  # (n, c, h_i, w_i) each
+        mid = x
         if mid_residual is not None:
             x = x + mid_residual
-        for i, block in enumerate(self.up_blocks):
-            level = len(self.up_blocks) - 1 - i
-            x = block(x, skips, temb, context, at_level(cross_frame, level), merging_at(merging, level))
+        if cache is None:
+            x = self.run_decoder(x, skips, temb, context, cross_frame, merging)
+        else:  # the deep decoder layers, then the branch's, keeping the feature between them
+            split = self.branch_layer(cache.branch)
+            x = self.run_decoder(x, skips, temb, context, cross_frame, merging, stop=split)
+            cache.store(mid if split == 0 else x, shape)  # at the mid block: its own output, no residual
+            x = self.run_decoder(x, skips, temb, context, cross_frame, merging, start=split)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def cached_forward(self, x, temb, context, cross_frame, down_residuals, mid_residual, cache: FeatureCache,
+                       merging: TokenMerging | None = None):
+        """A cached call of `forward`: branch B alone, on the feature the last full call kept."""
+        x = self.conv_in(x)
+        skips = [x]
+        for level, block in enumerate(self.down_blocks):  # the encoder layers that make skips 1..B
+            if len(skips) > cache.branch:
+                break
+            x, block_skips = block(x, temb, context, at_level(cross_frame, level), merging_at(merging, level),
+                                   layers=cache.branch + 1 - len(skips))
+            skips += block_skips
+        if down_residuals is not None:
+            skips = [skip + residual for skip, residual in zip(skips, down_residuals)]
+        split = self.branch_layer(cache.branch)
+        x = cache.feature
+        if split == 0 and mid_residual is not None:
+            x = x + mid_residual
+        x = self.run_decoder(x, skips, temb, context, cross_frame, merging, start=split)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def branch_layer(self, branch: int) -> int:
+        """The index, counted from the deepest, of the decoder layer that consumes skip `branch`: S − 1 − branch."""
+        return skip_count(self.config) - 1 - branch
+
+    def run_decoder(self, x, skips, temb, context, cross_frame, merging: TokenMerging | None = None, start: int = 0,
+                    stop: int | None = None):
+        """The decoder layers [start, stop), counted from the deepest (L+1 a level, the deepest level first), on x
+        and the skips they consume (popped from the end of `skips`)."""
+        per_level = self.config.layers_per_block + 1
+        stop = len(self.up_blocks) * per_level if stop is None else stop
+        for i, block in enumerate(self.up_blocks):
+            first = i * per_level  # the index of this level's first layer
+            if first + per_level <= start or first >= stop:
+                continue
+            level = len(self.up_blocks) - 1 - i
+            x = block(x, skips, temb, context, at_level(cross_frame, level), merging_at(merging, level),
+                      start=max(start - first, 0), stop=min(stop - first, per_level))
+        return x

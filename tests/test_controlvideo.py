@@ -190,3 +190,21 @@ def test_controlnet_for_another_base_model_is_refused(tiny, tmp_path):
     with pytest.raises(ModelFolderError, match=r"1/8 scale but the VAE downsamples by 2"):
         ControlVideo.from_pretrained(folder, controlnet=cn_folder)
 
+
+
+@torch.no_grad()
+def test_fast_modes(tiny):
+    """Token merging and feature caching act on the UNet: the defaults are the exact path bit for bit, each mode
+    changes the frames, and chunked still equals unchunked."""
+    pipe, _, _ = tiny
+    common = dict(control=control_maps(f=5, seed=3), num_inference_steps=4, progress=False)
+    exact = pipe("a cat", generator=torch.Generator().manual_seed(2), **common)
+    same = pipe("a cat", generator=torch.Generator().manual_seed(2), merging_ratio=0.0, cache_interval=1, **common)
+    assert torch.equal(same, exact)
+    for mode in (dict(merging_ratio=0.5), dict(cache_interval=2, cache_branch=1)):
+        fast = pipe("a cat", generator=torch.Generator().manual_seed(2), **mode, **common)
+        assert not torch.equal(fast, exact), mode
+        chunked = pipe("a cat", generator=torch.Generator().manual_seed(2), chunk_size=2, **mode, **common)
+        assert_parity(chunked, fast)
+    with pytest.raises(ValueError, match="cache_branch=99 is out of range"):
+        pipe("a cat", cache_interval=2, cache_branch=99, **common)

@@ -150,3 +150,20 @@ def test_bad_inputs(tiny, kwargs, error, message):
               "progress": False, **kwargs}
     with pytest.raises(error, match=message):
         pipe(kwargs.pop("instruction"), **kwargs)
+
+
+@torch.no_grad()
+def test_fast_modes(tiny):
+    """Token merging and feature caching: the defaults are the exact path bit for bit, each mode changes the frames,
+    and chunked still equals unchunked."""
+    pipe, _ = tiny
+    frames, x_T = smooth_frames(4, 32, 32, seed=5), noise((4, 4, 16, 16), seed=6)
+    common = dict(video=frames, latents=x_T, num_inference_steps=4, progress=False)
+    exact = pipe(INSTRUCTION, **common)
+    assert torch.equal(pipe(INSTRUCTION, merging_ratio=0.0, cache_interval=1, **common), exact)
+    for mode in (dict(merging_ratio=0.5, merging_options={"use_rand": False}), dict(cache_interval=3)):
+        fast = pipe(INSTRUCTION, **mode, **common)
+        assert not torch.equal(fast, exact), mode
+        torch.testing.assert_close(pipe(INSTRUCTION, chunk_size=2, **mode, **common), fast, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="merging_options has unknown key"):
+        pipe(INSTRUCTION, merging_ratio=0.5, merging_options={"ratio": 0.2}, **common)

@@ -31,6 +31,7 @@ from ..sd.model_folder import ModelFolderError
 from ..sd.schedulers import DDIM
 from ..video_io import load_frames, resize_frames, resized_shape
 from .chunks import check_chunking, eps_by_chunks
+from .fast import FastModes, loop_unet_kwargs
 from .sampling import check_size, checked_latents, ddim_loop, decode_video, encode_prompts, guided_eps, step_counter
 from .text2video_zero import draw_first_frame_noise, video_prompts
 
@@ -91,9 +92,10 @@ class ControlVideo:
 
     def controlled_unet(self, control: torch.Tensor, scale: float) -> Callable[..., torch.Tensor]:
         """Step 2: ε for a UNet batch driven by the control maps `control` (f, 3, H, W) of the batch's frames."""
-        def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None):
+        def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None,
+                 **fast):  # the fast modes' merging and cache act on the UNet only (tomesd patches the UNet)
             down, mid = self.controlnet(x, t, context, control_rows(control, x.shape[0]), scale, cross_frame)
-            return self.sd.unet(x, t, context, cross_frame, down_residuals=down, mid_residual=mid)
+            return self.sd.unet(x, t, context, cross_frame, down_residuals=down, mid_residual=mid, **fast)
         return unet
 
     @torch.no_grad()
@@ -117,6 +119,11 @@ class ControlVideo:
         latents: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
+        merging_ratio: float = 0.0,
+        merging_max_downsample: int = 1,
+        merging_options: dict | None = None,
+        cache_interval: int = 1,
+        cache_branch: int = 0,
     ) -> torch.Tensor:
         """Generate videos that follow `control`: frames (F, H, W, 3) float in [0, 1] for one prompt and one video,
         else (B, F, H, W, 3) with B = prompts × videos per prompt (prompt-major).
@@ -129,8 +136,12 @@ class ControlVideo:
         multiple of 8). `controlnet_conditioning_scale` multiplies the ControlNet's residuals. `latents`
         (B, 4, H/8, W/8) replace the drawn x_T. `chunk_size` bounds memory for long videos: the UNet and the
         ControlNet see at most chunk_size frames at a time (`chunks.py`); with cross_frame "first" or "off" the
-        frames equal unchunked generation.
+        frames equal unchunked generation. `merging_*` and `cache_*` are the fast modes (`fast.FastModes`): token
+        merging and feature caching in the UNet; the ControlNet runs exactly at every step.
         """
+        fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval, cache_branch)
+        fast.checked().check_model(self.sd.unet.config)
+        merging = fast.token_merging(generator)  # forked before the first draw from `generator`
         prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
         sd, factor = self.sd, self.sd.vae.downsample_factor
         maps = load_frames(control, "control")  # (f, H, W, 3) in [0, 1]
@@ -149,10 +160,11 @@ class ControlVideo:
 
         on_step = step_counter(callback)
         attention = CrossFrame(f, cross_frame)
+        unet_kwargs = loop_unet_kwargs(fast.cache, merging)
 
         def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
             unet = self.controlled_unet(maps[ids].to(device=sd.device, dtype=sd.dtype), controlnet_conditioning_scale)
-            return guided_eps(unet, x, t, context, guidance_scale, cross_frame=frames)
+            return guided_eps(unet, x, t, context, guidance_scale, cross_frame=frames, **unet_kwargs(ids))
 
         x = repeat(x_T, "b c h w -> (b f) c h w", f=f)  # the same x_T for every frame
         x = ddim_loop(x, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size), generator,

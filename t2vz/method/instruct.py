@@ -39,6 +39,7 @@ from ..sd.loading import StableDiffusion, load
 from ..sd.schedulers import DDIM, draw_noise
 from ..video_io import load_frames, resize_frames, resized_shape
 from .chunks import check_chunking, eps_by_chunks
+from .fast import FastModes, loop_unet_kwargs
 from .sampling import check_size, checked_latents, ddim_loop, decode_video, step_counter
 
 
@@ -130,6 +131,11 @@ class VideoInstructPix2Pix:
         latents: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
+        merging_ratio: float = 0.0,
+        merging_max_downsample: int = 1,
+        merging_options: dict | None = None,
+        cache_interval: int = 1,
+        cache_branch: int = 0,
     ) -> torch.Tensor:
         """Edit `video` by `instruction`: frames (F, H, W, 3) float in [0, 1] on the CPU.
 
@@ -143,7 +149,11 @@ class VideoInstructPix2Pix:
         `generator`, independent per frame). `callback(i, t, x)` sees the latents after every DDIM step.
         `chunk_size` bounds memory for long videos: the UNet sees at most chunk_size frames of each branch at a
         time (`chunks.py`); with cross_frame "first" or "off" the result equals unchunked editing.
+        `merging_*` and `cache_*` are the fast modes (`fast.FastModes`): token merging and feature caching.
         """
+        fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval, cache_branch)
+        fast.checked().check_model(self.sd.unet.config)
+        merging = fast.token_merging(generator)  # forked before the first draw from `generator`
         self.check_inputs(instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                           resolution, size_multiple, cross_frame, chunk_size)
         sd, factor = self.sd, self.sd.vae.downsample_factor
@@ -166,20 +176,22 @@ class VideoInstructPix2Pix:
 
         source = encode_source(sd, resize_frames(frames, (height, width)))
         x = self.denoise_frames(x_T, source, scheduler, context, guidance_scale, image_guidance_scale, generator,
-                                cross_frame, on_step, progress, chunk_size)
+                                cross_frame, on_step, progress, chunk_size, loop_unet_kwargs(fast.cache, merging))
         return decode_video(sd, x, f)[0]
 
     def denoise_frames(self, x_T: torch.Tensor, source: torch.Tensor, scheduler: DDIM, context: torch.Tensor,
                        guidance_scale: float, image_guidance_scale: float, generator, cross_frame: str,
-                       step_callback=None, progress: bool = True, chunk_size: int | None = None) -> torch.Tensor:
+                       step_callback=None, progress: bool = True, chunk_size: int | None = None,
+                       unet_kwargs: Callable[[list[int]], dict] = lambda ids: {}) -> torch.Tensor:
         """Step 4: DDIM from T to 0 on the f frames, x_T (f, c, h, w) and E(x) (f, c_s, h, w) → x_0 (f, c, h, w),
         with the three-branch guidance of Eq. 3 and cross-frame attention within each branch; the UNet sees at
-        most `chunk_size` frames of each branch at a time."""
+        most `chunk_size` frames of each branch at a time; `unet_kwargs(ids)`, the fast modes' UNet keywords of the
+        chunk of frames `ids` (`fast.loop_unet_kwargs`)."""
         f = x_T.shape[0]
         attention = CrossFrame(f, cross_frame)  # the 3f rows are three videos of f frames: one per branch
 
         def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
-            eps = self.sd.unet(branch_batch(x, source[ids]), t, context, cross_frame=frames)
+            eps = self.sd.unet(branch_batch(x, source[ids]), t, context, cross_frame=frames, **unet_kwargs(ids))
             return instruct_guidance(eps, guidance_scale, image_guidance_scale)
 
         return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size), generator,

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from ..sd.attention import CrossFrame
 from ..sd.loading import StableDiffusion
 from ..sd.schedulers import DDIM
-from .chunks import chunk_caches, eps_by_chunks
+from ..sd.tome import TokenMerging
+from .chunks import eps_by_chunks
+from .fast import loop_unet_kwargs
 
 
 def fold_frames(video: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,7 @@ def ddim_denoise(
     progress: bool = True,
     chunk_size: int | None = None,
     cache: tuple[int, int] | None = None,
+    merging: TokenMerging | None = None,
 ) -> torch.Tensor:
     """DDIM with classifier-free guidance (T2V-Zero steps 2 and 5): x ((b f), c, h, w) at timesteps[0] → x one DDIM
     step below timesteps[−1], f = `cross_frame.num_frames` (1 without). With `chunk_size`, the UNet sees at most
@@ -132,14 +135,12 @@ def ddim_denoise(
 
     `cache` = (interval, branch): DeepCache's feature caching (`sd/deepcache.py`), a full UNet pass every
     `interval` steps of this loop, starting with its first, and branch `branch` alone in between. The caches live
-    for this call only (one per chunk, `chunks.chunk_caches`): every loop starts on a full pass."""
-    caches = chunk_caches(cache)
+    for this call only (one per chunk, `chunks.chunk_caches`): every loop starts on a full pass. `merging`: token
+    merging in the UNet (`sd/tome.py`), one object for the whole generation (it carries the random stream)."""
+    unet_kwargs = loop_unet_kwargs(cache, merging)
 
     def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame | None) -> torch.Tensor:
-        kept = caches(ids)
-        if kept is None:  # no `cache` keyword then: a wrapped or compiled UNet need not know it
-            return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames)
-        return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames, cache=kept)
+        return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames, **unet_kwargs(ids))
     return ddim_loop(x, scheduler, timesteps, eps_by_chunks(predict_chunk, cross_frame, chunk_size), generator,
                      step_callback, desc, progress)
 

@@ -25,6 +25,7 @@ from ..sd.attention import CrossFrame, check_cross_frame_levels, check_cross_fra
 from ..sd.loading import StableDiffusion, load
 from ..sd.schedulers import DDIM, DDPM, draw_noise
 from .chunks import check_chunking, eps_by_chunks
+from .fast import FastModes
 from .motion import translation_path, warp_latents
 from .sampling import (
     chain, check_size, checked_latents, ddim_denoise, ddim_loop, decode_video, encode_prompts, fold_frames,
@@ -169,6 +170,11 @@ class VideoOptions:
     masks: torch.Tensor | None = None        # foreground (F, H, W) or (B, F, H, W) in [0, 1]
     mask_tokens: str | None = None           # else masks from cross-attention to these words (None: all)
     chunk_size: int | None = None            # long videos: the UNet sees at most this many frames at once
+    merging_ratio: float = 0.0               # fast modes (`fast.py`): token merging, ToMe for SD (0: exact)
+    merging_max_downsample: int = 1          #   at the UNet levels downsampled at most this much (1: level 0)
+    merging_options: dict | None = None      #   tomesd's other options: sx, sy, use_rand, merge_crossattn, ...
+    cache_interval: int = 1                  #   feature caching, DeepCache: a full UNet pass every N steps (1: exact)
+    cache_branch: int = 0                    #   the shallow branch run on the cached steps
 
     @classmethod
     def of(cls, options: dict) -> VideoOptions:
@@ -213,6 +219,7 @@ class VideoOptions:
             raise ValueError(f"smoothing={o.smoothing!r} must be one of {SMOOTHING_FORMS} and alpha={o.alpha} in "
                              "[0, 1]")
         motion_timesteps(DDIM(o.num_inference_steps).timesteps, o.t0, o.t1)  # t0, t1 in range
+        FastModes.of(o).check_model(sd.unet.config)
         return o
 
     def frame_path(self) -> torch.Tensor:
@@ -257,6 +264,8 @@ class TextToVideoZero:
         `mask_tokens`, recorded in an extra denoising pass.
         """
         o = VideoOptions.of(options).resolve(self.sd)
+        fast = FastModes.of(o)
+        merging = fast.token_merging(generator)  # forked before the first draw from `generator`
         prompts, negatives = video_prompts(prompt, o.negative_prompt, o.num_videos_per_prompt)
         sd, f, b = self.sd, int(o.num_frames), len(prompts)
         if o.smooth_bg:
@@ -272,7 +281,7 @@ class TextToVideoZero:
                if latents is None else checked_latents(sd, latents, shape))
         if o.motion_dynamics:
             first = self.first_frame_trajectory(x_T, scheduler, o.t0, o.t1, context, o.guidance_scale,
-                                                generator, on_step, progress)                    # 2. T → T₁ → T₀
+                                                generator, on_step, progress, fast.cache, merging)  # 2. T → T₁ → T₀
             warped = self.warp_first_frame(first.x_T0, path)                                     # 3. W_k(x_{T₀}¹)
             x_T1 = self.noise_to_T1(first, warped, generator, o.ddpm_marginal)                   # 4. T₀ → T₁
             timesteps = scheduler.timesteps[-o.t1 - 1 :]
@@ -282,20 +291,23 @@ class TextToVideoZero:
                        generator=generator, cross_frame=o.cross_frame, cross_frame_levels=o.cross_frame_levels,
                        chunk_size=o.chunk_size, progress=progress)
         x_T1, blend = self.background_smoothing(x_T1, path, o, prompts, denoise)
-        x_0 = self.denoise_frames(x_T1, **denoise, step_callback=chain(blend, on_step))          # 5. T₁ → 0
+        x_0 = self.denoise_frames(x_T1, **denoise, step_callback=chain(blend, on_step),          # 5. T₁ → 0
+                                  cache=fast.cache, merging=merging)
         video = decode_video(sd, x_0, f)                                                          # 6. decode
         return video[0] if video.shape[0] == 1 else video
 
     # ---------------------------------------------------------------------------------------------- the steps
     def first_frame_trajectory(self, x_T, scheduler, t0, t1, context, guidance_scale, generator, callback,
-                               progress) -> FirstFrameTrajectory:
-        """Step 2: DDIM on frame 1 alone, T → T₁ (keep x_{T₁}¹), then T₁ → T₀ (keep x_{T₀}¹)."""
+                               progress, cache=None, merging=None) -> FirstFrameTrajectory:
+        """Step 2: DDIM on frame 1 alone, T → T₁ (keep x_{T₁}¹), then T₁ → T₀ (keep x_{T₀}¹). With feature caching
+        (`cache`) each of the two loops starts on a full UNet pass."""
         T1, T0 = motion_timesteps(scheduler.timesteps, t0, t1)
         ts = scheduler.timesteps
+        fast = dict(cache=cache, merging=merging)
         x_T1 = ddim_denoise(self.sd, x_T, scheduler, ts[: -t1 - 1], context, guidance_scale, generator,
-                            step_callback=callback, desc="DDIM (frame 1, T→T1)", progress=progress)
+                            step_callback=callback, desc="DDIM (frame 1, T→T1)", progress=progress, **fast)
         x_T0 = ddim_denoise(self.sd, x_T1, scheduler, ts[-t1 - 1 : -t0 - 1], context, guidance_scale, generator,
-                            step_callback=callback, desc="DDIM (frame 1, T1→T0)", progress=progress)
+                            step_callback=callback, desc="DDIM (frame 1, T1→T0)", progress=progress, **fast)
         return FirstFrameTrajectory(x_T1=x_T1, x_T0=x_T0, T1=T1, T0=T0)
 
     @staticmethod
@@ -327,14 +339,15 @@ class TextToVideoZero:
 
     def denoise_frames(self, x_T1: torch.Tensor, scheduler, timesteps, context, guidance_scale, generator,
                        cross_frame: str, progress: bool, step_callback=None,
-                       cross_frame_levels: Sequence[int] | None = None, chunk_size: int | None = None
-                       ) -> torch.Tensor:
+                       cross_frame_levels: Sequence[int] | None = None, chunk_size: int | None = None,
+                       cache: tuple[int, int] | None = None, merging=None) -> torch.Tensor:
         """Step 5: DDIM from T₁ to 0 on all frames with cross-frame attention, the UNet seeing at most `chunk_size`
-        frames of each video at a time: (b, c, f, h, w) at T₁ → ((b f), c, h, w) at 0."""
+        frames of each video at a time: (b, c, f, h, w) at T₁ → ((b f), c, h, w) at 0. The latents were warped and
+        re-noised outside the UNet, so feature caching (`cache`) starts afresh here, on a full pass."""
         f = x_T1.shape[2]  # the f frames of a video share its text context: one row per video, not per frame
         attention = CrossFrame(f, cross_frame, cross_frame_levels)
         return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, context, guidance_scale, generator,
-                            attention, step_callback, "DDIM (all frames)", progress, chunk_size)
+                            attention, step_callback, "DDIM (all frames)", progress, chunk_size, cache, merging)
 
     # ----------------------------------------------------------------------------------- background smoothing
     def background_smoothing(self, x_T1: torch.Tensor, path: torch.Tensor, o: VideoOptions, prompts: list[str],
@@ -355,7 +368,8 @@ class TextToVideoZero:
 
     def attention_masks(self, x_T1, positions, denoise) -> torch.Tensor:
         """Foreground masks (b, f, h, w) from a denoising pass that records cross-attention to the subject tokens,
-        chunk by chunk as the video pass runs (one recorder per chunk, each over all the steps)."""
+        chunk by chunk as the video pass runs (one recorder per chunk, each over all the steps). The pass runs
+        without the fast modes: its maps need every token at every step."""
         b, _, f, h, w = x_T1.shape
         recorders: dict[tuple[int, ...], CrossAttentionMaps] = {}
         attention = CrossFrame(f, denoise["cross_frame"], denoise["cross_frame_levels"])

@@ -4,6 +4,7 @@
     .venv/bin/python experiments/judge_toyworld.py model=models/toy-quick images_per_prompt=4
     .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 t0=25 t1=25   # motion only, warp at step 25
     .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 cross_frame=off  # without Sec. 3.3's attention
+    .venv/bin/python experiments/judge_toyworld.py images_per_prompt=0 merging_ratio=0.5 cache_interval=3  # fast modes
 
 1. Text faithfulness: for every held-out (colour, shape, background) combination of `world.HELD_OUT` (never in
    the training data) and as many combinations that were in it, `images_per_prompt` images from seeds the
@@ -18,6 +19,8 @@
    λ = 12: 0.375) the frames jump by 0 or 4 px and no video can be within 1 px of the requested motion.
    `cross_frame` is the pipeline's (`first`, the method; `off`, its ablation); `cross_frame_levels=[1]` keeps
    it to one UNet level (8×8 on the toy model, whose 16×16 level has no attention), an ablation of where it acts.
+   `merging_ratio`, `merging_max_downsample`, `cache_interval` and `cache_branch` are the videos' fast modes
+   (token merging, feature caching; docs/method.md); their defaults are the exact path.
 3. Appearance consistency of the object across frames (`judge.appearance_consistency`), in the same videos: its
    IoU with frame 1's, how often it keeps frame 1's shape and its tone (`world.TONES`, which no caption names).
 
@@ -62,6 +65,11 @@ class JudgeConfig:
     video_prompts: int = 4  # the first N prompts of each set (held-out and seen) also make videos
     cross_frame: str = "first"  # the videos' cross-frame attention: "first" (the method) or "off" (its ablation)
     cross_frame_levels: Optional[list[int]] = None  # only these UNet levels mix frames (an ablation); None: all
+    # the videos' fast modes (config.FastConfig; the defaults are the exact path): token merging, feature caching
+    merging_ratio: float = 0.0
+    merging_max_downsample: int = 2  # the toy UNet's attention starts one level down (8×8 tokens)
+    cache_interval: int = 1
+    cache_branch: int = 0
 
 
 ConfigStore.instance().store(name="judge_toyworld", node=JudgeConfig)
@@ -127,7 +135,9 @@ def main(cfg) -> None:
                     gen = torch.Generator().manual_seed(SEED_OFFSET + 100 * k + j)
                     frames = pipe(text, num_frames=cfg.num_frames, motion_strength=lam, direction=direction,
                                   t0=cfg.t0, t1=cfg.t1, cross_frame=cfg.cross_frame,
-                                  cross_frame_levels=cfg.cross_frame_levels,
+                                  cross_frame_levels=cfg.cross_frame_levels, merging_ratio=cfg.merging_ratio,
+                                  merging_max_downsample=cfg.merging_max_downsample,
+                                  cache_interval=cfg.cache_interval, cache_branch=cfg.cache_branch,
                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                                   generator=gen, progress=False)
                     size = frames.shape[1:3]

@@ -152,7 +152,8 @@ def test_every_option_is_a_pipeline_argument():
     `VideoOptions`, its **options), so the mapping is by name with no table."""
     params = {*inspect.signature(TextToVideoZero.__call__).parameters, *(f.name for f in dataclasses.fields(VideoOptions))}
     config = GenerateConfig(prompt="p", model="m")
-    names = [f.name for group in (config.video, config.sampler, config.method) for f in dataclasses.fields(group)]
+    names = [f.name for group in (config.video, config.sampler, config.method, config.fast)
+             for f in dataclasses.fields(group)]
     assert [n for n in names if n not in params] == []
     assert set(pipeline_kwargs(config)) == {*names, "progress"}
 

@@ -29,10 +29,12 @@ TWO_POINTS = {
     "ablate_alpha": ["method.alpha=0.0,1.0"],
     "ablate_components": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
     "ablate_components_sd15": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
+    "ablate_speed": ["fast.merging_ratio=0.0,0.5", "fast.cache_interval=2"],
 }
 # the toy ablation runs on the shipped toy model with a prompt its judge reads; the others on a random tiny model
-TOY = {"ablate_components": ["model=toyworld", "prompt=a red circle on grass", "video.height=64", "video.width=64"]}
-HEADLINES = {"ablate_components": "object_same_tone"}
+TOY = {name: ["model=toyworld", "prompt=a red circle on grass", "video.height=64", "video.width=64"]
+       for name in ("ablate_components", "ablate_speed")}
+HEADLINES = {"ablate_components": "object_same_tone", "ablate_speed": "text_all_ok"}
 
 
 def compose_experiment(overrides: list[str], hydra: bool = False):
@@ -43,7 +45,7 @@ def compose_experiment(overrides: list[str], hydra: bool = False):
 
 def test_every_ablation_is_covered():
     assert sorted(TWO_POINTS) == EXPERIMENTS == ["ablate_alpha", "ablate_components", "ablate_components_sd15",
-                                                 "ablate_delta_t", "ablate_lambda"]
+                                                 "ablate_delta_t", "ablate_lambda", "ablate_speed"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -54,7 +56,7 @@ def test_every_experiment_and_group_composes(experiment, logger):
     assert config.name == experiment and config.metrics.headline == HEADLINES.get(experiment, "warp_error")
     assert config.logger.enabled == (logger != "disabled")
     swept = compose_experiment(overrides, hydra=True).hydra.sweeper.params
-    assert {"prompt", "seed"} <= set(swept) and any(key.startswith("method.") for key in swept)
+    assert {"prompt", "seed"} <= set(swept) and any(key.startswith(("method.", "fast.")) for key in swept)
 
 
 def test_experiment_files_declare_their_sweeps():
@@ -65,8 +67,9 @@ def test_experiment_files_declare_their_sweeps():
         assert text.startswith("# @package _global_")
         params = yaml.safe_load(text)["hydra"]["sweeper"]["params"]
         assert {"prompt", "seed"} <= set(params) and len(str(params["seed"]).split(",")) >= 3, name
-        assert len(next(v for k, v in params.items() if k.startswith("method.")).split(",")) >= 4 or \
-            name.startswith("ablate_components"), name
+        assert len(next(v for k, v in params.items() if k.startswith(("method.", "fast."))).split(",")) >= 2, name
+        assert max(len(str(v).split(",")) for k, v in params.items() if k.startswith(("method.", "fast."))) >= 4 \
+            or name.startswith("ablate_components"), name
 
 
 def test_typos_fail_at_composition():
@@ -120,6 +123,8 @@ def test_two_point_sweep_runs_and_logs_to_wandb_offline(tiny_model, tmp_path, ex
     written = {p.name for p in write_report(sweep, tmp_path / "report")}
     assert {"report.csv", "report.md", "report_by_setting.csv", "frames_by_setting.png"} <= written
     assert any(name.startswith("plot_warp_error_vs_") for name in written), written
+    assert "plot_warp_error_vs_generate_s.png" in written  # quality against generation time, one point per setting
+    assert all(json.loads((job / "metrics.json").read_text())["generate_s"] > 0 for job in jobs)
 
 
 def test_a_failing_point_does_not_stop_the_sweep(tiny_model, tmp_path):

@@ -23,7 +23,8 @@ from ..sd.attention import CROSS_FRAME_MODES
 from ..sd.loading import DTYPES
 from ..video_io import load_frames
 from .config import (
-    HYDRA_HELP_TAIL, LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_choice, check_int, option_lines,
+    HYDRA_HELP_TAIL, FastConfig, LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_choice, check_int,
+    option_lines,
 )
 from .run import Task, compiled, measure, resolve_device
 
@@ -69,6 +70,7 @@ class JobConfig:
     compile: bool = False
     cross_frame: str = "first"
     chunk_size: Optional[int] = None
+    fast: FastConfig = field(default_factory=FastConfig)  # token merging and feature caching (config.FastConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -108,9 +110,9 @@ class ControlExperimentConfig(JobConfig):
     """`python experiments/control_video.py`: a video that follows a control video (T2V-Zero Sec. 3.4)."""
 
     defaults: list[Any] = field(default_factory=lambda: [
-        "_self_", {"control": "default"}, {"sampler": "default"}, {"output": "default"}, {"logger": "default"},
-        {"metrics": "default"}, {"hydra/job": "t2vz"}, {"override hydra/callbacks": "experiment"},
-        {"override hydra/help": "t2vz_control"}])
+        "_self_", {"control": "default"}, {"sampler": "default"}, {"fast": "default"}, {"output": "default"},
+        {"logger": "default"}, {"metrics": "default"}, {"hydra/job": "t2vz"},
+        {"override hydra/callbacks": "experiment"}, {"override hydra/help": "t2vz_control"}])
     prompt: str = MISSING
     model: str = MISSING  # a t2vz model folder: SD 1.5 or any SD 1.5-shaped fine-tune (DreamBooth)
     controlnet: str = MISSING  # a t2vz ControlNet folder (`python -m weights_convert CONTROLNET_FILE OUT`)
@@ -144,7 +146,7 @@ def generate_control_video(config: ControlExperimentConfig):
     s = config.sampler
     frames = pipe(config.prompt, control=control_maps(config.control), resolution=config.control.resolution,
                   controlnet_conditioning_scale=config.control.conditioning_scale, cross_frame=config.cross_frame,
-                  chunk_size=config.chunk_size, num_inference_steps=s.num_inference_steps,
+                  chunk_size=config.chunk_size, **vars(config.fast), num_inference_steps=s.num_inference_steps,
                   guidance_scale=s.guidance_scale, eta=s.eta, negative_prompt=s.negative_prompt,
                   generator=torch.Generator().manual_seed(config.seed), progress=config.output.progress)
     return frames, pipe.sd
@@ -154,6 +156,7 @@ CONTROL_VIDEO = Task(
     to_config=lambda cfg: to_config(cfg, ("prompt", "model", "controlnet", "control.video")),
     generate=generate_control_video,
     measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_model),
+    load=lambda c: cached_control_video(c.model, c.controlnet, c.device, c.dtype, c.compile),
 )
 
 
@@ -194,9 +197,9 @@ class InstructExperimentConfig(JobConfig):
     """`python experiments/instruct_video.py`: Video Instruct-Pix2Pix, a video edited by an instruction (Sec. 3.5)."""
 
     defaults: list[Any] = field(default_factory=lambda: [
-        "_self_", {"source": "default"}, {"sampler": "instruct"}, {"output": "default"}, {"logger": "default"},
-        {"metrics": "default"}, {"hydra/job": "t2vz"}, {"override hydra/callbacks": "experiment"},
-        {"override hydra/help": "t2vz_instruct"}])
+        "_self_", {"source": "default"}, {"sampler": "instruct"}, {"fast": "default"}, {"output": "default"},
+        {"logger": "default"}, {"metrics": "default"}, {"hydra/job": "t2vz"},
+        {"override hydra/callbacks": "experiment"}, {"override hydra/help": "t2vz_instruct"}])
     instruction: str = MISSING
     model: str = MISSING  # a t2vz InstructPix2Pix model folder (8-channel UNet)
     name: str = "instruct_video"
@@ -219,7 +222,8 @@ def generate_instruct_video(config: InstructExperimentConfig):
                   size_multiple=src.size_multiple, guidance_scale=s.guidance_scale,
                   image_guidance_scale=s.image_guidance_scale, num_inference_steps=s.num_inference_steps,
                   negative_prompt=s.negative_prompt, eta=s.eta, cross_frame=config.cross_frame,
-                  chunk_size=config.chunk_size, generator=torch.Generator().manual_seed(config.seed),
+                  chunk_size=config.chunk_size, **vars(config.fast),
+                  generator=torch.Generator().manual_seed(config.seed),
                   progress=config.output.progress)
     return frames, pipe.sd
 
@@ -228,6 +232,7 @@ INSTRUCT_VIDEO = Task(
     to_config=lambda cfg: to_config(cfg, ("instruction", "model", "source.video")),
     generate=generate_instruct_video,
     measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_model, text=config.instruction),
+    load=lambda c: cached_instruct_video(c.model, c.device, c.dtype, c.compile),
 )
 
 

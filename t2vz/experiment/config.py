@@ -1,7 +1,7 @@
 """The configuration of `python -m t2vz`: one dataclass per buildable thing, registered with Hydra's ConfigStore.
 
-Field names equal the arguments they feed: every field of `video`, `sampler` and `method` (and `output.progress`)
-is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`, `dtype` feed
+Field names equal the arguments they feed: every field of `video`, `sampler`, `method` and `fast` (and
+`output.progress`) is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`, `dtype` feed
 `TextToVideoZero.from_pretrained`; `seed` seeds the `torch.Generator`; `output` feeds `video_io.write_outputs`.
 
     prompt  model=toyworld  seed=0  device=auto  dtype=fp32
@@ -10,9 +10,10 @@ is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`
     method:  motion_strength=null  direction=[1.0, 1.0]  t0=null  t1=null  ddpm_marginal=exact  cross_frame=first
              cross_frame_levels=null  motion_dynamics=true  smooth_bg=false  alpha=0.6  smoothing=paper
              mask_tokens=null
+    fast:    merging_ratio=0.0  merging_max_downsample=1  merging_options={}  cache_interval=1  cache_branch=0
     output:  fps=4.0  formats=[mp4, gif]  stem=video  progress=true
 
-`video`, `sampler`, `method` and `output` are config groups with one option each, `default`; YAML files in
+`video`, `sampler`, `method`, `fast` and `output` are config groups with one option each, `default`; YAML files in
 `conf/` add options and experiments. Hydra checks key names and types at composition (`method.lamda=3` and
 `video.num_frames=abc` fail there); `__post_init__` checks values (`dtype=fp64`, `video.height=36`, t0 > t1) and
 runs when `to_generate_config` turns the composed config into these dataclasses, before any model is loaded.
@@ -39,7 +40,8 @@ from .tracking import LoggerConfig
 
 # the enum-like options and their allowed values, from the modules that define them
 CHOICES = {"dtype": tuple(DTYPES), "method.ddpm_marginal": DDPM_MARGINALS, "method.cross_frame": CROSS_FRAME_MODES,
-           "method.smoothing": SMOOTHING_FORMS, "output.formats": VIDEO_FORMATS}
+           "method.smoothing": SMOOTHING_FORMS, "output.formats": VIDEO_FORMATS,
+           "fast.merging_max_downsample": (1, 2, 4, 8)}
 SIZE_MULTIPLE = 8  # SD 1.5's VAE downsamples by 8; the pipeline re-checks against the loaded model's factor
 
 
@@ -142,6 +144,30 @@ class MethodConfig:
 
 
 @dataclass
+class FastConfig:
+    """The fast modes, approximations that trade exactness for speed; their defaults are the exact path.
+    Token merging (ToMe for SD, Bolya & Hoffman 2023): `merging_ratio` of the tokens merged before self-attention
+    at the levels down to `merging_max_downsample` (1: the full latent resolution only); `merging_options`, the
+    rest of `t2vz.sd.tome.TokenMerging` (sx, sy, use_rand, merge_crossattn, merge_mlp). Feature caching (DeepCache,
+    Ma et al. 2024): a full UNet pass every `cache_interval` steps, in between only the shallow branch
+    `cache_branch` (0: the shallowest) on the cached deep features. docs/method.md has both."""
+
+    merging_ratio: float = 0.0
+    merging_max_downsample: int = 1
+    merging_options: dict[str, Any] = field(default_factory=dict)
+    cache_interval: int = 1
+    cache_branch: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.merging_ratio, bool) or not 0.0 <= self.merging_ratio < 1.0:
+            raise ValueError(f"fast.merging_ratio={self.merging_ratio!r} must lie in [0, 1) (0: no merging; tomesd's "
+                             "recommended 0.5 merges half the tokens)")
+        check_choice("fast.merging_max_downsample", self.merging_max_downsample)
+        check_int("fast.cache_interval", self.cache_interval, 1)
+        check_int("fast.cache_branch", self.cache_branch, 0)
+
+
+@dataclass
 class OutputConfig:
     """What `video_io.write_outputs` writes into the run folder: `{stem}.{format}` and `{stem}_sheet.png`."""
 
@@ -159,7 +185,8 @@ class OutputConfig:
             raise ValueError(f"output.stem={self.stem!r} must be a plain file name stem such as 'video'")
 
 
-GROUPS = {"video": VideoConfig, "sampler": SamplerConfig, "method": MethodConfig, "output": OutputConfig}
+GROUPS = {"video": VideoConfig, "sampler": SamplerConfig, "method": MethodConfig, "fast": FastConfig,
+          "output": OutputConfig}
 
 
 @dataclass
@@ -178,6 +205,7 @@ class GenerateConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
@@ -274,6 +302,9 @@ KEY_OPTIONS = {
     "method.smooth_bg": "background smoothing (Sec. 3.3) with weight method.alpha",
     "method.smoothing": "paper: every step; authors: once, at T1",
     "method.mask_tokens": "words of the prompt that give the foreground mask (null: all)",
+    "fast.merging_ratio": "token merging: this fraction of the tokens merged before self-attention (0: exact)",
+    "fast.cache_interval": "feature caching: a full UNet pass every N steps, the shallow branch between (1: exact)",
+    "fast.cache_branch": "feature caching: the skip branch that runs on cached steps (0: the shallowest)",
     "output.formats": "video files; a contact sheet {stem}_sheet.png is always written",
     "output.fps": "frames per second of the video files",
 }

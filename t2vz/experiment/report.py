@@ -15,6 +15,8 @@ Reads every job folder with `t2vz.experiment.tracking.collect_jobs` and writes (
   per-setting stds include;
 - `plot_{metric}_vs_{key}.png` per swept key and metric: mean ± std over ok jobs per value of the key, a line
   plot for a numeric key, a bar chart for a boolean / string key (drawn with Pillow's ImageDraw);
+- `plot_{metric}_vs_generate_s.png` per metric when the jobs recorded their generation time: one point per
+  setting, its median time against the metric's mean ± std (quality against speed, the fast modes' trade-off);
 - `frames_by_setting.png`: per setting one row, its label and the first, middle and last frame of its first ok job.
 
 A swept key is an override whose value differs between jobs (constant overrides such as model=… are not
@@ -36,6 +38,7 @@ from .tracking import collect_jobs, parse_overrides, write_summary_csv
 
 NOT_SETTINGS = ("seed", "prompt")  # averaged over: a setting is everything else that was swept
 NOT_METRICS = ("job", "status", "error")
+TIME_METRIC = "generate_s"  # an experiment job's generation time (`run.run_experiment`), the x of the trade-off plots
 PLOT_SIZE = (640, 440)
 MARGIN = dict(left=80, right=24, top=40, bottom=56)
 FRAME_ROW_MIN_HEIGHT = 64
@@ -226,9 +229,11 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
 
-def draw_plot(points: list[tuple[Any, float, float]], title: str, xlabel: str, ylabel: str, bars: bool):
+def draw_plot(points: list[tuple[Any, float, float]], title: str, xlabel: str, ylabel: str, bars: bool,
+              labels: list[str] | None = None):
     """points [(x, mean, std)] → a Pillow image: axes, ticks and labels, title, error bars (±std; none for NaN
-    std); a line through the means for numeric x (`bars=False`), one bar per x otherwise."""
+    std); a line through the means for numeric x (`bars=False`), one bar per x otherwise. With `labels` (numeric
+    x only), a scatter: each point named by its label, no line."""
     from PIL import Image, ImageDraw
 
     width, height = PLOT_SIZE
@@ -279,10 +284,12 @@ def draw_plot(points: list[tuple[Any, float, float]], title: str, xlabel: str, y
         for (x, y) in centres:
             draw.rectangle([x - half, min(y, py(0.0)), x + half, max(y, py(0.0))], fill=colour, outline="black")
     else:
-        if len(centres) > 1:
+        if len(centres) > 1 and labels is None:
             draw.line(centres, fill=colour, width=2)
         for x, y in centres:
             draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        for (x, y), label in zip(centres, labels or []):
+            text((x + 7, y - 7), label, "lb")
     for (x, (_, m, _)), e in zip(zip(xs, points), err):
         if e > 0:
             top, bottom = py(m + e), py(m - e)
@@ -312,6 +319,33 @@ def write_plots(out_dir: Path, rows: list[dict[str, Any]], keys: list[str], metr
                 continue
             image = draw_plot(points, f"{metric} vs {key}", key, f"{metric} (mean ± std)", bars=not numeric)
             paths.append(_save(out_dir / _safe(f"plot_{metric}_vs_{key}.png"), image))
+    return paths + write_tradeoff_plots(out_dir, ok, keys, metrics)
+
+
+def write_tradeoff_plots(out_dir: Path, ok: list[dict[str, Any]], keys: list[str], metrics: list[str],
+                         time_key: str = TIME_METRIC) -> list[Path]:
+    """`plot_{metric}_vs_{time_key}.png` per metric: one point per setting, its median generation time against its
+    metric's mean ± std, named by the setting; what a speed sweep (ablate_speed) shows: quality against time. The
+    median, because the first job of a sweep also pays the first calls' costs."""
+    if time_key not in metrics or not keys:
+        return []
+    settings = group_rows(ok, keys)
+    paths = []
+    for metric in metrics:
+        if metric == time_key:
+            continue
+        points, labels = [], []
+        for values, group in settings:
+            mean, std, n = mean_std(r.get(metric) for r in group)
+            times = [r[time_key] for r in group if _finite(r.get(time_key))]
+            if n and times:
+                points.append((float(np.median(times)), mean, std))
+                labels.append(setting_text([k.rpartition(".")[2] for k in keys], values))
+        if len(points) < 2:
+            continue
+        image = draw_plot(points, f"{metric} vs generation time", f"{time_key} (median per setting)",
+                          f"{metric} (mean ± std)", bars=False, labels=labels)
+        paths.append(_save(out_dir / _safe(f"plot_{metric}_vs_{time_key}.png"), image))
     return paths
 
 

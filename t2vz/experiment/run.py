@@ -48,10 +48,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def pipeline_kwargs(config: GenerateConfig) -> dict:
-    """The `video`, `sampler` and `method` fields and `output.progress` as keyword arguments of
+    """The `video`, `sampler`, `method` and `fast` fields and `output.progress` as keyword arguments of
     `TextToVideoZero.__call__` (the config's field names are its argument names)."""
     kwargs = {"progress": config.output.progress}
-    for group in (config.video, config.sampler, config.method):
+    for group in (config.video, config.sampler, config.method, config.fast):
         kwargs.update({f.name: getattr(group, f.name) for f in dataclasses.fields(group)})
     return kwargs
 
@@ -196,12 +196,14 @@ def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None
 @dataclass(frozen=True)
 class Task:
     """What one experiment job runs: `to_config` turns the composed config into its checked dataclass (ValueError on
-    a bad value, before any model loads); `generate(config)` returns frames (f, h, w, 3) or (b, f, h, w, 3) and the
-    loaded components; `measure(frames, config, sd)` returns the job's metrics."""
+    a bad value, before any model loads); `load(config)` loads (or finds cached) what `generate` runs, so that the
+    job's `generate_s` metric times the generation alone; `generate(config)` returns frames (f, h, w, 3) or
+    (b, f, h, w, 3) and the loaded components; `measure(frames, config, sd)` returns the job's metrics."""
 
     to_config: Callable[[Any], Any]
     generate: Callable[[Any], tuple[torch.Tensor, Any]]
     measure: Callable[[torch.Tensor, Any, Any], dict[str, float]]
+    load: Callable[[Any], Any] = lambda config: None
 
 
 def _generate_text_to_video(config: GenerateConfig) -> tuple[torch.Tensor, Any]:
@@ -213,7 +215,8 @@ def _measure_text_to_video(frames: torch.Tensor, config, sd) -> dict[str, float]
     return measure(frames, config, config.metrics.clip_model, sd.config.get("variant") == "toyworld")
 
 
-TEXT_TO_VIDEO = Task(to_generate_config, _generate_text_to_video, _measure_text_to_video)
+TEXT_TO_VIDEO = Task(to_generate_config, _generate_text_to_video, _measure_text_to_video,
+                     load=lambda c: cached_pipeline(c.model, c.device, c.dtype, c.compile))
 
 
 def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
@@ -244,8 +247,12 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
         try:
             check_model_folders(cfg)
             config = task.to_config(cfg)
+            task.load(config)
+            generate_start = time.perf_counter()
             frames, sd = task.generate(config)
+            generate_s = time.perf_counter() - generate_start  # the sweep's speed axis (ablate_speed)
             metrics = task.measure(frames, config, sd)  # before writing: a job that fails leaves no video
+            metrics["generate_s"] = generate_s
             if config.metrics.headline not in metrics:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
             names = write_run(run_dir, frames, config, config_yaml, start)

@@ -51,10 +51,20 @@ What is measured:
   parity        max |t2vz - diffusers| over the frames (in [0, 1]) of the first round, at the run's dtype
                 (~1e-6 in fp32 on CPU)
 
+Fast modes (modes=[exact,m0.5,c3,m0.5_c3]): every mode is one more t2vz row, generated with its keywords
+(exact: none; mR: merging_ratio=R, token merging; cN: cache_interval=N, feature caching, cNbB with
+cache_branch=B; mR_cN: both), and for every ratio R that a mode merges at, one diffusers row with
+tomesd.apply_patch(pipe, ratio=R) (tomesd=false leaves them out). Each row shows its time and peak memory as
+ratios to diffusers (and to diffusers+tomesd at its ratio), and its frames' max and mean |Δ| from t2vz's exact
+frames: what the mode gives up.
+
 Presets (preset=NAME sets the keys below; any key can be overridden after it):
   small           model=tiny device=cpu dtype=fp32, 8 frames at 64x64, 10 steps, t0=4 t1=7
   sd15-small-res  model=sd15 device=cpu dtype=fp32, 8 frames at 64x64, 10 steps, t0=4 t1=7
-  sd15-512        model=sd15 device=cuda dtype=fp16, 8 frames at 512x512, 50 steps, t0=44 t1=47
+  sd15-256        model=sd15 device=cpu dtype=fp32, 8 frames at 256x256, 10 steps, t0=4 t1=7, 2 rounds,
+                  modes exact, m0.5, c3, m0.5_c3 (attention at 1024 tokens a frame: where merging acts)
+  sd15-128-bf16   model=sd15 device=cpu dtype=bf16, 4 frames at 128x128, 10 steps, t0=4 t1=7, 2 rounds
+  sd15-512        model=sd15 device=cuda dtype=fp16, 8 frames at 512x512, 50 steps, t0=44 t1=47, the four modes
 
 long_video=true adds a t2vz-only table: peak memory at num_frames, at long_frames (48) in chunks of chunk_size
 (8), and at long_frames all at once, one fresh process each.
@@ -65,6 +75,7 @@ import csv
 import io
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -81,7 +92,7 @@ from omegaconf import OmegaConf
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKER_FLAG = "--worker"
-IMPLEMENTATIONS = ("t2vz", "diffusers")
+IMPLEMENTATIONS = ("t2vz", "diffusers", "diffusers+tomesd")
 MODELS = ("tiny", "sd15")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
@@ -90,9 +101,14 @@ PRESETS = {
                   num_inference_steps=10, t0=4, t1=7),
     "sd15-small-res": dict(model="sd15", device="cpu", dtype="fp32", num_frames=8, height=64, width=64,
                            num_inference_steps=10, t0=4, t1=7),
+    "sd15-256": dict(model="sd15", device="cpu", dtype="fp32", num_frames=8, height=256, width=256,
+                     num_inference_steps=10, t0=4, t1=7, modes=["exact", "m0.5", "c3", "m0.5_c3"], repeats=2),
+    "sd15-128-bf16": dict(model="sd15", device="cpu", dtype="bf16", num_frames=4, height=128, width=128,
+                          num_inference_steps=10, t0=4, t1=7, repeats=2),
     "sd15-512": dict(model="sd15", device="cuda", dtype="fp16", num_frames=8, height=512, width=512,
-                     num_inference_steps=50, t0=44, t1=47),
+                     num_inference_steps=50, t0=44, t1=47, modes=["exact", "m0.5", "c3", "m0.5_c3"]),
 }
+FAST_MODE = re.compile(r"^(?:m(?P<ratio>0?\.\d+|0))?_?(?:c(?P<interval>\d+)(?:b(?P<branch>\d+))?)?$")
 SETTING_KEYS = ("prompt", "seed", "num_frames", "height", "width", "num_inference_steps", "guidance_scale",
                 "motion_strength", "t0", "t1")
 
@@ -127,6 +143,10 @@ class BenchmarkConfig:
     long_frames: int = 48
     chunk_size: int = 8  # frames per chunk of the long video (frame 1 plus chunk_size - 1 new frames)
     workdir: str = "runs/benchmark"  # where the model folders are built and cached
+    # t2vz's settings, each a row: exact (no fast mode), mR (token merging ratio R), cN (feature caching every N
+    # steps; cNbB: branch B), joined by _ (m0.5_c3); parse_mode
+    modes: list[str] = field(default_factory=lambda: ["exact"])
+    tomesd: bool = True  # also diffusers with tomesd.apply_patch(pipe, ratio=R) for every R the modes merge at
 
     def __post_init__(self):
         def check_int(key: str, low: int) -> None:
@@ -148,12 +168,36 @@ class BenchmarkConfig:
             check_int("threads", 1)
         if self.sdpa not in SDPA_BACKENDS:
             raise ValueError(f"sdpa={self.sdpa!r} is not one of {', '.join(SDPA_BACKENDS)}")
+        for mode in self.modes:
+            parse_mode(mode)
+        if "exact" not in self.modes:
+            raise ValueError(f"modes={list(self.modes)} must include exact: every fast mode is measured against it")
         if not self.t0 <= self.t1 <= self.num_inference_steps - 1:
             raise ValueError(f"t0={self.t0}, t1={self.t1} must satisfy 0 <= t0 <= t1 <= num_inference_steps - 1 = "
                              f"{self.num_inference_steps - 1} (they count DDIM steps from the end)")
 
     def settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SETTING_KEYS}
+
+    def variants(self) -> list[tuple[str, str]]:
+        """(implementation, mode) of every row: t2vz in each mode, diffusers, and diffusers + tomesd at each
+        merging ratio of the modes."""
+        rows = [("t2vz", mode) for mode in dict.fromkeys(["exact", *self.modes])] + [("diffusers", "exact")]
+        ratios = sorted({parse_mode(m).get("merging_ratio", 0.0) for m in self.modes} - {0.0})
+        return rows + ([("diffusers+tomesd", f"m{r:g}") for r in ratios] if self.tomesd else [])
+
+
+def parse_mode(mode: str) -> dict[str, Any]:
+    """A mode's name → t2vz's keywords: "exact" → {}, "m0.5" → merging_ratio 0.5, "c3" → cache_interval 3,
+    "c3b1" → also cache_branch 1, "m0.5_c3" → both. ValueError naming the mode otherwise."""
+    match = FAST_MODE.match(mode) if mode != "exact" else None
+    if mode != "exact" and (match is None or not any(match.groupdict().values())):
+        raise ValueError(f"mode {mode!r} is not exact, mR (token merging ratio R in [0, 1)), cN (feature caching every "
+                         "N steps), cNbB (and branch B), or mR_cN")
+    if match is None:
+        return {}
+    keys = {"ratio": ("merging_ratio", float), "interval": ("cache_interval", int), "branch": ("cache_branch", int)}
+    return {keys[k][0]: keys[k][1](v) for k, v in match.groupdict().items() if v is not None}
 
 
 def help_template() -> str:
@@ -191,10 +235,15 @@ def with_sdpa_backend(generate, backend: str):
     return run
 
 
-def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = False):
-    """(unet module, generate(settings) -> frames (F, H, W, 3) float32 on the CPU) for `impl`; with
-    compile_unet the pipeline's UNet is torch.compile'd (the returned module is the uncompiled one, for hooks)."""
+def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = False, mode: str = "exact"):
+    """(unet module, generate(settings) -> frames (F, H, W, 3) float32 on the CPU) for `impl` in `mode`
+    (`parse_mode`); with compile_unet the pipeline's UNet is torch.compile'd (the returned module is the uncompiled
+    one, for hooks). diffusers+tomesd: diffusers' pipeline with tomesd.apply_patch at the mode's ratio; its random
+    stream is forked from torch's global one at the first UNet call, which every generation reseeds with its seed,
+    as t2vz forks its own from the generation's generator."""
     import torch
+
+    fast = parse_mode(mode)
 
     if impl == "t2vz":
         from t2vz import TextToVideoZero
@@ -209,18 +258,25 @@ def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = Fals
                         num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"],
                         motion_strength=s["motion_strength"], direction=(1.0, 1.0), t0=s["t0"], t1=s["t1"],
                         ddpm_marginal="reference", generator=torch.Generator().manual_seed(s["seed"]),
-                        chunk_size=s.get("chunk_size"), progress=False).float()
+                        chunk_size=s.get("chunk_size"), progress=False, **fast).float()
 
         return unet, generate
-    if impl == "diffusers":
+    if impl in ("diffusers", "diffusers+tomesd"):
         import bench_reference
 
         pipe = bench_reference.load_pipeline(folder, device, dtype)
         unet = pipe.unet
+        if impl == "diffusers+tomesd":
+            import tomesd
+
+            tomesd.apply_patch(pipe, ratio=fast["merging_ratio"])
         if compile_unet:
             pipe.unet = torch.compile(unet)
 
         def generate(s: dict) -> torch.Tensor:
+            if impl == "diffusers+tomesd":
+                unet._tome_info["args"]["generator"] = None  # forked anew at the first UNet call, from:
+                torch.manual_seed(s["seed"])
             return bench_reference.generate(pipe, **s)
 
         return unet, generate
@@ -244,7 +300,7 @@ def worker(spec: dict) -> dict:
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    if spec["impl"] == "diffusers":
+    if spec["impl"].startswith("diffusers"):
         import diffusers
 
         diffusers.utils.logging.set_verbosity_error()
@@ -254,20 +310,26 @@ def worker(spec: dict) -> dict:
     import_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    unet, generate = load_runner(spec["impl"], spec["folder"], device, dtype, spec.get("compile", False))
+    unet, generate = load_runner(spec["impl"], spec["folder"], device, dtype, spec.get("compile", False),
+                                 spec.get("fast", "exact"))
     bench.synchronize(device)
     load_s = time.perf_counter() - start
     generate = with_sdpa_backend(generate, spec.get("sdpa", "auto"))
     settings = spec["settings"]
-    record = {"impl": spec["impl"], "mode": spec["mode"], "import_s": import_s, "load_s": load_s,
+    record = {"impl": spec["impl"], "mode": spec["mode"], "fast": spec.get("fast", "exact"), "import_s": import_s,
+              "load_s": load_s,
               "machine": bench.machine_info(device)}
-    if spec["impl"] == "diffusers":
+    if spec["impl"].startswith("diffusers"):
         record["diffusers"] = diffusers.__version__
 
     if spec["mode"] == "flops":
         with bench.CallCounter(unet) as calls:
             frames, flops = bench.count_flops(lambda: generate(settings))
-        record.update(flops=flops, unet_calls=calls.calls, unet_rows=calls.rows)
+        from t2vz.experiment.roofline import matmul_peak_flops
+
+        peaks = {name: matmul_peak_flops(dt, device=device, sync=lambda: bench.synchronize(device)) / 1e9
+                 for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+        record.update(flops=flops, unet_calls=calls.calls, unet_rows=calls.rows, matmul_peak_gflops=peaks)
         return record
 
     warmup_s = 0.0
@@ -367,31 +429,34 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
     runs_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     ref, ours = prepare_models(config.workdir, config.model, config.model_seed, log)
-    folders = {"t2vz": ours, "diffusers": ref}
+    folders = {"t2vz": ours, "diffusers": ref, "diffusers+tomesd": ref}
     settings = config.settings()
+    variants = config.variants()
 
-    def spec(impl: str, mode: str, tag: str, frames: bool = False) -> dict:
-        return {"impl": impl, "mode": mode, "folder": str(folders[impl].resolve()), "device": str(device),
+    def spec(impl: str, mode: str, tag: str, frames: bool = False, fast: str = "exact") -> dict:
+        return {"impl": impl, "mode": mode, "fast": fast, "folder": str(folders[impl].resolve()),
+                "device": str(device),
                 "dtype": config.dtype, "settings": settings, "warmup_steps": config.warmup_steps,
                 "threads": config.threads, "compile": config.compile, "sdpa": config.sdpa,
                 "result_path": str((runs_dir / f"{tag}.json").resolve()),
-                "frames_path": str((runs_dir / f"frames_{impl}.npy").resolve()) if frames else None}
+                "frames_path": str((runs_dir / f"frames_{variant_name(impl, fast)}.npy").resolve()) if frames else None}
 
     runs: list[dict] = []
-    total = config.repeats * len(IMPLEMENTATIONS)
+    total = config.repeats * len(variants)
     for r in range(config.repeats):
-        order = IMPLEMENTATIONS if r % 2 == 0 else IMPLEMENTATIONS[::-1]
-        for impl in order:
-            tag = f"{len(runs) + 1:02d}_{impl}"
-            record = spawn(spec(impl, "time", tag, frames=r == 0), runs_dir / f"{tag}.log", config.threads)
+        order = variants if r % 2 == 0 else variants[::-1]
+        for impl, fast in order:
+            name = variant_name(impl, fast)
+            tag = f"{len(runs) + 1:02d}_{name}"
+            record = spawn(spec(impl, "time", tag, frames=r == 0, fast=fast), runs_dir / f"{tag}.log", config.threads)
             record["round"] = r + 1
             runs.append(record)
-            log(f"[{len(runs)}/{total}] {impl:9s} wall {record['wall_s']:.3f} s, load {record['load_s']:.2f} s, "
+            log(f"[{len(runs)}/{total}] {name:22s} wall {record['wall_s']:.3f} s, load {record['load_s']:.2f} s, "
                 f"peak {record['peak_memory_mib']:.0f} MiB, {record['unet_calls']} UNet calls")
-    flops = None
+    flops, matmul_peaks = None, None
     if config.flops:
         record = spawn(spec("t2vz", "flops", "flops_t2vz"), runs_dir / "flops_t2vz.log", config.threads)
-        flops = record["flops"]
+        flops, matmul_peaks = record["flops"], record["matmul_peak_gflops"]
         log(f"FLOPs of one t2vz generation: {flops / 1e9:.3f} GFLOP")
     long_video = []
     if config.long_video:
@@ -405,38 +470,57 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
             long_video.append(record)
             log(f"t2vz, {frames} frames, chunk_size {chunk}: wall {record['wall_s']:.3f} s, "
                 f"peak {record['peak_memory_mib']:.0f} MiB")
-    a = np.load(runs_dir / "frames_t2vz.npy")
-    b = np.load(runs_dir / "frames_diffusers.npy")
-    parity = float(np.abs(a - b).max()) if a.shape == b.shape else float("nan")
+    frames = {name: np.load(runs_dir / f"frames_{name}.npy") for name in (variant_name(*v) for v in variants)}
+    exact = frames["t2vz"]
+
+    def max_diff(a, b) -> float:
+        return float(np.abs(a - b).max()) if a.shape == b.shape else float("nan")
+    parity = max_diff(exact, frames["diffusers"])
+    deviation = {name: {"max": max_diff(f, exact), "mean": float(np.abs(f - exact).mean())}
+                 for name, f in frames.items()}
+    for impl, fast in variants:  # t2vz against diffusers + tomesd at the same ratio: the same merging
+        twin = variant_name("diffusers+tomesd", fast)
+        if impl == "t2vz" and twin in frames:
+            deviation[variant_name(impl, fast)]["max_vs_tomesd"] = max_diff(frames[variant_name(impl, fast)],
+                                                                            frames[twin])
     steps = denoising_steps(config.num_inference_steps, config.t0, config.t1)
     machine = dict(runs[0]["machine"])
-    machine["diffusers"] = next(r["diffusers"] for r in runs if r["impl"] == "diffusers")
+    machine["diffusers"] = next(r["diffusers"] for r in runs if r["impl"].startswith("diffusers"))
     summary = {"preset": preset, "config": {k: v for k, v in asdict(config).items() if k != "defaults"},
                "device": str(device), "machine": machine, "steps": steps, "flops": flops,
-               "parity_max_abs_diff": parity, "runs": runs, "long_video": long_video}
+               "parity_max_abs_diff": parity, "deviation": deviation, "matmul_peak_gflops": matmul_peaks,
+               "variants": variants, "runs": runs,
+               "long_video": long_video}
     summary["rows"] = summarize(summary)
     return summary
 
 
+def variant_name(impl: str, mode: str) -> str:
+    """A row's name: the implementation, and its mode unless exact ("t2vz", "t2vz m0.5_c3", "diffusers+tomesd m0.5")."""
+    return impl if mode == "exact" else f"{impl} {mode}"
+
+
 def summarize(summary: dict) -> list[dict]:
-    """One CSV row per implementation from the runs."""
+    """One CSV row per variant (implementation and mode) from the runs."""
     from t2vz.experiment.benchmark import peak_flops
 
     cfg, machine, flops = summary["config"], summary["machine"], summary["flops"]
     cuda = summary["device"].startswith("cuda")
     peak = peak_flops(machine["device_name"], cfg["dtype"]) if cuda else None
     rows = []
-    for impl in IMPLEMENTATIONS:
-        runs = [r for r in summary["runs"] if r["impl"] == impl]
+    for impl, mode in summary["variants"]:
+        name = variant_name(impl, mode)
+        runs = [r for r in summary["runs"] if r["impl"] == impl and r.get("fast", "exact") == mode]
         walls = [r["wall_s"] for r in runs]
         wall = statistics.median(walls)
         calls = runs[0]["unet_calls"]
-        achieved = flops / wall if flops else None
+        achieved = flops / wall if (flops and mode == "exact") else None  # the exact path's FLOPs
         working = [working_mib(r) for r in runs]
+        deviation = summary.get("deviation", {}).get(name, {})
         rows.append({
-            "preset": summary["preset"] or "", "implementation": impl, "model": cfg["model"],
-            "device": summary["device"], "device_name": machine["device_name"], "dtype": cfg["dtype"],
-            "num_frames": cfg["num_frames"], "height": cfg["height"], "width": cfg["width"],
+            "preset": summary["preset"] or "", "implementation": impl, "mode": mode, "variant": name,
+            "model": cfg["model"], "device": summary["device"], "device_name": machine["device_name"],
+            "dtype": cfg["dtype"], "num_frames": cfg["num_frames"], "height": cfg["height"], "width": cfg["width"],
             "num_inference_steps": cfg["num_inference_steps"], "t0": cfg["t0"], "t1": cfg["t1"],
             "guidance_scale": cfg["guidance_scale"], "repeats": len(runs),
             "median_wall_s": wall, "min_wall_s": min(walls), "max_wall_s": max(walls),
@@ -449,15 +533,18 @@ def summarize(summary: dict) -> list[dict]:
             "peak_tflops": peak / 1e12 if peak else None,
             "peak_fraction": achieved / peak if (achieved and peak) else None,
             "parity_max_abs_diff": summary["parity_max_abs_diff"],
+            "deviation_max": deviation.get("max"), "deviation_mean": deviation.get("mean"),
+            "max_diff_vs_tomesd": deviation.get("max_vs_tomesd"),
             "torch": machine["torch"], "diffusers": machine["diffusers"], "cpu": machine["cpu"],
             "cpu_cores": machine["cpu_cores"], "torch_threads": machine["torch_threads"],
         })
-    by = {r["implementation"]: r for r in rows}
-    time_ratio = by["diffusers"]["median_wall_s"] / by["t2vz"]["median_wall_s"]
-    memory_ratio = by["t2vz"]["peak_memory_mib"] / by["diffusers"]["peak_memory_mib"]
+    by = {r["variant"]: r for r in rows}
     for r in rows:
-        r["time_ratio_diffusers_over_t2vz"] = time_ratio
-        r["memory_ratio_t2vz_over_diffusers"] = memory_ratio
+        r["time_ratio_diffusers_over_t2vz"] = by["diffusers"]["median_wall_s"] / r["median_wall_s"]
+        r["memory_ratio_t2vz_over_diffusers"] = r["peak_memory_mib"] / by["diffusers"]["peak_memory_mib"]
+        twin = by.get(variant_name("diffusers+tomesd", "m" + r["mode"].split("_")[0][1:])) \
+            if r["mode"].startswith("m") else None
+        r["time_ratio_tomesd_over_t2vz"] = twin["median_wall_s"] / r["median_wall_s"] if twin else None
     return rows
 
 
@@ -468,17 +555,20 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
 def markdown(summary: dict) -> str:
     cfg, machine, steps, rows = summary["config"], summary["machine"], summary["steps"], summary["rows"]
     header = ["implementation", "median wall (s)", "min–max (s)", "UNet calls", "s / step", "peak memory (MiB)",
-              "above the loaded model (MiB)", "frames / s", "load (s)", "time diffusers / t2vz", "memory t2vz / diffusers", "TFLOP/s",
-              "% of peak FLOP/s"]
+              "above the loaded model (MiB)", "frames / s", "load (s)", "time diffusers / row",
+              "time diffusers+tomesd / row", "memory row / diffusers", "max |Δ| vs t2vz exact", "mean |Δ|",
+              "TFLOP/s", "% of peak FLOP/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        ours = r["implementation"] == "t2vz"
-        cells = [r["implementation"], f"{r['median_wall_s']:.3f}", f"{r['min_wall_s']:.3f}–{r['max_wall_s']:.3f}",
+        reference = r["variant"] == "diffusers"
+        cells = [r["variant"], f"{r['median_wall_s']:.3f}", f"{r['min_wall_s']:.3f}–{r['max_wall_s']:.3f}",
                  str(r["unet_calls"]), fmt(r["s_per_step"], ".4f"), f"{r['peak_memory_mib']:.0f}",
                  fmt(r["working_memory_mib"], ".0f"),
                  f"{r['frames_per_s']:.2f}", f"{r['median_load_s']:.2f}",
-                 f"{r['time_ratio_diffusers_over_t2vz']:.2f}" if ours else "—",
-                 f"{r['memory_ratio_t2vz_over_diffusers']:.2f}" if ours else "—",
+                 "—" if reference else f"{r['time_ratio_diffusers_over_t2vz']:.2f}",
+                 fmt(r["time_ratio_tomesd_over_t2vz"], ".2f", "—"),
+                 "—" if reference else f"{r['memory_ratio_t2vz_over_diffusers']:.2f}",
+                 fmt(r["deviation_max"], ".3g", "—"), fmt(r["deviation_mean"], ".3g", "—"),
                  fmt(r["achieved_tflops"], ".3g"),
                  fmt(None if r["peak_fraction"] is None else 100 * r["peak_fraction"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -500,7 +590,10 @@ def markdown(summary: dict) -> str:
         f"- peak memory: {rows[0]['memory_kind']} of the timed run (reset after the warm-up), median over the rounds;"
         " above the loaded model: that peak minus the RSS at the reset (weights, libraries and what the warm-up left)",
         f"- parity: max |t2vz − diffusers| = {summary['parity_max_abs_diff']:.3g} over the frames in [0, 1] "
-        f"({cfg['dtype']}; t2vz with ddpm_marginal=\"reference\")",
+        f"({cfg['dtype']}; t2vz with ddpm_marginal=\"reference\"); |Δ| vs t2vz exact: each row's frames against "
+        "t2vz's exact ones, the quality a fast mode gives up on these random weights",
+        *tomesd_parity_notes(rows),
+        *roofline_notes(summary, rows),
         "- FLOPs of one t2vz generation (FlopCounterMode: matmuls, convolutions, attention): "
         + ("not counted" if flops is None else f"{flops / 1e9:.3f} GFLOP; TFLOP/s = these FLOPs / the row's median "
            f"wall; {peak}"),
@@ -511,6 +604,24 @@ def markdown(summary: dict) -> str:
     ]
     title = "# t2vz vs diffusers TextToVideoZeroPipeline"
     return "\n".join([title, "", *lines, "", *notes, "", *long_video_table(summary)])
+
+
+def tomesd_parity_notes(rows: list[dict]) -> list[str]:
+    """Markdown notes: t2vz's merged frames against diffusers + tomesd's at the same ratio."""
+    return [f"- {r['variant']} against diffusers+tomesd at the same ratio: max |Δ| = {r['max_diff_vs_tomesd']:.3g}"
+            for r in rows if r.get("max_diff_vs_tomesd") is not None]
+
+
+def roofline_notes(summary: dict, rows: list[dict]) -> list[str]:
+    """Markdown notes: the exact rows' achieved GFLOP/s against the machine's measured matmul peaks."""
+    peaks = summary.get("matmul_peak_gflops") or {}
+    if not peaks or not summary["flops"]:
+        return []
+    achieved = ", ".join(f"{r['variant']} {r['achieved_tflops'] * 1e3:.0f} GFLOP/s"
+                         for r in rows if r["achieved_tflops"])
+    measured = ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+    return [f"- roofline: achieved (the exact path's FLOPs / wall, text encoder and VAE included) {achieved}; "
+            f"this machine's 2048³ matmul: {measured} GFLOP/s (experiments/roofline.py times the UNet's own kernels)"]
 
 
 def working_mib(record: dict) -> float | None:

@@ -30,7 +30,7 @@ def benchmark_module():
     return module
 
 
-@pytest.mark.parametrize("preset", ["small", "sd15-small-res", "sd15-512"])
+@pytest.mark.parametrize("preset", ["small", "sd15-small-res", "sd15-256", "sd15-128-bf16", "sd15-512"])
 def test_presets_compose(benchmark_module, preset):
     with initialize(version_base="1.3", config_path=None):
         cfg = compose("benchmark", overrides=[f"preset={preset}", "repeats=2"])
@@ -47,6 +47,23 @@ def test_bad_values_are_refused(benchmark_module):
                                  (["sdpa=fast"], "sdpa")):
             with pytest.raises(ValueError, match=match):
                 OmegaConf.to_object(compose("benchmark", overrides=overrides))
+
+
+def test_fast_mode_names(benchmark_module):
+    parse = benchmark_module.parse_mode
+    assert parse("exact") == {}
+    assert parse("m0.5") == {"merging_ratio": 0.5}
+    assert parse("c3") == {"cache_interval": 3}
+    assert parse("c3b1") == {"cache_interval": 3, "cache_branch": 1}
+    assert parse("m0.25_c2") == {"merging_ratio": 0.25, "cache_interval": 2}
+    for bad in ("fast", "m", "c", "m1.5", "x0.5", ""):
+        with pytest.raises(ValueError, match="is not exact, mR"):
+            parse(bad)
+    config = benchmark_module.BenchmarkConfig(modes=["exact", "m0.5", "c3", "m0.5_c3"])
+    assert config.variants() == [("t2vz", "exact"), ("t2vz", "m0.5"), ("t2vz", "c3"), ("t2vz", "m0.5_c3"),
+                                 ("diffusers", "exact"), ("diffusers+tomesd", "m0.5")]
+    with pytest.raises(ValueError, match="must include exact"):
+        benchmark_module.BenchmarkConfig(modes=["c3"])
 
 
 def test_denoising_steps_and_peak_table():
@@ -71,6 +88,7 @@ def test_small_preset_runs_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "preset=small", "repeats=1", "num_frames=2", "num_inference_steps=3", "t0=0",
          "t1=1", "warmup_steps=1", "long_video=true", "long_frames=3", "chunk_size=2", f"workdir={tmp_path / 'work'}",
+         "modes=[exact,m0.5,c2]",
          f"hydra.run.dir={out_dir}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -80,8 +98,15 @@ def test_small_preset_runs_end_to_end(tmp_path):
     assert "| t2vz |" in proc.stdout  # the table is printed
 
     with open(out_dir / "benchmark.csv", newline="") as f:
-        rows = {r["implementation"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"t2vz", "diffusers"}
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"t2vz", "t2vz m0.5", "t2vz c2", "diffusers", "diffusers+tomesd m0.5"}
+    assert "| t2vz m0.5 |" in markdown and "| diffusers+tomesd m0.5 |" in markdown
+    # the modes give up something; merging equals diffusers + tomesd at the same ratio (fp32 noise)
+    assert float(rows["t2vz"]["deviation_max"]) == 0.0 and float(rows["t2vz m0.5"]["deviation_max"]) > 0
+    assert float(rows["t2vz c2"]["deviation_max"]) > 0
+    assert float(rows["t2vz m0.5"]["max_diff_vs_tomesd"]) <= 1e-4
+    assert float(rows["t2vz m0.5"]["time_ratio_tomesd_over_t2vz"]) > 0
+    assert "roofline: achieved" in markdown and "matmul" in markdown
     steps = denoising_steps(3, 0, 1)["total"]
     for row in rows.values():
         assert float(row["parity_max_abs_diff"]) <= 1e-4  # ~1e-6: the same frames as diffusers
@@ -94,7 +119,8 @@ def test_small_preset_runs_end_to_end(tmp_path):
         assert row["peak_fraction"] == ""  # n/a on CPU
     assert rows["t2vz"]["unet_rows"] == rows["diffusers"]["unet_rows"]
     summary = json.loads((out_dir / "benchmark.json").read_text())
-    assert {r["impl"]: r["diffusers_loaded"] for r in summary["runs"]} == {"t2vz": False, "diffusers": True}
+    assert {r["impl"]: r["diffusers_loaded"] for r in summary["runs"]} == {
+        "t2vz": False, "diffusers": True, "diffusers+tomesd": True}
     for row in rows.values():
         assert float(row["working_memory_mib"]) >= 0  # peak minus the RSS at the reset
     # long_video: the short video, the long one in chunks, the long one at once; each its own measured run

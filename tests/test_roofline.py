@@ -1,6 +1,7 @@
 """t2vz/experiment/roofline.py: the kernels of a forward are recorded (every convolution and every linear layer's
 matmul) and timed alone; experiments/roofline.py prints the table. No timing is asserted, only that the numbers
-exist and are sane."""
+exist and are sane. And the CPU reduced-precision set-up it measures (t2vz/sd/loading.py, t2vz/sd/onednn.py):
+channels-last, prepacked convolutions that give the same values bit for bit."""
 from __future__ import annotations
 
 import subprocess
@@ -13,6 +14,7 @@ from reference_models import TINY_UNET
 from t2vz.experiment.roofline import KernelRecorder, roofline
 from t2vz.sd.attention import BasicTransformerBlock
 from t2vz.sd.loading import channels_last_for, prepare_for_device
+from t2vz.sd.onednn import PrepackedConv2d, prepack_convolutions
 from t2vz.sd.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,3 +57,27 @@ def test_script_prints_the_table():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| fp32 |" in proc.stdout and "forward / kernels" in proc.stdout
+
+
+@torch.no_grad()
+def test_prepacked_convolutions_are_bit_identical_and_follow_the_weight():
+    torch.manual_seed(0)
+    unet = UNet(TINY_UNET).eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 16, 12, dtype=torch.bfloat16)
+    context = torch.randn(2, 77, 32, dtype=torch.bfloat16)
+    plain = unet(x, 10, context)
+    small = unet(x[:1, :, :8], 10, context[:1])  # another shape than the one the weights are packed for
+    packed = prepack_convolutions(unet)
+    assert isinstance(packed.conv_in, PrepackedConv2d) and set(packed.state_dict()) == set(UNet(TINY_UNET).state_dict())
+    assert torch.equal(packed(x, 10, context), plain)
+    assert torch.equal(packed(x[:1, :, :8], 10, context[:1]), small)
+    packed.conv_in.weight.mul_(2)  # an in-place update: the packed copy is made again
+    assert not torch.equal(packed(x, 10, context), plain)
+
+
+def test_prepacked_convolution_trains_like_conv2d():
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    packed = PrepackedConv2d.of(conv)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    packed(x).sum().backward()  # with grad enabled it is nn.Conv2d itself
+    assert conv.weight.grad is not None and x.grad is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import platform
 import resource
@@ -137,14 +138,23 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _prepacked_convolution_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 · (output elements) · (input channels per group) · kh · kw, as FlopCounterMode counts `aten.convolution`."""
+    _, c_in_per_group, kh, kw = w_shape
+    return 2 * math.prod(out_shape) * c_in_per_group * kh * kw
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """(fn(), FLOPs it ran) by `torch.utils.flop_counter.FlopCounterMode`: matmuls, convolutions and attention
     (2 per multiply-add); elementwise ops, norms and softmax are not counted. PyTorch's table lacks the CPU
-    flash-attention kernel that `scaled_dot_product_attention` runs on CPU; it is counted here like the CUDA ones."""
+    flash-attention kernel that `scaled_dot_product_attention` runs on CPU and oneDNN's prepacked convolution
+    (`sd/onednn.py`); both are counted here, like the CUDA attention kernels and `aten.convolution`."""
     mapping = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None:
         mapping[cpu_sdpa] = _cpu_sdpa_flop
+    if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        mapping[torch.ops.mkldnn._convolution_pointwise] = _prepacked_convolution_flop
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         result = fn()
     return result, int(counter.get_total_flops())

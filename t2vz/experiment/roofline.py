@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+
+from .benchmark import count_flops
 
 aten = torch.ops.aten
 
 # the compute kernels: what FlopCounterMode counts (convolutions, matmuls, attention), by their aten names
 KERNEL_KINDS = {
-    "convolution": "convolution",
+    "convolution": "convolution", "_convolution_pointwise": "convolution",  # the latter: prepacked (sd/onednn.py)
     "addmm": "matmul", "mm": "matmul", "bmm": "matmul", "baddbmm": "matmul",
     "_scaled_dot_product_flash_attention_for_cpu": "attention",
     "_scaled_dot_product_flash_attention": "attention",
@@ -45,6 +46,8 @@ class KernelCall:
 
 
 def _describe(value):
+    if isinstance(value, torch.Tensor) and value.layout == torch._mkldnn:
+        return ("kept", value)  # a prepacked weight: opaque layout, reused as it is
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, value.device)
     if isinstance(value, (list, tuple)):
@@ -54,6 +57,8 @@ def _describe(value):
 
 def _materialize(value, generator: torch.Generator):
     """A described argument back as a tensor of the same shape, strides, dtype and device, filled with N(0, 1)."""
+    if isinstance(value, tuple) and value[:1] == ("kept",):
+        return value[1]
     if isinstance(value, tuple) and value[:1] == ("tensor",):
         _, shape, stride, dtype, device = value
         t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
@@ -105,14 +110,6 @@ def time_kernels_alone(calls: list[KernelCall], repeats: int = 5, sync: Callable
     return [timed[call.key()] for call in calls]
 
 
-def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
-    """(total FLOPs, FLOPs per aten op name) of `fn()`, as torch's FlopCounterMode counts them."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    per_op = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    return counter.get_total_flops(), per_op
-
-
 def roofline(forward: Callable[[], object], repeats: int = 5, sync: Callable[[], None] = lambda: None) -> dict:
     """Time `forward()` (median of `repeats`), record its kernels, time each alone, count its FLOPs. Returns the
     forward's seconds, the kernels' summed seconds alone (all and per kind, with call counts), the FLOPs, and
@@ -121,7 +118,7 @@ def roofline(forward: Callable[[], object], repeats: int = 5, sync: Callable[[],
         forward_s = median_seconds(forward, repeats, sync)
         with KernelRecorder() as recorder:
             forward()
-        flops, _ = count_flops(forward)
+        _, flops = count_flops(forward)
     alone = time_kernels_alone(recorder.calls, repeats, sync)
     kinds: dict[str, dict] = {}
     for call, seconds in zip(recorder.calls, alone):

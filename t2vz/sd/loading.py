@@ -14,6 +14,7 @@ from .model_folder import (
     CONTROLNET, ModelFolderError, read_controlnet_config, read_model_config, read_state_dict, resolve_model_path,
 )
 from .model_folder import method_defaults as folder_method_defaults
+from .onednn import prepack_convolutions
 from .text_encoder import TextEncoder, build_clip_text_model, clip_state_dict_for, load_tokenizer
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -101,10 +102,13 @@ def channels_last_for(device: str | torch.device, dtype: torch.dtype) -> bool:
 
 
 def prepare_for_device(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
-    """`module` with its 4-D weights channels-last where `channels_last_for(device, dtype)`; a convolution's output
-    takes its weight's layout, so the activations follow without converting the inputs. Values are unchanged."""
+    """`module` with its 4-D weights channels-last where `channels_last_for(device, dtype)` (a convolution's output
+    takes its weight's layout, so the activations follow without converting the inputs), and its convolutions'
+    weights prepacked for oneDNN there (`onednn.PrepackedConv2d`). Values are unchanged."""
     if channels_last_for(device, dtype):
         module.to(memory_format=torch.channels_last)
+        if torch.backends.mkldnn.is_available():
+            prepack_convolutions(module)
     return module
 
 

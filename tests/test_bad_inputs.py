@@ -151,6 +151,9 @@ CASES = {
     "t2vz-t1-beyond-steps": (t2vz("method.t1=5"), "method.t1=5"),
     "t2vz-unknown-cross-frame": (t2vz("method.cross_frame=last"), "method.cross_frame='last'"),
     "t2vz-chunk-size-1": (t2vz("video.chunk_size=1"), "video.chunk_size=1"),
+    "t2vz-merging-ratio-1": (t2vz("fast.merging_ratio=1.0"), "fast.merging_ratio=1.0"),
+    "t2vz-cache-interval-0": (t2vz("fast.cache_interval=0"), "fast.cache_interval=0"),
+    "t2vz-cache-branch-too-deep": (t2vz("fast.cache_interval=2", "fast.cache_branch=99"), "cache_branch=99"),
     "t2vz-dtype": (t2vz("dtype=fp64"), "dtype='fp64'"),
     "t2vz-no-cuda": (t2vz("device=cuda"), "device='cuda'"),
     "t2vz-unwritable-output": (t2vz("hydra.run.dir={root}/a_file.txt/r"), "cannot create the output folder"),
@@ -224,6 +227,9 @@ API_CASES = {
     "direction-three-numbers": (dict(direction=(1.0, 0.0, 2.0)), "direction must be two finite numbers"),
     "unknown-option": (dict(num_frame=3), "unknown option(s) num_frame"),
     "masks-wrong-count": (dict(smooth_bg=True, masks=torch.ones(3, 32, 32)), "masks"),
+    "merging-ratio-negative": (dict(merging_ratio=-0.5), "ratio=-0.5"),
+    "merging-option-unknown": (dict(merging_ratio=0.5, merging_options={"stride": 2}), "unknown key(s) stride"),
+    "cache-interval-float": (dict(cache_interval=2.5), "cache_interval=2.5"),
 }
 
 

@@ -22,7 +22,6 @@ from reference_models import (
 )
 
 import t2vz
-import t2vz.method.text2video_zero as t2vz_video
 import t2vz.method.text_to_image as t2vz_image
 from t2vz import TextToVideoZero
 from t2vz.method import sampling
@@ -317,11 +316,11 @@ def test_text_to_image_matches_stable_diffusion_pipeline_with_the_helper(pipes, 
     assert not torch.allclose(image, plain, atol=1e-3)  # caching changed the image: the comparison is not vacuous
 
 
-def video_with_cache(pipe, monkeypatch, cache, **kwargs):
-    """Our TextToVideoZero with every DDIM loop caching: one fresh cache per loop (per chunk)."""
-    with monkeypatch.context() as m:
-        m.setattr(t2vz_video, "ddim_denoise", functools.partial(sampling.ddim_denoise, cache=cache))
-        return pipe("a horse galloping", progress=False, **kwargs)
+def video_with_cache(pipe, cache, **kwargs):
+    """Our TextToVideoZero with every DDIM loop caching (its `cache_interval`, `cache_branch` keywords): one fresh
+    cache per loop (per chunk)."""
+    interval, branch = cache
+    return pipe("a horse galloping", progress=False, cache_interval=interval, cache_branch=branch, **kwargs)
 
 
 VIDEO = dict(num_frames=4, height=32, width=32, num_inference_steps=10, t0=2, t1=5, motion_strength=12.0)
@@ -329,8 +328,7 @@ VIDEO = dict(num_frames=4, height=32, width=32, num_inference_steps=10, t0=2, t1
 
 @pytest.mark.parametrize("interval,branch", [(2, 0), (4, 3), (2, 5)])
 @torch.no_grad()
-def test_text_to_video_zero_matches_diffusers_with_the_helper_when_t1_is_a_full_step(pipes, monkeypatch, interval,
-                                                                                     branch):
+def test_text_to_video_zero_matches_diffusers_with_the_helper_when_t1_is_a_full_step(pipes, interval, branch):
     """Ours restarts the cache with every DDIM loop: T → T₁ and T₁ → T₀ on frame 1, then T₁ → 0 on all frames
     (as DeepCache's own T2V-Zero pipeline, whose loops restart their step count). The helper counts the index
     of t in the 10-step schedule from its first call and never restarts. With 10 steps and t1 = 5, T₁ is
@@ -347,7 +345,7 @@ def test_text_to_video_zero_matches_diffusers_with_the_helper_when_t1_is_a_full_
                         motion_field_strength_y=12.0).images
     finally:
         helper.disable()
-    video = video_with_cache(ours, monkeypatch, (interval, branch), ddpm_marginal="reference",
+    video = video_with_cache(ours, (interval, branch), ddpm_marginal="reference",
                              generator=torch.Generator().manual_seed(7), **VIDEO)
     assert_parity(video, torch.from_numpy(expected))
     plain = ours("a horse galloping", ddpm_marginal="reference", generator=torch.Generator().manual_seed(7),
@@ -370,15 +368,15 @@ def test_the_helper_fails_where_t2v_zero_restarts_on_a_cached_step(pipes):
 
 
 @torch.no_grad()
-def test_chunked_video_with_caching_equals_unchunked(pipes, monkeypatch):
+def test_chunked_video_with_caching_equals_unchunked(pipes):
     """Each chunk caches its own frames' features and every chunk skips the same layers on the same steps, so
     with caching, too, chunked generation equals unchunked (frame 1's keys and values replayed in the branch)."""
     ours, _ = pipes
     common = dict(VIDEO, num_frames=7)
     for cache in ((2, 1), (3, 5)):
-        full = video_with_cache(ours, monkeypatch, cache, generator=torch.Generator().manual_seed(5), **common)
+        full = video_with_cache(ours, cache, generator=torch.Generator().manual_seed(5), **common)
         for chunk_size in (2, 3):
-            chunked = video_with_cache(ours, monkeypatch, cache, chunk_size=chunk_size,
+            chunked = video_with_cache(ours, cache, chunk_size=chunk_size,
                                        generator=torch.Generator().manual_seed(5), **common)
             assert_parity(chunked, full)
 
@@ -389,7 +387,7 @@ def test_without_motion_dynamics_frame_one_is_the_cached_text_to_image_result(pi
     the image text_to_image makes from the same x_T with the same caching."""
     ours, _ = pipes
     x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    frames = video_with_cache(ours, monkeypatch, (3, 2), num_frames=3, height=32, width=32, num_inference_steps=8,
+    frames = video_with_cache(ours, (3, 2), num_frames=3, height=32, width=32, num_inference_steps=8,
                               t0=1, t1=3, latents=x_T, motion_dynamics=False,
                               generator=torch.Generator().manual_seed(9))
     monkeypatch.setattr(t2vz_image, "ddim_denoise", functools.partial(sampling.ddim_denoise, cache=(3, 2)))

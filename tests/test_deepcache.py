@@ -328,7 +328,8 @@ VIDEO = dict(num_frames=4, height=32, width=32, num_inference_steps=10, t0=2, t1
 
 @pytest.mark.parametrize("interval,branch", [(2, 0), (4, 3), (2, 5)])
 @torch.no_grad()
-def test_text_to_video_zero_matches_diffusers_with_the_helper_when_t1_is_a_full_step(pipes, interval, branch):
+def test_text_to_video_zero_matches_diffusers_with_the_helper_when_t1_is_a_full_step(
+        pipes, interval, branch):
     """Ours restarts the cache with every DDIM loop: T → T₁ and T₁ → T₀ on frame 1, then T₁ → 0 on all frames
     (as DeepCache's own T2V-Zero pipeline, whose loops restart their step count). The helper counts the index
     of t in the 10-step schedule from its first call and never restarts. With 10 steps and t1 = 5, T₁ is

@@ -340,10 +340,11 @@ def write_tradeoff_plots(out_dir: Path, ok: list[dict[str, Any]], keys: list[str
             times = [r[time_key] for r in group if _finite(r.get(time_key))]
             if n and times:
                 points.append((float(np.median(times)), mean, std))
-                labels.append(setting_text([k.rpartition(".")[2] for k in keys], values))
+                labels.append("/".join(_fmt(v) for v in values))
         if len(points) < 2:
             continue
-        image = draw_plot(points, f"{metric} vs generation time", f"{time_key} (median per setting)",
+        names = "/".join(k.rpartition(".")[2] for k in keys)  # each point is labelled with its values in this order
+        image = draw_plot(points, f"{metric} vs generation time (points: {names})", f"{time_key} (median per setting)",
                           f"{metric} (mean ± std)", bars=False, labels=labels)
         paths.append(_save(out_dir / _safe(f"plot_{metric}_vs_{time_key}.png"), image))
     return paths

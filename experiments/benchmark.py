@@ -183,8 +183,18 @@ class BenchmarkConfig:
         """(implementation, mode) of every row: t2vz in each mode, diffusers, and diffusers + tomesd at each
         merging ratio of the modes."""
         rows = [("t2vz", mode) for mode in dict.fromkeys(["exact", *self.modes])] + [("diffusers", "exact")]
-        ratios = sorted({parse_mode(m).get("merging_ratio", 0.0) for m in self.modes} - {0.0})
-        return rows + ([("diffusers+tomesd", f"m{r:g}") for r in ratios] if self.tomesd else [])
+        twins = dict.fromkeys(t for t in map(tomesd_twin, sorted(self.modes, key=merging_ratio)) if t)
+        return rows + ([("diffusers+tomesd", mode) for mode in twins] if self.tomesd else [])
+
+
+def merging_ratio(mode: str) -> float:
+    return parse_mode(mode).get("merging_ratio", 0.0)
+
+
+def tomesd_twin(mode: str) -> str | None:
+    """The mode of the diffusers + tomesd row at `mode`'s merging ratio ("m0.5" for "m0.5_c3"); None without
+    merging."""
+    return f"m{merging_ratio(mode):g}" if merging_ratio(mode) else None
 
 
 def parse_mode(mode: str) -> dict[str, Any]:
@@ -542,8 +552,7 @@ def summarize(summary: dict) -> list[dict]:
     for r in rows:
         r["time_ratio_diffusers_over_t2vz"] = by["diffusers"]["median_wall_s"] / r["median_wall_s"]
         r["memory_ratio_t2vz_over_diffusers"] = r["peak_memory_mib"] / by["diffusers"]["peak_memory_mib"]
-        twin = by.get(variant_name("diffusers+tomesd", "m" + r["mode"].split("_")[0][1:])) \
-            if r["mode"].startswith("m") else None
+        twin = by.get(variant_name("diffusers+tomesd", tomesd_twin(r["mode"]))) if tomesd_twin(r["mode"]) else None
         r["time_ratio_tomesd_over_t2vz"] = twin["median_wall_s"] / r["median_wall_s"] if twin else None
     return rows
 

@@ -16,8 +16,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .benchmark import count_flops
 
-aten = torch.ops.aten
-
 # the compute kernels: what FlopCounterMode counts (convolutions, matmuls, attention), by their aten names
 KERNEL_KINDS = {
     "convolution": "convolution", "_convolution_pointwise": "convolution",  # the latter: prepacked (sd/onednn.py)

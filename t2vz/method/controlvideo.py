@@ -139,8 +139,8 @@ class ControlVideo:
         frames equal unchunked generation. `merging_*` and `cache_*` are the fast modes (`fast.FastModes`): token
         merging and feature caching in the UNet; the ControlNet runs exactly at every step.
         """
-        fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval, cache_branch)
-        fast.checked().check_model(self.sd.unet.config)
+        fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval,
+                         cache_branch).checked(self.sd.unet.config)
         merging = fast.token_merging(generator)  # forked before the first draw from `generator`
         prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
         sd, factor = self.sd, self.sd.vae.downsample_factor

@@ -31,24 +31,22 @@ class FastModes:
     cache_branch: int = 0
 
     @classmethod
-    def of(cls, options) -> FastModes:
-        """The fast-mode fields of `options` (any object with these attributes, e.g. `VideoOptions`), checked."""
-        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)}).checked()
+    def of(cls, options, unet_config=None) -> FastModes:
+        """The fast-mode fields of `options` (any object with these attributes, e.g. `VideoOptions`), checked
+        (against the UNet too, given its `unet_config`)."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)}).checked(unet_config)
 
-    def checked(self) -> FastModes:
-        """self, or ValueError naming the first bad value and what it may be."""
+    def checked(self, unet_config=None) -> FastModes:
+        """self, or ValueError naming the first bad value and what it may be; given a UNet's `unet_config`,
+        `cache_branch` must also be one of its branches (its skips)."""
         unknown = sorted(set(self.merging_options or {}) - set(MERGING_OPTIONS))
         if unknown:
             raise ValueError(f"merging_options has unknown key(s) {', '.join(unknown)}; the keys are "
                              f"{', '.join(MERGING_OPTIONS)}")
         self.token_merging(None)  # TokenMerging checks the ratio, max_downsample and the options
         check_interval(self.cache_interval)
-        check_branch(self.cache_branch)
-        return self
-
-    def check_model(self, unet_config) -> None:
-        """ValueError unless `cache_branch` is one of this UNet's branches (its skips)."""
         check_branch(self.cache_branch, unet_config)
+        return self
 
     def token_merging(self, generator: torch.Generator | None) -> TokenMerging | None:
         """One generation's token merging, None at ratio 0. Its random destination choices draw from a fork of

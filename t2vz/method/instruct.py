@@ -151,8 +151,8 @@ class VideoInstructPix2Pix:
         time (`chunks.py`); with cross_frame "first" or "off" the result equals unchunked editing.
         `merging_*` and `cache_*` are the fast modes (`fast.FastModes`): token merging and feature caching.
         """
-        fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval, cache_branch)
-        fast.checked().check_model(self.sd.unet.config)
+        fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval,
+                         cache_branch).checked(self.sd.unet.config)
         merging = fast.token_merging(generator)  # forked before the first draw from `generator`
         self.check_inputs(instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                           resolution, size_multiple, cross_frame, chunk_size)
@@ -194,8 +194,8 @@ class VideoInstructPix2Pix:
             eps = self.sd.unet(branch_batch(x, source[ids]), t, context, cross_frame=frames, **unet_kwargs(ids))
             return instruct_guidance(eps, guidance_scale, image_guidance_scale)
 
-        return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size), generator,
-                         step_callback, f"DDIM (Instruct-Pix2Pix, {f} frames)", progress)
+        return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size),
+                         generator, step_callback, f"DDIM (Instruct-Pix2Pix, {f} frames)", progress)
 
     def check_inputs(self, instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                      resolution, size_multiple, cross_frame, chunk_size) -> None:

@@ -219,7 +219,7 @@ class VideoOptions:
             raise ValueError(f"smoothing={o.smoothing!r} must be one of {SMOOTHING_FORMS} and alpha={o.alpha} in "
                              "[0, 1]")
         motion_timesteps(DDIM(o.num_inference_steps).timesteps, o.t0, o.t1)  # t0, t1 in range
-        FastModes.of(o).check_model(sd.unet.config)
+        FastModes.of(o, sd.unet.config)
         return o
 
     def frame_path(self) -> torch.Tensor:

@@ -20,26 +20,58 @@ from .tome import TokenMerging, merging_at
 
 @dataclass
 class UNetConfig:
-    """SD 1.5 defaults. `attention_levels[i]` says whether resolution level i has transformer blocks."""
+    """SD 1.5 defaults. `attention_levels[i]` says whether resolution level i has transformer blocks.
+
+    SDXL (Podell et al. 2023) differs in: three levels (320, 640, 1280) with no attention at the first,
+    `num_attention_heads` (5, 10, 20) and `transformer_layers_per_block` (1, 2, 10) per level (the mid block takes
+    the deepest level's), linear instead of 1×1-conv projections around each transformer (`use_linear_projection`),
+    a 2048-wide text context, and the "text_time" added embedding (`addition_embed_type`): the pooled text
+    embedding and six size/crop numbers, each number a sinusoid of `addition_time_embed_dim` channels, through two
+    linear layers into the timestep embedding (`projection_class_embeddings_input_dim` = 1280 + 6·256 inputs)."""
 
     in_channels: int = 4  # 8 for InstructPix2Pix (noisy latent ⊕ source latent), 9 for inpainting
     out_channels: int = 4
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     attention_levels: tuple[bool, ...] = (True, True, True, False)
     layers_per_block: int = 2
-    num_attention_heads: int = 8
+    num_attention_heads: int | tuple[int, ...] = 8           # one for all levels, or one per level
     cross_attention_dim: int = 768
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # one for all levels, or one per level
+    use_linear_projection: bool = False
+    addition_embed_type: str | None = None                   # None (SD 1.5) or "text_time" (SDXL)
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 2816
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
-        if len(self.attention_levels) != len(self.block_out_channels):
+        levels = len(self.block_out_channels)
+        if len(self.attention_levels) != levels:
             raise ValueError(
                 f"attention_levels {self.attention_levels} and block_out_channels {self.block_out_channels} "
                 "must have one entry per resolution level"
             )
+        for name in ("num_attention_heads", "transformer_layers_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int):
+                value = tuple(int(v) for v in value)
+                if len(value) != levels:
+                    raise ValueError(f"{name} {value} must be one number or one per resolution level ({levels})")
+                setattr(self, name, value)
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} must be None or 'text_time'")
+
+    def heads_at(self, level: int) -> int:
+        """The attention heads of the transformers at resolution `level`."""
+        heads = self.num_attention_heads
+        return heads if isinstance(heads, int) else heads[level]
+
+    def depth_at(self, level: int) -> int:
+        """The transformer blocks in each transformer at resolution `level` (the mid block: the deepest level's)."""
+        depth = self.transformer_layers_per_block
+        return depth if isinstance(depth, int) else depth[level]
 
 
 class TimestepEmbedding(nn.Module):

@@ -452,7 +452,7 @@ def job_tab(gr, job: Job, found: dict[str, list[str]], video_folders: list[Path]
             values[f.key] = got if f.kind == "pair" else (got[0] or got[1]) if f.kind == "video" else got[0]
         result = run_job(job, values, outputs)
         paths = [result.path(s) for s in (".mp4", "_sheet.png", "config.yaml")]
-        return (result.status(), paths[0], paths[1], str(result.seed), result.command,
+        return (result.status(), paths[0], paths[1], "" if result.error else str(result.seed), result.command,
                 [p for p in paths if p] or None)
 
     button.click(generate, inputs=set(components), outputs=[status, video, sheet, seed_used, command, files],

@@ -102,7 +102,12 @@ GUIDANCE = Field("sampler.guidance_scale", "guidance scale", "number", "classifi
 NEGATIVE = Field("sampler.negative_prompt", "negative prompt", "text")
 MERGING = Field("fast.merging_ratio", "token merging ratio", "slider", t2v_config.KEY_OPTIONS["fast.merging_ratio"],
                 bounds=(0.0, 0.9, 0.05))
+MERGING_LEVELS = Field("fast.merging_max_downsample", "token merging down to downsample", "choice",
+                       "token merging at the UNet levels down to this downsampling (1: full latent resolution only)",
+                       C["fast.merging_max_downsample"])
 CACHE = Field("fast.cache_interval", "feature cache interval", "int", t2v_config.KEY_OPTIONS["fast.cache_interval"])
+CACHE_BRANCH = Field("fast.cache_branch", "feature cache branch", "int", t2v_config.KEY_OPTIONS["fast.cache_branch"])
+FAST = (MERGING, MERGING_LEVELS, CACHE, CACHE_BRANCH)
 SEED = Field("seed", "seed", "int", "-1: a random seed (the seed used is shown with the result)")
 
 TEXT_TO_VIDEO_JOB = Job(
@@ -122,7 +127,7 @@ TEXT_TO_VIDEO_JOB = Job(
         Field("method.smooth_bg", "background smoothing", "bool", "Sec. 3.3: blend the background towards the "
               "warped first frame"),
         Field("method.alpha", "α (background smoothing weight)", "slider", bounds=(0.0, 1.0, 0.05)),
-        DTYPE, MERGING, CACHE,
+        DTYPE, *FAST,
         Field("output.fps", "frames per second", "number"),
     ))
 
@@ -141,7 +146,7 @@ CONTROL_JOB = Job(
         Field("control.num_frames", "frames", "int", conditional_runs.CONTROL_OPTIONS["control.num_frames"]),
         Field("control.resolution", "resolution", "int", conditional_runs.CONTROL_OPTIONS["control.resolution"]),
         Field("control.conditioning_scale", "ControlNet scale", "number"),
-        STEPS, GUIDANCE, NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, MERGING, CACHE,
+        STEPS, GUIDANCE, NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, *FAST,
         Field("output.fps", "frames per second", "number"),
     ),
     fixed=("logger.enabled=false",))
@@ -156,7 +161,7 @@ INSTRUCT_JOB = Job(
         Field("source.resolution", "resolution", "int", conditional_runs.INSTRUCT_OPTIONS["source.resolution"]),
         STEPS, Field("sampler.guidance_scale", "text guidance scale", "number"),
         Field("sampler.image_guidance_scale", "image guidance scale", "number"),
-        NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, MERGING, CACHE,
+        NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, *FAST,
         Field("output.fps", "frames per second", "number"),
     ),
     fixed=("logger.enabled=false",))

@@ -21,10 +21,11 @@ from test_conditional_runs import TINY_CONTROLNET
 
 from t2vz import ControlNet
 from t2vz.app import (
-    CONTROL_JOB, INSTRUCT_JOB, TEXT_TO_VIDEO_JOB, TOY_MODEL, compose_config, command_line, defaults_of, hydra_value,
-    overrides, parse_args, run_job, scan_models,
+    CONTROL_JOB, INSTRUCT_JOB, SD_EXAMPLES, TEXT_TO_VIDEO_JOB, TOY_EXAMPLES, TOY_MODEL, command_line, compose_config,
+    defaults_of, examples_for, hydra_value, model_defaults_text, overrides, parse_args, run_job, scan_models,
 )
 from t2vz.sd.model_folder import write_controlnet_folder
+from t2vz.toyworld.world import parse_caption
 from t2vz.video_io import write_video
 from weights_convert.__main__ import main as convert_main
 
@@ -111,6 +112,12 @@ def test_model_picker_lists_converted_folders_by_kind(models):
     assert scan_models(root) == {"model": [TOY_MODEL, str(root / "sd")], "controlnet": [str(root / "cn")],
                                  "instruct": [str(root / "ip2p")]}
     assert scan_models(root / "absent") == {"model": [TOY_MODEL], "controlnet": [], "instruct": []}
+    # example prompts and the help line of the empty λ, t0, t1 follow the picked model
+    assert examples_for(TEXT_TO_VIDEO_JOB, TOY_MODEL) == TOY_EXAMPLES
+    assert examples_for(TEXT_TO_VIDEO_JOB, str(root / "sd")) == SD_EXAMPLES
+    assert all(parse_caption(p)[0] and parse_caption(p)[1] for p in TOY_EXAMPLES)  # in the toy world's vocabulary
+    assert "λ=32, t0=8, t1=8" in model_defaults_text(TOY_MODEL)  # the shipped folder's own
+    assert "λ=12, t0=44, t1=47" in model_defaults_text(str(root / "sd"))  # the paper's
 
 
 def test_conditional_tabs_run_their_jobs(models, tmp_path):

@@ -5,10 +5,14 @@ encoded when no negative is given; text_to_image given embeddings matches diffus
 the same embeddings; bad embeddings are refused in one line naming the shape."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_parity
-from reference_models import TINY_UNET, stable_diffusion_pipeline, tiny_instruct_pix2pix_folder, tiny_reference_folder
+from reference_models import (
+    TINY_UNET, stable_diffusion_pipeline, text_to_video_zero_pipeline, tiny_instruct_pix2pix_folder,
+    tiny_reference_folder,
+)
 
 import t2vz
 from t2vz import ControlNetConfig
@@ -120,6 +124,26 @@ def test_text_to_image_embeds_equal_text_and_diffusers(tiny):
         ref = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, generator=seeded(4),
                    output_type="pt", **kwargs).images[0]
         assert_parity(ours, ref.permute(1, 2, 0))
+
+
+@torch.no_grad()
+def test_text_to_video_zero_matches_diffusers_given_the_same_embeds(tmp_path):
+    """Embeddings that no text encodes (random), on the tiny reference model: diffusers' TextToVideoZeroPipeline
+    takes no prompt_embeds keyword, so its own encode_prompt is handed them (it accepts them, as in every diffusers
+    pipeline); same seed → same frames."""
+    folder, refs = tiny_reference_folder(tmp_path / "tiny")
+    ours, ref = t2vz.TextToVideoZero.from_pretrained(folder), text_to_video_zero_pipeline(*refs)
+    embeds, negative = torch.randn(2, 1, 77, 32, generator=seeded(8))
+    encode = ref.encode_prompt
+    ref.encode_prompt = lambda prompt, device, n, guidance, negative_prompt=None: encode(
+        None, device, n, guidance, prompt_embeds=embeds, negative_prompt_embeds=negative)
+    common = dict(height=32, width=32, num_inference_steps=6, t0=2, t1=3, guidance_scale=5.0)
+    frames = ours(prompt_embeds=embeds, negative_prompt_embeds=negative, num_frames=2, ddpm_marginal="reference",
+                  generator=seeded(9), progress=False, **common)
+    out = ref("unused: the embeddings replace it", video_length=2, generator=seeded(9), **common).images
+    assert_parity(frames, torch.from_numpy(np.asarray(out)))
+    assert not torch.equal(frames, ours(prompt_embeds=negative, negative_prompt_embeds=embeds, num_frames=2,
+                                        ddpm_marginal="reference", generator=seeded(9), progress=False, **common))
 
 
 @torch.no_grad()

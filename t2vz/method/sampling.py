@@ -1,6 +1,7 @@
 """The sampling loop every pipeline shares: DDIM (Song et al. 2021, Eq. 12) with classifier-free guidance (Ho &
 Salimans 2022), and the steps around it (text conditioning, x_T, decoding), as k-diffusion keeps its samplers'
-common loop in one place.
+common loop in one place. The text conditioning of every pipeline, from prompt text or from embeddings given in its
+place, is `encode_prompts`.
 
 Random stream, kept identical to diffusers' pipelines for seed compatibility: x_T is the first draw from
 `generator` (a CPU generator draws on the CPU, whatever the device), then DDIM's noise when η > 0.
@@ -67,6 +68,7 @@ def prompt_texts(prompt: str | Sequence[str] | None, negative_prompt: str | Sequ
 
 
 def check_per_prompt(num_videos_per_prompt: int) -> None:
+    """The number of videos (or images) per prompt: an integer >= 1."""
     if isinstance(num_videos_per_prompt, bool) or int(num_videos_per_prompt) != num_videos_per_prompt \
             or num_videos_per_prompt < 1:
         raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")

@@ -164,6 +164,8 @@ def test_control_video_embeds_equal_text(tiny, tmp_path):
     one = dict(kwargs, num_videos_per_prompt=1, guidance_scale=1.0)
     assert torch.equal(pipe(prompts[0], generator=seeded(5), **one),
                        pipe(prompt_embeds=pipe.sd.text_encoder(prompts[:1]), generator=seeded(5), **one))
+    with pytest.raises(ValueError, match="no control: give control="):  # both keywords are optional now
+        pipe(prompt_embeds=pipe.sd.text_encoder(prompts[:1]))
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +188,8 @@ def test_instruct_pix2pix_embeds_equal_text(ip2p, negative):
         ip2p(prompt_embeds=encode(["a", "b"]), **kwargs)
     with pytest.raises(ValueError, match="give instruction or prompt_embeds, not both"):
         ip2p("make it snowy", prompt_embeds=encode(["a"]), **kwargs)
+    with pytest.raises(ValueError, match="no video: give video="):  # both keywords are optional now
+        ip2p(prompt_embeds=encode(["a"]))
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from weights_convert.convert import convert
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONTROLNET = ControlNetConfig.from_unet(TINY_UNET, conditioning_embedding_out_channels=(8, 16))  # fits "model"
+D = TINY_UNET.cross_attention_dim  # the text width of "model"
 CONVERT = [sys.executable, "-m", "weights_convert"]
 T2VZ = [sys.executable, "-m", "t2vz"]
 RUN = [sys.executable, str(REPO / "experiments" / "run.py"), "logger=disabled"]
@@ -230,6 +231,15 @@ API_CASES = {
     "merging-ratio-negative": (dict(merging_ratio=-0.5), "ratio=-0.5"),
     "merging-option-unknown": (dict(merging_ratio=0.5, merging_options={"stride": 2}), "unknown key(s) stride"),
     "cache-interval-float": (dict(cache_interval=2.5), "cache_interval=2.5"),
+    "prompt-and-embeds": (dict(prompt_embeds=torch.zeros(1, 77, D)), "give prompt or prompt_embeds, not both"),
+    "no-prompt-nor-embeds": (dict(prompt=None), f"no prompt: give prompt (text) or prompt_embeds (b, n_tokens, {D})"),
+    "embeds-wrong-width": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 768)),
+                           f"prompt_embeds of shape (1, 77, 768), expected (b, n_tokens, {D})"),
+    "negative-embeds-wrong-shape": (dict(prompt=None, prompt_embeds=torch.zeros(2, 77, D),
+                                         negative_prompt_embeds=torch.zeros(1, 77, D)),
+                                    f"negative_prompt_embeds of shape (1, 77, {D}), expected (2, 77, {D})"),
+    "embeds-smoothing-without-masks": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, D), smooth_bg=True),
+                                       "smooth_bg with prompt_embeds needs masks="),
 }
 
 

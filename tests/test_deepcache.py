@@ -401,7 +401,7 @@ def test_ddim_denoise_interval_1_is_bit_identical(pipes):
     ours, _ = pipes
     sd = ours.sd
     scheduler = DDIM(5)
-    context = sampling.encode_prompts(sd, ["a cat"], None, 7.5)
+    context = sampling.encode_prompts(sd, ["a cat"]).context
     x = torch.randn(3, 4, 16, 16)
     common = (sd, x, scheduler, scheduler.timesteps, context, 7.5, None, CrossFrame(3))
     plain = sampling.ddim_denoise(*common, progress=False)

@@ -23,7 +23,7 @@ def models(tmp_path_factory):
 def test_text_encoder_matches_pipeline_encode_prompt(models):
     sd, pipe = models
     prompts = ["a red triangle over green grass", "An astronaut riding a horse, on Mars! " * 6]  # 2nd truncates
-    ours = encode_prompts(sd, prompts, ["blurry", "ugly"], guidance_scale=7.5)
+    ours = encode_prompts(sd, prompts, ["blurry", "ugly"]).context
     text, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=["blurry", "ugly"])
     assert ours.shape == (4, 77, TINY_CLIP["hidden_size"])
     assert_parity(ours, torch.cat([uncond, text]))
@@ -67,4 +67,4 @@ def test_sd15_text_encoder_matches_pipeline(tmp_path):
     sd = t2vz.load(write_t2vz_folder(tmp_path / "m", unet_cfg, TINY_VAE, SD15_CLIP, *refs))
     pipe = stable_diffusion_pipeline(*refs)
     text, uncond = pipe.encode_prompt(["a photo of a cat"], "cpu", 1, True)
-    assert_parity(encode_prompts(sd, ["a photo of a cat"], None, 7.5), torch.cat([uncond, text]))
+    assert_parity(encode_prompts(sd, ["a photo of a cat"]).context, torch.cat([uncond, text]))

@@ -33,7 +33,7 @@ from ..video_io import load_frames, resize_frames, resized_shape
 from .chunks import check_chunking, eps_by_chunks
 from .fast import FastModes, loop_unet_kwargs
 from .sampling import check_size, checked_latents, ddim_loop, decode_video, encode_prompts, guided_eps, step_counter
-from .text2video_zero import draw_first_frame_noise, video_prompts
+from .text2video_zero import draw_first_frame_noise
 
 # the UNet fields a ControlNet copies: they must be equal for its residuals to fit the UNet's skips
 ENCODER_FIELDS = ("in_channels", "block_out_channels", "attention_levels", "layers_per_block", "num_attention_heads",
@@ -101,8 +101,8 @@ class ControlVideo:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
-        control,
+        prompt: str | Sequence[str] | None = None,
+        control=None,
         num_frames: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -124,6 +124,8 @@ class ControlVideo:
         merging_options: dict | None = None,
         cache_interval: int = 1,
         cache_branch: int = 0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate videos that follow `control`: frames (F, H, W, 3) float in [0, 1] for one prompt and one video,
         else (B, F, H, W, 3) with B = prompts × videos per prompt (prompt-major).
@@ -137,21 +139,27 @@ class ControlVideo:
         (B, 4, H/8, W/8) replace the drawn x_T. `chunk_size` bounds memory for long videos: the UNet and the
         ControlNet see at most chunk_size frames at a time (`chunks.py`); with cross_frame "first" or "off" the
         frames equal unchunked generation. `merging_*` and `cache_*` are the fast modes (`fast.FastModes`): token
-        merging and feature caching in the UNet; the ControlNet runs exactly at every step.
+        merging and feature caching in the UNet; the ControlNet runs exactly at every step. `prompt_embeds`
+        (b, n_tokens, d) replace `prompt` (prompt=None), `negative_prompt_embeds` (same shape) the
+        `negative_prompt`, as in diffusers (`sampling.encode_prompts`): B = b × videos per prompt.
         """
         fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval,
                          cache_branch).checked(self.sd.unet.config)
         merging = fast.token_merging(generator)  # forked before the first draw from `generator`
-        prompts, negatives = video_prompts(prompt, negative_prompt, num_videos_per_prompt)
+        if control is None:
+            raise ValueError("no control: give control=, one control map per frame (a video file, a folder of "
+                             "frames, or frames (F, H, W, 3))")
         sd, factor = self.sd, self.sd.vae.downsample_factor
         maps = load_frames(control, "control")  # (f, H, W, 3) in [0, 1]
         if resolution is not None:
             maps = resize_frames(maps, resized_shape(*maps.shape[1:3], int(resolution), factor))
         f = self.check_inputs(maps, num_frames, height, width, guidance_scale, controlnet_conditioning_scale,
                               cross_frame, chunk_size)
-        b, (height, width) = len(prompts), maps.shape[1:3]
+        text = encode_prompts(sd, prompt, negative_prompt, guidance_scale > 1.0, num_videos_per_prompt,
+                              prompt_embeds, negative_prompt_embeds)
+        b, (height, width) = text.batch, maps.shape[1:3]
         scheduler = DDIM(num_inference_steps, eta=eta)
-        context = encode_prompts(sd, prompts, negatives, guidance_scale)  # one row per video and branch
+        context = text.context  # one row per video and branch
 
         shape = (b, sd.unet.config.out_channels, height // factor, width // factor)
         x_T = (draw_video_noise(shape, generator, sd.device, sd.dtype) if latents is None

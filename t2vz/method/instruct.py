@@ -40,7 +40,9 @@ from ..sd.schedulers import DDIM, draw_noise
 from ..video_io import load_frames, resize_frames, resized_shape
 from .chunks import check_chunking, eps_by_chunks
 from .fast import FastModes, loop_unet_kwargs
-from .sampling import check_size, checked_latents, ddim_loop, decode_video, step_counter
+from .sampling import (
+    TextConditioning, check_size, checked_latents, ddim_loop, decode_video, encode_prompts, step_counter,
+)
 
 
 def check_instruct_unet(sd: StableDiffusion) -> None:
@@ -76,11 +78,11 @@ def encode_source(sd: StableDiffusion, frames: torch.Tensor) -> torch.Tensor:
     return torch.cat([sd.vae.posterior(image[None]).mode() for image in images]).to(sd.dtype)
 
 
-def branch_contexts(sd: StableDiffusion, instruction: str, negative_prompt: str | None) -> torch.Tensor:
-    """Step 3: text rows [instruction; negative; negative] (3, n, d), one per branch (T, I), (I), (∅); the UNet
-    shares each row across its branch's f frames."""
-    text, negative = sd.text_encoder([instruction, negative_prompt or ""]).chunk(2)
-    return torch.cat([text, negative, negative])
+def branch_contexts(text: TextConditioning) -> torch.Tensor:
+    """Step 3: text rows [instruction; negative; negative] (3, n, d), one per branch (T, I), (I), (∅), from the
+    instruction's conditioning (`sampling.encode_prompts`, one row, both branches); the UNet shares each row across
+    its branch's f frames."""
+    return torch.cat([text.text, text.uncond, text.uncond])
 
 
 def branch_batch(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -115,8 +117,8 @@ class VideoInstructPix2Pix:
     @torch.no_grad()
     def __call__(
         self,
-        instruction: str,
-        video,
+        instruction: str | None = None,
+        video=None,
         guidance_scale: float = 7.5,
         image_guidance_scale: float = 1.5,
         num_inference_steps: int = 50,
@@ -136,6 +138,8 @@ class VideoInstructPix2Pix:
         merging_options: dict | None = None,
         cache_interval: int = 1,
         cache_branch: int = 0,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Edit `video` by `instruction`: frames (F, H, W, 3) float in [0, 1] on the CPU.
 
@@ -150,11 +154,13 @@ class VideoInstructPix2Pix:
         `chunk_size` bounds memory for long videos: the UNet sees at most chunk_size frames of each branch at a
         time (`chunks.py`); with cross_frame "first" or "off" the result equals unchunked editing.
         `merging_*` and `cache_*` are the fast modes (`fast.FastModes`): token merging and feature caching.
+        `prompt_embeds` (1, n_tokens, d) replace `instruction` (instruction=None), `negative_prompt_embeds` (same
+        shape) the `negative_prompt`, as in diffusers (`sampling.encode_prompts`).
         """
         fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval,
                          cache_branch).checked(self.sd.unet.config)
         merging = fast.token_merging(generator)  # forked before the first draw from `generator`
-        self.check_inputs(instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
+        self.check_inputs(instruction, video, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                           resolution, size_multiple, cross_frame, chunk_size)
         sd, factor = self.sd, self.sd.vae.downsample_factor
         frames = load_frames(video, "video", max_frames=num_frames)
@@ -166,7 +172,8 @@ class VideoInstructPix2Pix:
         height, width = source_size(h, w, resolution, size_multiple, factor)
         check_size(height, width, factor)
         scheduler = DDIM(num_inference_steps, eta=eta)
-        context = branch_contexts(sd, instruction, negative_prompt)
+        context = branch_contexts(encode_prompts(sd, instruction, negative_prompt, True, 1, prompt_embeds,
+                                                 negative_prompt_embeds, "instruction", one_prompt=True))
 
         shape = (f, sd.vae.config.latent_channels, height // factor, width // factor)
         x_T = (draw_noise(shape, generator, sd.device, sd.dtype) if latents is None else checked_latents(
@@ -197,9 +204,12 @@ class VideoInstructPix2Pix:
         return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size),
                          generator, step_callback, f"DDIM (Instruct-Pix2Pix, {f} frames)", progress)
 
-    def check_inputs(self, instruction, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
+    def check_inputs(self, instruction, video, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                      resolution, size_multiple, cross_frame, chunk_size) -> None:
-        if not isinstance(instruction, str):
+        if video is None:
+            raise ValueError("no video: give video=, the frames to edit (a video file, a folder of frames, or "
+                             "frames (F, H, W, 3))")
+        if instruction is not None and not isinstance(instruction, str):
             raise ValueError(f"instruction must be one string (the edit, e.g. 'make it snowy'), got {instruction!r}")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {negative_prompt!r}")

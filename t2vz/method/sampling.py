@@ -1,6 +1,7 @@
 """The sampling loop every pipeline shares: DDIM (Song et al. 2021, Eq. 12) with classifier-free guidance (Ho &
 Salimans 2022), and the steps around it (text conditioning, x_T, decoding), as k-diffusion keeps its samplers'
-common loop in one place.
+common loop in one place. The text conditioning of every pipeline, from prompt text or from embeddings given in its
+place, is `encode_prompts`.
 
 Random stream, kept identical to diffusers' pipelines for seed compatibility: x_T is the first draw from
 `generator` (a CPU generator draws on the CPU, whatever the device), then DDIM's noise when η > 0.
@@ -11,7 +12,8 @@ Layouts: a video's latents are (b, c, f, h, w); the UNet sees frames folded into
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -44,14 +46,128 @@ def check_size(height: int, width: int, multiple: int = 8) -> None:
             )
 
 
-def encode_prompts(sd: StableDiffusion, prompts: list[str], negative_prompts: list[str] | None,
-                   guidance_scale: float) -> torch.Tensor:
-    """Text conditioning for CFG: [uncond; text] stacked on the batch axis (b → 2b), or just text when s ≤ 1."""
-    text = sd.text_encoder(prompts)
-    if guidance_scale <= 1.0:
-        return text
-    uncond = sd.text_encoder(negative_prompts or [""] * len(prompts))
-    return torch.cat([uncond, text])
+def prompt_texts(prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None,
+                 rows: int | None = None) -> tuple[list[str] | None, list[str] | None]:
+    """The prompts as a list (None for None) and the negative prompt of each (a single string serves every prompt;
+    `rows`: how many prompts there are when they come as embeddings). ValueError naming the bad value."""
+    prompts = None
+    if prompt is not None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        rows = len(prompts)
+    if negative_prompt is None:
+        return prompts, None
+    negatives = [negative_prompt] * rows if isinstance(negative_prompt, str) else list(negative_prompt) \
+        if isinstance(negative_prompt, (list, tuple)) else [None]
+    if not all(isinstance(p, str) for p in negatives):
+        raise ValueError(f"negative_prompt must be a string or a list of strings, got {negative_prompt!r}")
+    if len(negatives) != rows:
+        raise ValueError(f"{len(negatives)} negative prompts for {rows} prompts")
+    return prompts, negatives
+
+
+def check_per_prompt(num_videos_per_prompt: int) -> None:
+    """The number of videos (or images) per prompt: an integer >= 1."""
+    if isinstance(num_videos_per_prompt, bool) or int(num_videos_per_prompt) != num_videos_per_prompt \
+            or num_videos_per_prompt < 1:
+        raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
+
+
+def repeat_rows(rows, n: int):
+    """Each row of `rows` (a list, or a tensor's first axis) n times in a row, prompt-major; None for None."""
+    if rows is None or n == 1:
+        return rows
+    return rows.repeat_interleave(n, dim=0) if isinstance(rows, torch.Tensor) else [r for r in rows for _ in range(n)]
+
+
+@dataclass
+class TextConditioning:
+    """A batch's text conditioning, one row per video (or image), prompt-major, on the UNet's device and in its
+    dtype: the text branch `text` (b, n, d) and the unconditional branch `uncond` (b, n, d), None without
+    classifier-free guidance. `prompts`: each row's prompt text, None when the rows came as embeddings (background
+    smoothing's attention masks look the subject's tokens up in it)."""
+
+    text: torch.Tensor
+    uncond: torch.Tensor | None = None
+    prompts: list[str] | None = None
+
+    @property
+    def batch(self) -> int:
+        """b, the number of videos (or images)."""
+        return self.text.shape[0]
+
+    @property
+    def context(self) -> torch.Tensor:
+        """The UNet's cross-attention context: [uncond; text] stacked on the batch axis (b → 2b) for classifier-free
+        guidance, text alone (b) without."""
+        return self.text if self.uncond is None else torch.cat([self.uncond, self.text])
+
+
+def checked_embeds(sd: StableDiffusion, embeds, name: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A caller's text embeddings: a tensor (b, n_tokens, d), d the UNet's cross_attention_dim, of shape `expected`
+    where given; moved to the model's device and dtype. ValueError naming the shape and what is expected."""
+    d = sd.unet.config.cross_attention_dim
+    if not isinstance(embeds, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor (b, n_tokens, {d}), got {type(embeds).__name__}")
+    shape = tuple(embeds.shape)
+    if expected is not None and shape != tuple(expected):
+        raise ValueError(f"{name} of shape {shape}, expected {tuple(expected)} (the shape of the text branch)")
+    if len(shape) != 3 or shape[0] < 1 or shape[1] < 1 or shape[2] != d:
+        raise ValueError(f"{name} of shape {shape}, expected (b, n_tokens, {d}): {d} is the UNet's "
+                         "cross_attention_dim, b >= 1 the number of prompts")
+    return embeds.to(device=sd.device, dtype=sd.dtype)
+
+
+def encode_prompts(
+    sd: StableDiffusion,
+    prompt: str | Sequence[str] | None,
+    negative_prompt: str | Sequence[str] | None = None,
+    guidance: bool = True,
+    num_per_prompt: int = 1,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    prompt_name: str = "prompt",
+    one_prompt: bool = False,
+) -> TextConditioning:
+    """The text conditioning of every pipeline, from prompt text or from embeddings (as diffusers' encode_prompt):
+
+    - the text branch: `prompt` (a string or a list) encoded, or `prompt_embeds` (b, n_tokens, d) as given; exactly
+      one of the two (`prompt_name` is the prompt's keyword in errors);
+    - the unconditional branch, with `guidance` (classifier-free guidance, s > 1) only: `negative_prompt` encoded
+      (one string for every prompt, or one per prompt), or `negative_prompt_embeds` of prompt_embeds' shape (of the
+      encoded text's, (b, 77, d), for a text prompt), at most one of the two; neither: "" encoded for each prompt;
+    - each row repeated `num_per_prompt` times, prompt-major, as the text path repeats the prompts.
+    `one_prompt`: the pipeline takes a single prompt (one string, or one row of embeddings). ValueError, one line,
+    naming the bad value and what is expected."""
+    if (prompt is None) == (prompt_embeds is None):
+        d = sd.unet.config.cross_attention_dim
+        raise ValueError(f"give {prompt_name} or prompt_embeds, not both" if prompt is not None else
+                         f"no {prompt_name}: give {prompt_name} (text) or prompt_embeds (b, n_tokens, {d})")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+    check_per_prompt(num_per_prompt)
+    if prompt_embeds is not None:
+        text = checked_embeds(sd, prompt_embeds, "prompt_embeds")
+        if one_prompt and text.shape[0] != 1:
+            raise ValueError(f"prompt_embeds of shape {tuple(text.shape)} for a pipeline that takes one prompt, "
+                             f"expected (1, n_tokens, {text.shape[2]})")
+    if one_prompt and prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"{prompt_name} must be one string, got {prompt!r}")
+    prompts, negatives = prompt_texts(prompt, negative_prompt, None if prompt_embeds is None else text.shape[0])
+    if prompts is not None:
+        text = sd.text_encoder(prompts).to(sd.dtype)
+    uncond = None
+    if negative_prompt_embeds is not None:
+        uncond = checked_embeds(sd, negative_prompt_embeds, "negative_prompt_embeds", tuple(text.shape))
+    elif guidance:
+        uncond = sd.text_encoder(negatives or [""] * text.shape[0]).to(sd.dtype)
+        if uncond.shape != text.shape:
+            raise ValueError(f"prompt_embeds of shape {tuple(text.shape)} have {text.shape[1]} tokens but the "
+                             f"unconditional branch encoded from text has {uncond.shape[1]}: give "
+                             f"negative_prompt_embeds of shape {tuple(text.shape)}")
+    return TextConditioning(repeat_rows(text, num_per_prompt), repeat_rows(uncond, num_per_prompt) if guidance
+                            else None, repeat_rows(prompts, num_per_prompt))
 
 
 def guided_eps(unet: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,

@@ -28,35 +28,14 @@ from .chunks import check_chunking, eps_by_chunks
 from .fast import FastModes
 from .motion import translation_path, warp_latents
 from .sampling import (
-    chain, check_size, checked_latents, ddim_denoise, ddim_loop, decode_video, encode_prompts, fold_frames,
-    guided_eps, step_counter, unfold_frames,
+    TextConditioning, chain, check_size, checked_latents, ddim_denoise, ddim_loop, decode_video, encode_prompts,
+    fold_frames, guided_eps, step_counter, unfold_frames,
 )
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
 )
 
 DDPM_MARGINALS = ("exact", "reference")
-
-
-def video_prompts(prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None,
-                  num_videos_per_prompt: int) -> tuple[list[str], list[str] | None]:
-    """The prompt and negative prompt of every video, prompt-major: each of the prompts repeated
-    `num_videos_per_prompt` times (a single negative prompt serves every prompt). Checked: ValueError naming the
-    bad value."""
-    if not isinstance(prompt, (str, list, tuple)):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = None
-    if negative_prompt is not None:
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
-    if negatives is not None and len(negatives) != len(prompts):
-        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    if int(num_videos_per_prompt) != num_videos_per_prompt or num_videos_per_prompt < 1:
-        raise ValueError(f"num_videos_per_prompt={num_videos_per_prompt} must be an integer >= 1")
-    prompts = [p for p in prompts for _ in range(num_videos_per_prompt)]
-    return prompts, None if negatives is None else [p for p in negatives for _ in range(num_videos_per_prompt)]
 
 
 # ------------------------------------------------------------------------------------------- the six steps
@@ -244,9 +223,11 @@ class TextToVideoZero:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
         **options,
@@ -257,21 +238,28 @@ class TextToVideoZero:
         `options` are the fields of `VideoOptions` (num_frames, num_inference_steps, guidance_scale,
         motion_strength λ, direction δ, t0, t1, cross_frame, smooth_bg, alpha, chunk_size, …). `latents`
         (B, 4, H/8, W/8) replaces the drawn x_T¹; `callback(i, t, x)` sees the latents after every DDIM step.
+        `prompt_embeds` (b, n_tokens, d) replace `prompt` (prompt=None), `negative_prompt_embeds` (same shape) the
+        `negative_prompt`, as in diffusers (`sampling.encode_prompts`): B = b × videos per prompt.
         With cross_frame "first" or "off", chunked generation equals unchunked generation.
         `motion_dynamics=False` is the paper's ablation without Sec. 3.2: every frame starts from its own x_T and
         all frames are denoised from T together. `smooth_bg` blends each frame's background towards the warped
         first frame (`smoothing.py`); the foreground comes from `masks` or from the UNet's cross-attention to
-        `mask_tokens`, recorded in an extra denoising pass.
+        `mask_tokens`, recorded in an extra denoising pass; with `prompt_embeds` there is no prompt text to find the
+        tokens in, so smoothing then needs `masks`.
         """
         o = VideoOptions.of(options).resolve(self.sd)
         fast = FastModes.of(o)
         merging = fast.token_merging(generator)  # forked before the first draw from `generator`
-        prompts, negatives = video_prompts(prompt, o.negative_prompt, o.num_videos_per_prompt)
-        sd, f, b = self.sd, int(o.num_frames), len(prompts)
+        sd, f = self.sd, int(o.num_frames)
+        text = encode_prompts(sd, prompt, o.negative_prompt, o.guidance_scale > 1.0, o.num_videos_per_prompt,
+                              prompt_embeds, negative_prompt_embeds)
+        b, context = text.batch, text.context
         if o.smooth_bg:
             check_masks(o.masks, b, f)
+            if o.masks is None and text.prompts is None:
+                raise ValueError("smooth_bg with prompt_embeds needs masks=(B, F, H, W): the attention masks find "
+                                 "mask_tokens in the prompt text, which embeddings do not carry")
         scheduler = DDIM(o.num_inference_steps, eta=o.eta)
-        context = encode_prompts(sd, prompts, negatives, o.guidance_scale)
         factor = sd.vae.downsample_factor
         shape = (b, sd.unet.config.in_channels, o.height // factor, o.width // factor)
         on_step = step_counter(callback)
@@ -290,7 +278,7 @@ class TextToVideoZero:
         denoise = dict(scheduler=scheduler, timesteps=timesteps, context=context, guidance_scale=o.guidance_scale,
                        generator=generator, cross_frame=o.cross_frame, cross_frame_levels=o.cross_frame_levels,
                        chunk_size=o.chunk_size, progress=progress)
-        x_T1, blend = self.background_smoothing(x_T1, path, o, prompts, denoise)
+        x_T1, blend = self.background_smoothing(x_T1, path, o, text, denoise)
         x_0 = self.denoise_frames(x_T1, **denoise, step_callback=chain(blend, on_step),          # 5. T₁ → 0
                                   cache=fast.cache, merging=merging)
         video = decode_video(sd, x_0, f)                                                          # 6. decode
@@ -350,7 +338,7 @@ class TextToVideoZero:
                             attention, step_callback, "DDIM (all frames)", progress, chunk_size, cache, merging)
 
     # ----------------------------------------------------------------------------------- background smoothing
-    def background_smoothing(self, x_T1: torch.Tensor, path: torch.Tensor, o: VideoOptions, prompts: list[str],
+    def background_smoothing(self, x_T1: torch.Tensor, path: torch.Tensor, o: VideoOptions, text: TextConditioning,
                              denoise: dict):
         """Sec. 3.3's optional smoothing: (x_T1, blend). The authors' form blends x_T1 once here; the paper's
         returns `blend(ids)`, a DDIM step callback for the chunk of frames `ids`. (x_T1, None) when off."""
@@ -360,7 +348,7 @@ class TextToVideoZero:
         if o.masks is not None:
             foreground = resize_masks(o.masks.reshape(b, f, *o.masks.shape[-2:]), (h, w)).to(self.sd.device)
         else:
-            positions = [token_positions(self.sd.tokenizer, p, o.mask_tokens) for p in prompts]
+            positions = [token_positions(self.sd.tokenizer, p, o.mask_tokens) for p in text.prompts]
             foreground = self.attention_masks(x_T1, positions, denoise)
         if o.smoothing == "authors":
             return smooth_video(x_T1, foreground, path, o.alpha, form="authors"), None

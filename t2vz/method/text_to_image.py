@@ -18,7 +18,7 @@ from .sampling import check_size, checked_latents, ddim_denoise, decode_images, 
 @torch.no_grad()
 def text_to_image(
     components: StableDiffusion,
-    prompt: str,
+    prompt: str | None = None,
     height: int | None = None,
     width: int | None = None,
     num_inference_steps: int = 50,
@@ -29,15 +29,20 @@ def text_to_image(
     latents: torch.Tensor | None = None,
     callback: Callable[[int, int, torch.Tensor], None] | None = None,
     progress: bool = True,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """prompt → image (H, W, 3) float in [0, 1]. `latents` (1, 4, H/8, W/8) scaled, replaces the drawn x_T;
-    `callback(i, t, x)` is called after every DDIM step. height, width: None is the model's own size."""
+    `callback(i, t, x)` is called after every DDIM step. height, width: None is the model's own size.
+    `prompt_embeds` (1, n_tokens, d) replace `prompt` (prompt=None), `negative_prompt_embeds` (same shape) the
+    `negative_prompt`, as in diffusers (`sampling.encode_prompts`)."""
     sd = components
     height, width = sd.image_size(height, width)
     factor = sd.vae.downsample_factor
     check_size(height, width, factor)
     scheduler = DDIM(num_inference_steps, eta=eta)
-    context = encode_prompts(sd, [prompt], [negative_prompt] if negative_prompt else None, guidance_scale)
+    context = encode_prompts(sd, prompt, negative_prompt or None, guidance_scale > 1.0, prompt_embeds=prompt_embeds,
+                             negative_prompt_embeds=negative_prompt_embeds, one_prompt=True).context
     shape = (1, sd.unet.config.in_channels, height // factor, width // factor)
     x = (draw_noise(shape, generator, sd.device, sd.dtype) if latents is None
          else checked_latents(sd, latents, shape, f" for {height}×{width}"))

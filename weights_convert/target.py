@@ -146,7 +146,8 @@ class Source:
     """A checkpoint read into t2vz names and checked, before the dtype cast and the write."""
 
     layout: str  # "single-file" | "diffusers"
-    configs: dict  # "unet": UNetConfig, "vae": VAEConfig, "text_encoder" (SDXL: and "text_encoder_2"): CLIPTextConfig kwargs
+    # "unet": UNetConfig, "vae": VAEConfig, "text_encoder" (SDXL: and "text_encoder_2"): CLIPTextConfig kwargs
+    configs: dict
     state_dicts: dict[str, dict[str, torch.Tensor]]
     variant: str
     ema: bool = False

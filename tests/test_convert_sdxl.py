@@ -235,3 +235,38 @@ def test_loaded_sdxl_computes_what_diffusers_and_transformers_compute(tmp_path, 
 
     z = torch.randn(1, 4, 8, 8)
     assert_parity(sd.vae.decode(z), ref_vae.decode(z).sample)
+
+
+def test_model_folder_family(tmp_path, tiny):
+    """"family" absent reads as sd15 (older folders load); an unknown one, or an SDXL folder missing its second
+    text encoder, is a one-line ModelFolderError."""
+    from t2vz.sd.model_folder import CONFIG_FILE, ModelFolderError, model_family
+
+    assert model_family({}) == "sd15"
+    convert(write_checkpoint(tiny_sdxl_checkpoint(), tmp_path / "sd_xl.safetensors"), tmp_path / "out")
+    meta_file = tmp_path / "out" / CONFIG_FILE
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "family": "sd3"}))
+    with pytest.raises(ModelFolderError, match=r"has family 'sd3'; this t2vz reads sd15, sdxl"):
+        t2vz.load(tmp_path / "out")
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "text_encoder_2"}))
+    with pytest.raises(ModelFolderError, match=r"has no 'text_encoder_2' entry"):
+        t2vz.load(tmp_path / "out")
+    meta_file.write_text(json.dumps(meta))
+    (tmp_path / "out" / "text_encoder_2.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"text_encoder_2\.safetensors is missing"):
+        t2vz.load(tmp_path / "out")
+
+
+@torch.no_grad()
+def test_random_sdxl_tiny_model_loads_and_runs(tmp_path):
+    from weights_convert.random_model import main as random_main
+
+    assert random_main([str(tmp_path / "m"), "--size", "sdxl-tiny"]) == 0
+    sd = t2vz.load(tmp_path / "m")
+    assert sd.family == "sdxl" and sd.sample_size == 1024
+    context, pooled = sd.text_encoder(["a cat"])
+    assert context.shape == (1, 77, 64) and pooled.shape == (1, 32)
+    added = {"text_embeds": pooled, "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]])}
+    eps = sd.unet(torch.randn(1, 4, 16, 16), torch.tensor([500]), context, added_cond=added)
+    assert eps.shape == (1, 4, 16, 16) and torch.isfinite(eps).all()

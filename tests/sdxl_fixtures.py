@@ -77,6 +77,7 @@ def to_sgm(unet: dict, vae: dict, clip_l: dict, bigg: dict, unet_cfg: UNetConfig
     ldm.update({CLIP_L + k: v for k, v in clip_l.items()})
     ldm[CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
     ldm.update(to_open_clip(bigg))
+    ldm["denoiser.sigmas"] = torch.linspace(0.03, 14.6, 1000)  # SGM's DiscreteDenoiser buffer, in some releases
     return ldm
 
 

@@ -33,7 +33,7 @@ Configs are read off the shapes as for SD 1.x, with SDXL's conventions: attentio
 both text encoders: 320/64 = 5, 640/64 = 10, 1280/64 = 20; CLIP-L 12, bigG 20), the transformer depth of each
 level counted from its `transformer_blocks.N` keys, linear proj_in/proj_out, the added embedding's time width from
 label_emb's input (pooled width + 6 · width). CLIP-L runs quick_gelu, bigG gelu. OpenCLIP's `logit_scale` (a
-contrastive-training temperature) is ignored, as diffusers does.
+contrastive-training temperature) and SGM's `denoiser.sigmas` buffer are ignored, as diffusers does.
 
 Refused by name: the SDXL refiner (one OpenCLIP embedder `conditioner.embedders.0.model.*`, a 384-channel UNet,
 2560-wide label_emb) and SDXL inpainting (9 UNet input channels).
@@ -61,8 +61,10 @@ HEAD_DIM = 64  # SDXL's attention heads are 64 channels wide (UNet and text enco
 TIME_IDS = 6  # original size (h, w), crop (top, left), target size (h, w)
 BIGG_ACT = "gelu"  # OpenCLIP ViT-bigG's MLP: exact GELU (CLIP ViT-L: quick_gelu)
 REFINER_WIDTH = 384
+# not weights of the four networks: CLIP's index buffer, OpenCLIP's contrastive temperature and causal mask, SGM's
+# noise levels (DiscreteDenoiser's buffer, saved by some SGM versions)
 SDXL_NON_WEIGHTS = {CLIP_L + "text_model.embeddings.position_ids", OPEN_CLIP + "logit_scale",
-                    OPEN_CLIP + "attn_mask"}
+                    OPEN_CLIP + "attn_mask", "denoiser.sigmas"}
 OPEN_CLIP_LEAVES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                     "self_attn.out_proj": "attn.out_proj"}
 OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",

@@ -99,8 +99,9 @@ def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
     i.e. black frames (a known upstream failure: diffusers' `force_upcast`). It is 8% of SD 1.5's
     parameters (83.7M of 1.07G) and runs once per frame, so keeping it in float32 costs little; bfloat16 has
     float32's range and is kept. It matters doubly for SDXL: its VAE (the same architecture, retrained, scaling
-    factor 0.13025) overflows float16 more often, which is why diffusers upcasts it by default (`force_upcast`) and
-    why fp16-fixed VAE re-releases exist; at 1024² its decoder activations are also 4× as many as at 512²."""
+    factor 0.13025) is the one whose float16 decode is known to give NaN, which is why SDXL base's
+    vae/config.json sets diffusers' `force_upcast: true` and why fp16-fixed VAE re-releases exist; and at SDXL's
+    1024² the decoder's activations are 4× those of 512²."""
     return torch.float32 if dtype == torch.float16 else dtype
 
 

@@ -179,9 +179,10 @@ SDXL_UNET = UNetConfig(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.
 )
 
 
-def diffusers_sdxl_unet(cfg: UNetConfig, seed: int = 0):
+def diffusers_sdxl_unet(cfg: UNetConfig, seed: int = 0, scale: float = 0.05):
     """diffusers' UNet2DConditionModel of `cfg`'s shape with every SDXL field passed (per-level heads and depth,
-    linear projections, the text_time added embedding); for an SD 1.5 config it is `diffusers_unet`'s model."""
+    linear projections, the text_time added embedding); for an SD 1.5 config it is `diffusers_unet`'s model.
+    `scale`: perturb_'s, of the weight noise."""
     from diffusers import UNet2DConditionModel
 
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
@@ -196,7 +197,7 @@ def diffusers_sdxl_unet(cfg: UNetConfig, seed: int = 0):
         projection_class_embeddings_input_dim=(
             cfg.projection_class_embeddings_input_dim if cfg.addition_embed_type else None),
     )
-    return perturb_(model, seed).eval()
+    return perturb_(model, seed, scale).eval()
 
 
 def sdxl_added_cond(rows: int, pooled_dim: int, seed: int = 0) -> dict[str, torch.Tensor]:

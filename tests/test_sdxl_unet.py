@@ -222,8 +222,13 @@ def test_added_cond_errors_name_what_is_needed(tiny):
 def test_sdxl_unet_matches_diffusers():
     """The full SDXL UNet (2.57G parameters, 10.3 GB in fp32), random perturbed weights, a 32×32 latent (256 px),
     both CFG branches with their own added conditioning. One copy of the weights in memory: ours shares the
-    reference's tensors."""
-    ref = diffusers_sdxl_unet(SDXL_UNET)
+    reference's tensors.
+
+    Weight noise 0.02, not perturb_'s 0.05: with 0.05, activations reach 5e5 in the decoder after the 10-block
+    transformers and float32 rounding grows through them until diffusers' UNet differs from itself by 2.6e-3 of
+    the output's maximum between its two exact attention processors (AttnProcessor against AttnProcessor2_0), as
+    ours did, above the tolerance. With 0.02 that self-difference was 2.7e-6 and ours 5.3e-6 (fp32, CPU)."""
+    ref = diffusers_sdxl_unet(SDXL_UNET, scale=0.02)
     ours = build_loaded(UNet, SDXL_UNET, ref.state_dict()).eval()
     params = sum(p.numel() for p in ref.parameters())
     assert sum(p.numel() for p in ours.parameters()) == params == 2_567_463_684

@@ -26,7 +26,7 @@ from einops import repeat
 
 from ..sd.attention import CrossFrame, check_cross_frame_mode
 from ..sd.controlnet import ControlNet
-from ..sd.loading import StableDiffusion, load, load_controlnet
+from ..sd.loading import StableDiffusion, load, load_controlnet, require_sd15
 from ..sd.model_folder import ModelFolderError
 from ..sd.schedulers import DDIM
 from ..video_io import load_frames, resize_frames, resized_shape
@@ -71,6 +71,7 @@ class ControlVideo:
     `frames = pipe("a dancing astronaut", control="pose.mp4")`."""
 
     def __init__(self, components: StableDiffusion, controlnet: ControlNet):
+        require_sd15(components, "ControlVideo")
         check_compatible(components.unet.config, controlnet)
         factor = components.vae.downsample_factor
         if controlnet.config.control_downscale != factor:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 from ..sd.attention import CrossFrame, check_cross_frame_mode
-from ..sd.loading import StableDiffusion, load
+from ..sd.loading import StableDiffusion, load, require_sd15
 from ..sd.schedulers import DDIM, draw_noise
 from ..video_io import load_frames, resize_frames, resized_shape
 from .chunks import check_chunking, eps_by_chunks
@@ -106,6 +106,7 @@ class VideoInstructPix2Pix:
     `frames = pipe("make it Van Gogh's Starry Night style", video="camel.mp4")`."""
 
     def __init__(self, components: StableDiffusion):
+        require_sd15(components, "VideoInstructPix2Pix")
         check_instruct_unet(components)
         self.sd = components
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..sd.attention import CrossFrame
 from ..sd.loading import StableDiffusion
+from ..sd.model_folder import SDXL
 from ..sd.schedulers import DDIM
 from ..sd.tome import TokenMerging
 from .chunks import eps_by_chunks
@@ -91,6 +92,17 @@ class TextConditioning:
     text: torch.Tensor
     uncond: torch.Tensor | None = None
     prompts: list[str] | None = None
+    pooled: torch.Tensor | None = None         # SDXL: the pooled text embedding of each row (b, p)
+    uncond_pooled: torch.Tensor | None = None  # SDXL: the unconditional branch's (b, p)
+
+    def added_cond(self, time_ids: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """SDXL's added conditioning for the UNet (`UNet.forward(added_cond=...)`), its rows following `context`'s:
+        the pooled embeddings ([uncond; text] with guidance) and the six size/crop numbers `time_ids` (6,) on every
+        row (`sdxl_time_ids`). None for SD 1.5 (no pooled embedding)."""
+        if self.pooled is None:
+            return None
+        pooled = self.pooled if self.uncond_pooled is None else torch.cat([self.uncond_pooled, self.pooled])
+        return {"text_embeds": pooled, "time_ids": time_ids.to(pooled).expand(pooled.shape[0], -1)}
 
     @property
     def batch(self) -> int:
@@ -119,6 +131,9 @@ def checked_embeds(sd: StableDiffusion, embeds, name: str, expected: tuple[int, 
     return embeds.to(device=sd.device, dtype=sd.dtype)
 
 
+SDXL_TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
 def encode_prompts(
     sd: StableDiffusion,
     prompt: str | Sequence[str] | None,
@@ -129,6 +144,7 @@ def encode_prompts(
     negative_prompt_embeds: torch.Tensor | None = None,
     prompt_name: str = "prompt",
     one_prompt: bool = False,
+    **sdxl,
 ) -> TextConditioning:
     """The text conditioning of every pipeline, from prompt text or from embeddings (as diffusers' encode_prompt):
 
@@ -139,7 +155,21 @@ def encode_prompts(
       encoded text's, (b, 77, d), for a text prompt), at most one of the two; neither: "" encoded for each prompt;
     - each row repeated `num_per_prompt` times, prompt-major, as the text path repeats the prompts.
     `one_prompt`: the pipeline takes a single prompt (one string, or one row of embeddings). ValueError, one line,
-    naming the bad value and what is expected."""
+    naming the bad value and what is expected.
+
+    SDXL models take `sdxl` keywords too (`SDXL_TEXT_OPTIONS`; an SD 1.5 model refuses them): `prompt_2` and
+    `negative_prompt_2`, what the second text encoder reads (default: `prompt`, `negative_prompt`), and with
+    embeddings `pooled_prompt_embeds` (b, p) beside `prompt_embeds` and `negative_pooled_prompt_embeds` beside
+    `negative_prompt_embeds`. With no negative at all the unconditional branch is zeros, not "" encoded, as
+    diffusers' SDXL pipelines do (`force_zeros_for_empty_prompt`; `SDXLTextEncoders.unconditional`)."""
+    unknown = sorted(set(sdxl) - set(SDXL_TEXT_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown text option(s) {', '.join(unknown)}")
+    sdxl = {k: v for k, v in sdxl.items() if v is not None}
+    is_sdxl = sd.family == SDXL
+    if sdxl and not is_sdxl:
+        raise ValueError(f"{', '.join(sorted(sdxl))}: SDXL option(s), and this model is SD 1.5 ({sd.family}); leave "
+                         "them unset, or load an SDXL model")
     if (prompt is None) == (prompt_embeds is None):
         d = sd.unet.config.cross_attention_dim
         raise ValueError(f"give {prompt_name} or prompt_embeds, not both" if prompt is not None else
@@ -147,27 +177,69 @@ def encode_prompts(
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
     check_per_prompt(num_per_prompt)
+    pooled = uncond_pooled = None
     if prompt_embeds is not None:
         text = checked_embeds(sd, prompt_embeds, "prompt_embeds")
         if one_prompt and text.shape[0] != 1:
             raise ValueError(f"prompt_embeds of shape {tuple(text.shape)} for a pipeline that takes one prompt, "
                              f"expected (1, n_tokens, {text.shape[2]})")
+        if is_sdxl:
+            pooled = checked_pooled(sd, sdxl.get("pooled_prompt_embeds"), "pooled_prompt_embeds", text.shape[0])
     if one_prompt and prompt is not None and not isinstance(prompt, str):
         raise ValueError(f"{prompt_name} must be one string, got {prompt!r}")
     prompts, negatives = prompt_texts(prompt, negative_prompt, None if prompt_embeds is None else text.shape[0])
     if prompts is not None:
-        text = sd.text_encoder(prompts).to(sd.dtype)
+        text, pooled = encode_text(sd, prompts, sdxl.get("prompt_2"))
     uncond = None
     if negative_prompt_embeds is not None:
         uncond = checked_embeds(sd, negative_prompt_embeds, "negative_prompt_embeds", tuple(text.shape))
+        if is_sdxl:
+            uncond_pooled = checked_pooled(sd, sdxl.get("negative_pooled_prompt_embeds"),
+                                           "negative_pooled_prompt_embeds", text.shape[0])
+    elif guidance and is_sdxl:
+        uncond, uncond_pooled = (t.to(sd.dtype) for t in sd.text_encoder.unconditional(
+            text.shape[0], negatives, sdxl.get("negative_prompt_2")))
     elif guidance:
         uncond = sd.text_encoder(negatives or [""] * text.shape[0]).to(sd.dtype)
-        if uncond.shape != text.shape:
-            raise ValueError(f"prompt_embeds of shape {tuple(text.shape)} have {text.shape[1]} tokens but the "
-                             f"unconditional branch encoded from text has {uncond.shape[1]}: give "
-                             f"negative_prompt_embeds of shape {tuple(text.shape)}")
-    return TextConditioning(repeat_rows(text, num_per_prompt), repeat_rows(uncond, num_per_prompt) if guidance
-                            else None, repeat_rows(prompts, num_per_prompt))
+    if uncond is not None and uncond.shape != text.shape:
+        raise ValueError(f"prompt_embeds of shape {tuple(text.shape)} have {text.shape[1]} tokens but the "
+                         f"unconditional branch encoded from text has {uncond.shape[1]}: give "
+                         f"negative_prompt_embeds of shape {tuple(text.shape)}")
+    if not guidance:
+        uncond = uncond_pooled = None
+    return TextConditioning(*(repeat_rows(rows, num_per_prompt) for rows in (text, uncond, prompts, pooled,
+                                                                                  uncond_pooled)))
+
+
+def encode_text(sd: StableDiffusion, prompts: list[str], prompts_2=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts → (context rows (b, 77, d), pooled rows (b, p) for SDXL, None for SD 1.5), in the model's dtype."""
+    if sd.family != SDXL:
+        return sd.text_encoder(prompts).to(sd.dtype), None
+    if prompts_2 is not None:
+        prompts_2, _ = prompt_texts(prompts_2, None)
+        if len(prompts_2) != len(prompts):
+            raise ValueError(f"{len(prompts_2)} prompt_2 for {len(prompts)} prompts: give one, or one per prompt")
+    context, pooled = sd.text_encoder(prompts, prompts_2)
+    return context.to(sd.dtype), pooled.to(sd.dtype)
+
+
+def checked_pooled(sd: StableDiffusion, pooled, name: str, rows: int) -> torch.Tensor:
+    """SDXL's pooled embeddings given beside prompt embeddings: a tensor (rows, p), p the second text encoder's
+    projection width; moved to the model's device and dtype."""
+    p = sd.text_encoder.shapes()[1]
+    if pooled is None:
+        raise ValueError(f"an SDXL model given {name.replace('pooled_', '')} needs {name} ({rows}, {p}) too, as "
+                         "diffusers' SDXL pipelines do")
+    if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (rows, p):
+        shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+        raise ValueError(f"{name} of shape {shape}, expected ({rows}, {p}): one pooled embedding per prompt row")
+    return pooled.to(device=sd.device, dtype=sd.dtype)
+
+
+def sdxl_time_ids(original_size, crops_coords_top_left, target_size) -> torch.Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023, Sec. 2.2): original size (h, w), crop top-left (y, x) and
+    target size (h, w) as one row of six numbers, (6,)."""
+    return torch.tensor([*original_size, *crops_coords_top_left, *target_size], dtype=torch.float32)
 
 
 def guided_eps(unet: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -244,6 +316,7 @@ def ddim_denoise(
     chunk_size: int | None = None,
     cache: tuple[int, int] | None = None,
     merging: TokenMerging | None = None,
+    added_cond: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DDIM with classifier-free guidance (T2V-Zero steps 2 and 5): x ((b f), c, h, w) at timesteps[0] → x one DDIM
     step below timesteps[−1], f = `cross_frame.num_frames` (1 without). With `chunk_size`, the UNet sees at most
@@ -252,11 +325,13 @@ def ddim_denoise(
     `cache` = (interval, branch): DeepCache's feature caching (`sd/deepcache.py`), a full UNet pass every
     `interval` steps of this loop, starting with its first, and branch `branch` alone in between. The caches live
     for this call only (one per chunk, `chunks.chunk_caches`): every loop starts on a full pass. `merging`: token
-    merging in the UNet (`sd/tome.py`), one object for the whole generation (it carries the random stream)."""
+    merging in the UNet (`sd/tome.py`), one object for the whole generation (it carries the random stream).
+    `added_cond`: SDXL's added conditioning (`TextConditioning.added_cond`), its rows following `context`'s."""
     unet_kwargs = loop_unet_kwargs(cache, merging)
 
     def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame | None) -> torch.Tensor:
-        return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames, **unet_kwargs(ids))
+        return guided_eps(sd.unet, x, t, context, guidance_scale, cross_frame=frames, added_cond=added_cond,
+                          **unet_kwargs(ids))
     return ddim_loop(x, scheduler, timesteps, eps_by_chunks(predict_chunk, cross_frame, chunk_size), generator,
                      step_callback, desc, progress)
 

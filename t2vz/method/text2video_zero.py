@@ -23,13 +23,14 @@ from einops import rearrange, repeat
 
 from ..sd.attention import CrossFrame, check_cross_frame_levels, check_cross_frame_mode
 from ..sd.loading import StableDiffusion, load
+from ..sd.model_folder import SDXL
 from ..sd.schedulers import DDIM, DDPM, draw_noise
 from .chunks import check_chunking, eps_by_chunks
 from .fast import FastModes
 from .motion import translation_path, warp_latents
 from .sampling import (
     TextConditioning, chain, check_size, checked_latents, ddim_denoise, ddim_loop, decode_video, encode_prompts,
-    fold_frames, guided_eps, step_counter, unfold_frames,
+    fold_frames, guided_eps, sdxl_time_ids, step_counter, unfold_frames,
 )
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
@@ -117,6 +118,23 @@ class FirstFrameTrajectory:
 
 
 # --------------------------------------------------------------------------------------------- the options
+SDXL_SIZE_OPTIONS = ("original_size", "crops_coords_top_left", "target_size")
+
+
+def check_micro_conditioning(o: VideoOptions, family: str) -> None:
+    """SDXL's size options: SDXL models only (ValueError naming them on SD 1.5), each two integers >= 0."""
+    given = [name for name in SDXL_SIZE_OPTIONS if getattr(o, name) is not None]
+    if given and family != SDXL:
+        raise ValueError(f"{', '.join(given)}: SDXL option(s), and this model is SD 1.5 ({family}); leave them unset, "
+                         "or load an SDXL model")
+    for name in given:
+        value = getattr(o, name)
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        if not ok:
+            raise ValueError(f"{name}={value!r} must be two integers >= 0 (height, width; top, left for the crop)")
+
+
 @dataclass
 class VideoOptions:
     """Every option of `TextToVideoZero.__call__`, with its default; `resolve` checks them against a model.
@@ -154,6 +172,9 @@ class VideoOptions:
     merging_options: dict | None = None      #   tomesd's other options: sx, sy, use_rand, merge_crossattn, ...
     cache_interval: int = 1                  #   feature caching, DeepCache: a full UNet pass every N steps (1: exact)
     cache_branch: int = 0                    #   the shallow branch run on the cached steps
+    original_size: Sequence[int] | None = None          # SDXL's micro-conditioning (h, w); None: (height, width)
+    crops_coords_top_left: Sequence[int] | None = None  #   (y, x); None: (0, 0)
+    target_size: Sequence[int] | None = None            #   (h, w); None: (height, width)
 
     @classmethod
     def of(cls, options: dict) -> VideoOptions:
@@ -198,8 +219,15 @@ class VideoOptions:
             raise ValueError(f"smoothing={o.smoothing!r} must be one of {SMOOTHING_FORMS} and alpha={o.alpha} in "
                              "[0, 1]")
         motion_timesteps(DDIM(o.num_inference_steps).timesteps, o.t0, o.t1)  # t0, t1 in range
+        check_micro_conditioning(o, sd.family)
         FastModes.of(o, sd.unet.config)
         return o
+
+    def time_ids(self) -> torch.Tensor:
+        """SDXL's size/crop conditioning of a resolved VideoOptions (`sampling.sdxl_time_ids`): the defaults of
+        diffusers' SDXL pipelines, the output size as both the original and the target size and no crop."""
+        size = (self.height, self.width)
+        return sdxl_time_ids(self.original_size or size, self.crops_coords_top_left or (0, 0), self.target_size or size)
 
     def frame_path(self) -> torch.Tensor:
         """Every frame's motion as affine maps (f, 2, 3): `motion`, or the translation δᵏ = λ·k·δ (step 3)."""
@@ -230,6 +258,10 @@ class TextToVideoZero:
         negative_prompt_embeds: torch.Tensor | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         progress: bool = True,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         **options,
     ) -> torch.Tensor:
         """Generate videos: frames (F, H, W, 3) float in [0, 1] for one prompt and one video, else (B, F, H, W, 3)
@@ -246,14 +278,23 @@ class TextToVideoZero:
         first frame (`smoothing.py`); the foreground comes from `masks` or from the UNet's cross-attention to
         `mask_tokens`, recorded in an extra denoising pass; with `prompt_embeds` there is no prompt text to find the
         tokens in, so smoothing then needs `masks`.
+
+        On an SDXL model (the same code: its UNet takes the added conditioning, `sampling.TextConditioning`):
+        `prompt_2`/`negative_prompt_2` for the second text encoder, `pooled_prompt_embeds`/
+        `negative_pooled_prompt_embeds` beside the embeddings, and the options `original_size`,
+        `crops_coords_top_left`, `target_size` (SDXL's micro-conditioning, `VideoOptions.time_ids`), all as
+        diffusers' `TextToVideoZeroSDXLPipeline`; an SD 1.5 model refuses them.
         """
         o = VideoOptions.of(options).resolve(self.sd)
         fast = FastModes.of(o)
         merging = fast.token_merging(generator)  # forked before the first draw from `generator`
         sd, f = self.sd, int(o.num_frames)
         text = encode_prompts(sd, prompt, o.negative_prompt, o.guidance_scale > 1.0, o.num_videos_per_prompt,
-                              prompt_embeds, negative_prompt_embeds)
+                              prompt_embeds, negative_prompt_embeds, prompt_2=prompt_2,
+                              negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
+                              negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         b, context = text.batch, text.context
+        added_cond = text.added_cond(o.time_ids())  # SDXL's pooled text and sizes; None for SD 1.5
         if o.smooth_bg:
             check_masks(o.masks, b, f)
             if o.masks is None and text.prompts is None:
@@ -269,7 +310,8 @@ class TextToVideoZero:
                if latents is None else checked_latents(sd, latents, shape))
         if o.motion_dynamics:
             first = self.first_frame_trajectory(x_T, scheduler, o.t0, o.t1, context, o.guidance_scale,
-                                                generator, on_step, progress, fast.cache, merging)  # 2. T → T₁ → T₀
+                                                generator, on_step, progress, fast.cache, merging,
+                                                added_cond)                                        # 2. T → T₁ → T₀
             warped = self.warp_first_frame(first.x_T0, path)                                     # 3. W_k(x_{T₀}¹)
             x_T1 = self.noise_to_T1(first, warped, generator, o.ddpm_marginal)                   # 4. T₀ → T₁
             timesteps = scheduler.timesteps[-o.t1 - 1 :]
@@ -277,7 +319,7 @@ class TextToVideoZero:
             x_T1, timesteps = self.independent_frames(x_T, f, generator), scheduler.timesteps
         denoise = dict(scheduler=scheduler, timesteps=timesteps, context=context, guidance_scale=o.guidance_scale,
                        generator=generator, cross_frame=o.cross_frame, cross_frame_levels=o.cross_frame_levels,
-                       chunk_size=o.chunk_size, progress=progress)
+                       chunk_size=o.chunk_size, progress=progress, added_cond=added_cond)
         x_T1, blend = self.background_smoothing(x_T1, path, o, text, denoise)
         x_0 = self.denoise_frames(x_T1, **denoise, step_callback=chain(blend, on_step),          # 5. T₁ → 0
                                   cache=fast.cache, merging=merging)
@@ -286,12 +328,12 @@ class TextToVideoZero:
 
     # ---------------------------------------------------------------------------------------------- the steps
     def first_frame_trajectory(self, x_T, scheduler, t0, t1, context, guidance_scale, generator, callback,
-                               progress, cache=None, merging=None) -> FirstFrameTrajectory:
+                               progress, cache=None, merging=None, added_cond=None) -> FirstFrameTrajectory:
         """Step 2: DDIM on frame 1 alone, T → T₁ (keep x_{T₁}¹), then T₁ → T₀ (keep x_{T₀}¹). With feature caching
         (`cache`) each of the two loops starts on a full UNet pass."""
         T1, T0 = motion_timesteps(scheduler.timesteps, t0, t1)
         ts = scheduler.timesteps
-        fast = dict(cache=cache, merging=merging)
+        fast = dict(cache=cache, merging=merging, added_cond=added_cond)
         x_T1 = ddim_denoise(self.sd, x_T, scheduler, ts[: -t1 - 1], context, guidance_scale, generator,
                             step_callback=callback, desc="DDIM (frame 1, T→T1)", progress=progress, **fast)
         x_T0 = ddim_denoise(self.sd, x_T1, scheduler, ts[-t1 - 1 : -t0 - 1], context, guidance_scale, generator,
@@ -328,14 +370,15 @@ class TextToVideoZero:
     def denoise_frames(self, x_T1: torch.Tensor, scheduler, timesteps, context, guidance_scale, generator,
                        cross_frame: str, progress: bool, step_callback=None,
                        cross_frame_levels: Sequence[int] | None = None, chunk_size: int | None = None,
-                       cache: tuple[int, int] | None = None, merging=None) -> torch.Tensor:
+                       cache: tuple[int, int] | None = None, merging=None, added_cond=None) -> torch.Tensor:
         """Step 5: DDIM from T₁ to 0 on all frames with cross-frame attention, the UNet seeing at most `chunk_size`
         frames of each video at a time: (b, c, f, h, w) at T₁ → ((b f), c, h, w) at 0. The latents were warped and
         re-noised outside the UNet, so feature caching (`cache`) starts afresh here, on a full pass."""
         f = x_T1.shape[2]  # the f frames of a video share its text context: one row per video, not per frame
         attention = CrossFrame(f, cross_frame, cross_frame_levels)
         return ddim_denoise(self.sd, fold_frames(x_T1), scheduler, timesteps, context, guidance_scale, generator,
-                            attention, step_callback, "DDIM (all frames)", progress, chunk_size, cache, merging)
+                            attention, step_callback, "DDIM (all frames)", progress, chunk_size, cache, merging,
+                            added_cond)
 
     # ----------------------------------------------------------------------------------- background smoothing
     def background_smoothing(self, x_T1: torch.Tensor, path: torch.Tensor, o: VideoOptions, text: TextConditioning,
@@ -369,7 +412,7 @@ class TextToVideoZero:
                 self.sd.unet, [pos for pos in positions for _ in ids], (h, w), rows))
             with recorder:
                 return guided_eps(self.sd.unet, x, t, denoise["context"], denoise["guidance_scale"],
-                                  cross_frame=frames)
+                                  cross_frame=frames, added_cond=denoise["added_cond"])
         ddim_loop(fold_frames(x_T1), denoise["scheduler"], denoise["timesteps"],
                   eps_by_chunks(predict_chunk, attention, denoise["chunk_size"]), denoise["generator"],
                   desc="DDIM (attention masks)", progress=denoise["progress"])

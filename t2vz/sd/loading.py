@@ -70,6 +70,14 @@ class StableDiffusion:
         return (self.sample_size if height is None else height, self.sample_size if width is None else width)
 
 
+def require_sd15(sd: StableDiffusion, pipeline: str) -> None:
+    """ModelFolderError unless `sd` is an SD 1.x model: the pipelines built on SD 1.5's add-ons (ControlNet,
+    InstructPix2Pix) have no SDXL form in t2vz."""
+    if sd.family != SD15:
+        raise ModelFolderError(f"{pipeline} runs on SD 1.5 models and this one is {sd.family}: use an SD 1.5-based "
+                               "model folder (TextToVideoZero takes SDXL)")
+
+
 def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict=True, assign=True) with an error that lists the offending keys by name."""
     expected = module.state_dict()

@@ -1,5 +1,5 @@
-"""`t2vz.load`: a converted model folder → the SD 1.5 components; `t2vz.load_controlnet`: a converted ControlNet
-folder → a ControlNet; both with strict key checks."""
+"""`t2vz.load`: a converted model folder (with LoRA files merged into its weights, `lora.py`) → the SD 1.5
+components; `t2vz.load_controlnet`: a converted ControlNet folder → a ControlNet; both with strict key checks."""
 from __future__ import annotations
 
 import os
@@ -10,12 +10,15 @@ import torch
 from torch import nn
 
 from .controlnet import ControlNet, ControlNetConfig
+from .lora import as_loras, lora_records, merge_loras
 from .model_folder import (
     CONTROLNET, ModelFolderError, read_controlnet_config, read_model_config, read_state_dict, resolve_model_path,
 )
 from .model_folder import method_defaults as folder_method_defaults
 from .onednn import prepack_convolutions
-from .text_encoder import TextEncoder, build_clip_text_model, clip_state_dict_for, load_tokenizer
+from .text_encoder import (
+    TextEncoder, build_clip_text_model, canonical_clip_state_dict, clip_state_dict_for, load_tokenizer,
+)
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
 
@@ -31,6 +34,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     text_encoder: TextEncoder
     config: dict = field(default_factory=dict)
+    lora: list[dict] = field(default_factory=list)  # the LoRAs merged in: file, sha256, scale (`lora.lora_records`)
 
     @property
     def tokenizer(self):
@@ -113,23 +117,33 @@ def prepare_for_device(module: nn.Module, device: str | torch.device, dtype: tor
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         vae_dtype: torch.dtype | None = None) -> StableDiffusion:
+         vae_dtype: torch.dtype | None = None, lora=None) -> StableDiffusion:
     """Read a t2vz model folder (written by `python -m weights_convert`, or a shipped model's name such as
     "toyworld") onto `device` in `dtype`, in eval mode. The VAE runs in `vae_dtype`, by default
-    `vae_dtype_for(dtype)` (float32 under float16); latents are cast to it at the VAE's door."""
+    `vae_dtype_for(dtype)` (float32 under float16); latents are cast to it at the VAE's door.
+
+    `lora`: [(file, scale), ...], LoRA files merged into the UNet and text encoder weights in float32 before the
+    cast to `dtype`, W ← W + scale·(α/r)·up·down, several adding (`lora.py`; docs/lora.md). A LoRA that does not
+    fit the model is refused with a LoraError (a ValueError) naming it."""
+    loras = as_loras(lora)
     path = resolve_model_path(path)
     meta = read_model_config(path)
-    unet = build_loaded(UNet, UNetConfig(**meta["unet"]), read_state_dict(path, "unet"), f"{path}/unet.safetensors")
+    records = lora_records(loras)  # a missing LoRA file fails here, before any weights are read
+    weights = {"unet": read_state_dict(path, "unet"),
+               "text_encoder": canonical_clip_state_dict(read_state_dict(path, "text_encoder"))}
+    unet_config = UNetConfig(**meta["unet"])
+    weights = merge_loras(weights, unet_config, loras)
+    unet = build_loaded(UNet, unet_config, weights["unet"], f"{path}/unet.safetensors")
     vae = build_loaded(AutoencoderKL, VAEConfig(**meta["vae"]), read_state_dict(path, "vae"), f"{path}/vae.safetensors")
     clip = build_clip_text_model(meta["text_encoder"])
-    clip_weights = clip_state_dict_for(clip, read_state_dict(path, "text_encoder"))
+    clip_weights = clip_state_dict_for(clip, weights["text_encoder"])
     load_strict(clip, clip_weights, f"{path}/text_encoder.safetensors")
     text_encoder = TextEncoder(clip, load_tokenizer(os.path.join(path, "tokenizer")))
     for module, module_dtype in ((unet, dtype), (vae, vae_dtype or vae_dtype_for(dtype)), (text_encoder, dtype)):
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
         prepare_for_device(module, device, module_dtype)
     folder_method_defaults(meta)  # a bad "method" entry fails here, at load, not in the middle of a run
-    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta)
+    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta, lora=records)
 
 
 def load_controlnet(path: str | os.PathLike, device: str | torch.device = "cpu",

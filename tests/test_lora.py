@@ -59,8 +59,10 @@ def sdxl_unet(seed: int = 0):
 # ------------------------------------------------------------------------------------------------ random LoRAs
 def lora_targets(sd: dict[str, torch.Tensor]) -> list[str]:
     """Every linear and convolution layer of a state dict (the modules with a 2-D or 4-D weight): attention
-    projections, feed-forwards, 1×1 and 3×3 convolutions, the time embedding."""
-    return [k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.ndim in (2, 4)]
+    projections, feed-forwards, 1×1 and 3×3 convolutions, the time and added embeddings' linears; not the text
+    encoders' token and position embeddings or text projection, which LoRA trainers leave alone."""
+    return [k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.ndim in (2, 4)
+            and "embeddings." not in k and "text_projection" not in k]
 
 
 def random_factors(weight: torch.Tensor, gen: torch.Generator, rank: int = RANK):
@@ -264,7 +266,7 @@ def sdxl():
     clip_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_2))
     state = {"unet": {k: v.clone() for k, v in unet.state_dict().items()},
              "text_encoder": canonical_clip_state_dict(build_clip_text_model(TINY_CLIP).state_dict()),
-             "text_encoder_2": canonical_clip_state_dict(clip_2.state_dict())}
+             "text_encoder_2": clip_2.state_dict()}  # text_model.* and text_projection
     return unet, state
 
 
@@ -411,3 +413,22 @@ def test_text_to_image_cli_takes_loras(tmp_path):
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
     assert text_to_image_main([*args, "--out", str(tmp_path / "c.png"), "--lora", f"{lora}:x"]) == 2
     assert not (tmp_path / "c.png").exists()
+
+
+def test_conditional_runs_record_their_loras(tmp_path):
+    """ControlVideo and Video Instruct-Pix2Pix jobs take `lora` like text-to-video; run.json records it."""
+    import time
+
+    from t2vz.experiment.conditional_runs import ControlExperimentConfig, InstructExperimentConfig
+    from t2vz.experiment.run import write_run
+
+    lora = lora_file(tmp_path, {"lora_unet_conv_in.lora_down.weight": torch.ones(1, 4, 3, 3),
+                                "lora_unet_conv_in.lora_up.weight": torch.ones(32, 1, 1, 1)})
+    config = ControlExperimentConfig(prompt="x", model="m", controlnet="c", lora=[f"{lora}:0.25"])
+    config.output.formats = ["gif"]
+    write_run(tmp_path / "run", torch.zeros(2, 8, 8, 3), config, "", time.perf_counter())
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["lora"] == [{"file": str(lora), "sha256": hashlib.sha256(lora.read_bytes()).hexdigest(),
+                             "scale": 0.25}]
+    with pytest.raises(LoraError, match="the scale 'x' is not a number"):
+        InstructExperimentConfig(instruction="x", model="m", lora=[f"{lora}:x"])

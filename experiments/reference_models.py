@@ -161,3 +161,50 @@ def instruct_pix2pix_pipeline(ref_unet, ref_vae, ref_clip):
     pipe = reference_pipeline("StableDiffusionInstructPix2PixPipeline", ref_unet, ref_vae, ref_clip)
     pipe.unet.set_attn_processor(CrossFrameAttnProcessor(batch_size=3))
     return pipe
+
+
+# ---- Stable Diffusion XL -----------------------------------------------------------------------------------------
+
+TINY_SDXL_POOLED_DIM = 32  # the width of TINY_SDXL_UNET's added_cond["text_embeds"] (SDXL: 1280)
+TINY_SDXL_UNET = UNetConfig(
+    block_out_channels=(32, 64, 64), attention_levels=(False, True, True), num_attention_heads=(1, 2, 4),
+    transformer_layers_per_block=(1, 2, 3), cross_attention_dim=32, norm_num_groups=16, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TINY_SDXL_POOLED_DIM + 6 * 8,
+)
+SDXL_UNET = UNetConfig(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    block_out_channels=(320, 640, 1280), attention_levels=(False, True, True), num_attention_heads=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+def diffusers_sdxl_unet(cfg: UNetConfig, seed: int = 0):
+    """diffusers' UNet2DConditionModel of `cfg`'s shape with every SDXL field passed (per-level heads and depth,
+    linear projections, the text_time added embedding); for an SD 1.5 config it is `diffusers_unet`'s model."""
+    from diffusers import UNet2DConditionModel
+
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
+    model = UNet2DConditionModel(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.block_out_channels,
+        down_block_types=down, up_block_types=up, layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.num_attention_heads, transformer_layers_per_block=cfg.transformer_layers_per_block,
+        cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
+        use_linear_projection=cfg.use_linear_projection, addition_embed_type=cfg.addition_embed_type,
+        addition_time_embed_dim=cfg.addition_time_embed_dim if cfg.addition_embed_type else None,
+        projection_class_embeddings_input_dim=(
+            cfg.projection_class_embeddings_input_dim if cfg.addition_embed_type else None),
+    )
+    return perturb_(model, seed).eval()
+
+
+def sdxl_added_cond(rows: int, pooled_dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random SDXL `added_cond` for `rows` rows: a pooled text embedding and plausible size/crop ids (original
+    h, w; crop top, left; target h, w in pixels), distinct per row."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(256, 2048, (rows, 2), generator=gen).float()
+    crops = torch.randint(0, 256, (rows, 2), generator=gen).float()
+    targets = torch.randint(256, 2048, (rows, 2), generator=gen).float()
+    return {"text_embeds": torch.randn(rows, pooled_dim, generator=gen),
+            "time_ids": torch.cat([sizes, crops, targets], dim=1)}

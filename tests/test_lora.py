@@ -75,13 +75,13 @@ def random_factors(weight: torch.Tensor, gen: torch.Generator, rank: int = RANK)
     return down, up
 
 
-def sgm_name(module: str) -> str:
+def sgm_name(module: str, cfg: UNetConfig) -> str:
     """A diffusers UNet module → its SGM name, by the block walk of tests/ldm_fixtures.py (the SDXL add embedding
     added), independent of t2vz's `sgm_module`."""
     added = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     if module in added:
         return added[module]
-    blocks = {**unet_blocks(TINY_SDXL)}
+    blocks = unet_blocks(cfg)
     if module in blocks:
         return blocks[module][0]
     prefix, rest, is_resnet = _rename(module + ".weight", blocks)
@@ -89,20 +89,21 @@ def sgm_name(module: str) -> str:
     return f"{prefix}.{UNET_RESNET.get(rest, rest) if is_resnet else rest}"
 
 
-def kohya_name(component: str, module: str, family: str) -> str:
+def kohya_name(component: str, module: str, family: str, cfg: UNetConfig) -> str:
     if component == "unet":
-        return "lora_unet_" + (sgm_name(module) if family == "sdxl" else module).replace(".", "_")
+        return "lora_unet_" + (sgm_name(module, cfg) if family == "sdxl" else module).replace(".", "_")
     prefix = {"sd15": "lora_te_", "sdxl": "lora_te1_"}[family] if component == "text_encoder" else "lora_te2_"
     return prefix + module.replace(".", "_")
 
 
-def make_lora(state_dicts: dict, layout: str, family: str = "sd15", seed: int = 0,
-              alphas: str | None = "uniform") -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], tuple], dict]:
+def make_lora(state_dicts: dict, layout: str, family: str = "sd15", seed: int = 0, alphas: str | None = "uniform",
+              cfg: UNetConfig = TINY_SDXL) -> tuple[dict[str, torch.Tensor], dict[tuple[str, str], tuple], dict]:
     """A random LoRA over every layer of every component, in `layout`: "kohya", "peft" (lora_A/lora_B),
     "diffusers_old" (lora.down/lora.up); α "uniform" (α = 2 = r/2 everywhere, as trainers write it: .alpha tensors,
     or for "peft" diffusers' `lora_adapter_metadata` header, which is where its loader reads a PEFT file's α),
     "varied" (.alpha tensors, α from 1 to 7 by layer) or None (no α: α = r). Returns its tensors, the definition
-    (component, module) → (down, up, α or None), and the safetensors header metadata.
+    (component, module) → (down, up, α or None), and the safetensors header metadata. `cfg`: the SDXL UNet's
+    config, for its SGM names.
 
     diffusers' kohya converter keys the α of attention layers by their old processor names, which PEFT then fails
     to match (its warning: "alpha_pattern keys did not match any targeted module"), so varied α is checked against
@@ -116,7 +117,7 @@ def make_lora(state_dicts: dict, layout: str, family: str = "sd15", seed: int = 
             alpha = {"uniform": RANK / 2, "varied": float(1 + i % 7), None: None}[alphas]
             layers[(component, module)] = (down, up, alpha)
             if layout == "kohya":
-                name = kohya_name(component, module, family)
+                name = kohya_name(component, module, family, cfg)
                 tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}
             else:
                 a, b = {"peft": ("lora_A.weight", "lora_B.weight"),
@@ -293,6 +294,31 @@ def test_sdxl_merge_matches_diffusers_fuse_lora(sdxl, tmp_path, layout, scale):
     assert_same_weights(merged["unet"], expected)
     for component in ("text_encoder", "text_encoder_2"):
         assert_same_weights(merged[component], merged_by_hand(state[component], component, layers, scale))
+
+
+def test_sdxl_model_folder_loads_with_loras(tmp_path):
+    """t2vz.load of a converted SDXL file with a kohya LoRA: the UNet is diffusers' fused one, both text encoders the
+    definition; an SD 1.5 LoRA on it is refused."""
+    from ldm_fixtures import write_checkpoint
+    from sdxl_fixtures import TINY_SDXL_FILE_UNET, tiny_sdxl_checkpoint, tiny_sdxl_models
+
+    from weights_convert.convert import convert
+
+    ref_unet, _, ref_l, ref_g = tiny_sdxl_models()  # the models tiny_sdxl_checkpoint() holds
+    convert(write_checkpoint(tiny_sdxl_checkpoint(), tmp_path / "sd_xl.safetensors"), tmp_path / "model")
+    state = {"unet": ref_unet.state_dict(), "text_encoder": canonical_clip_state_dict(ref_l.state_dict()),
+             "text_encoder_2": canonical_clip_state_dict(ref_g.state_dict())}
+    tensors, layers, _ = make_lora(state, "kohya", family="sdxl", cfg=TINY_SDXL_FILE_UNET)
+    model = t2vz.load(tmp_path / "model", lora=[(lora_file(tmp_path, tensors), 0.7)])
+    assert_same_weights(model.unet.state_dict(),
+                        fused_by_diffusers(sdxl_pipeline(copy.deepcopy(ref_unet)), tensors, 0.7, {}, tmp_path))
+    for component, encoder in (("text_encoder", model.text_encoder.encoder_1),
+                               ("text_encoder_2", model.text_encoder.encoder_2)):
+        assert_same_weights(canonical_clip_state_dict(encoder.state_dict()),
+                            merged_by_hand(state[component], component, layers, 0.7))
+    sd15_lora, _, _ = make_lora({"text_encoder": state["text_encoder"]}, "kohya")
+    with pytest.raises(LoraError, match="made for SD 1.5, the model is SDXL"):
+        t2vz.load(tmp_path / "model", lora=[lora_file(tmp_path, sd15_lora, "sd15.safetensors")])
 
 
 # ------------------------------------------------------------------------------------------------- refusals

@@ -1,4 +1,4 @@
-"""Convert the SD 1.x checkpoints people have into t2vz model folders (`t2vz/sd/model_folder.py`).
+"""Convert the SD 1.x and SDXL base checkpoints people have into t2vz model folders (`t2vz/sd/model_folder.py`).
 
 Usage::
 
@@ -48,8 +48,12 @@ Configs are read off the shapes (UNet heads = 8, CLIP heads = hidden // 64). LDM
 is not used is an error, as is every missing key or wrong shape, all checked against t2vz's own model classes.
 ControlNet checkpoints (`controlnet.py`: `control_model.*` single files, diffusers ControlNetModel folders) become
 ControlNet folders (`t2vz.load_controlnet`).
-Refused with a `ConversionError` saying why: SD 2.x, SDXL (models and ControlNets), inpainting (unless
---allow-inpainting), pickles that hold Python objects, truncated files.
+SDXL base models (`sdxl.py`: SGM single files with `conditioner.embedders.0.transformer.*` CLIP ViT-L and
+`conditioner.embedders.1.model.*` OpenCLIP ViT-bigG, whose OpenCLIP names map to CLIPTextModelWithProjection's;
+diffusers folders with text_encoder_2/ and tokenizer_2/) become folders of family "sdxl" (heads = channels // 64
+for a single file, the VAE's scaling factor 0.13025, the second tokenizer padding with "!").
+Refused with a `ConversionError` saying why: SD 2.x, the SDXL refiner and SDXL inpainting (by name), SDXL
+ControlNets, SD 1.x inpainting (unless --allow-inpainting), pickles that hold Python objects, truncated files.
 """
 from weights_convert.checkpoint_io import ConversionError
 from weights_convert.convert import Report, convert

@@ -1,4 +1,5 @@
-"""python -m weights_convert SRC OUT: an SD 1.x checkpoint → a t2vz model folder (see the package docstring)."""
+"""python -m weights_convert SRC OUT: an SD 1.x or SDXL base checkpoint → a t2vz model folder (see the package
+docstring)."""
 from __future__ import annotations
 
 import argparse
@@ -12,24 +13,30 @@ from weights_convert.checkpoint_io import ConversionError
 from weights_convert.convert import DTYPES, convert
 
 DESCRIPTION = """\
-Convert a Stable Diffusion 1.x checkpoint into a t2vz model folder (read by t2vz.load).
+Convert a Stable Diffusion 1.x or SDXL base checkpoint into a t2vz model folder (read by t2vz.load).
 
 SRC may be
   - an original single-file checkpoint: .safetensors, or .ckpt/.pt/.pth holding plain tensors
     (model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*), fp32 or fp16,
     with or without EMA weights (model_ema.*: used by default);
   - a diffusers folder with unet/, vae/, text_encoder/ (and tokenizer/, scheduler/), weights as
-    .safetensors or .bin, fp32 or the .fp16 variant.
+    .safetensors or .bin, fp32 or the .fp16 variant;
+  - an SDXL base model: a single file (sd_xl_base_1.0.safetensors: model.diffusion_model.*,
+    first_stage_model.*, conditioner.embedders.0.transformer.* CLIP ViT-L and
+    conditioner.embedders.1.model.* OpenCLIP ViT-bigG), fp32 or fp16, or a diffusers folder that
+    also has text_encoder_2/ and tokenizer_2/;
   - an SD 1.x ControlNet: a single file with control_model.* keys (ControlNet only, or beside a whole
     SD model, which is left out), or a diffusers ControlNetModel folder (config.json +
     diffusion_pytorch_model.safetensors); written as a ControlNet folder for t2vz.load_controlnet.
 SD 1.x text-to-image and InstructPix2Pix models convert; inpainting with --allow-inpainting.
-SD 2.x and SDXL files (models and ControlNets) are refused with a message saying so.
+SDXL base converts; the SDXL refiner, SDXL inpainting and SDXL ControlNets are refused, as is SD 2.x,
+with a message saying so.
 """
 EXAMPLES = """\
 examples:
   python -m weights_convert v1-5-pruned-emaonly.safetensors models/sd15
   python -m weights_convert ./stable-diffusion-v1-5 models/sd15 --dtype fp16
+  python -m weights_convert sd_xl_base_1.0.safetensors models/sdxl --dtype fp16
   python -m weights_convert instruct-pix2pix-00-22000.ckpt models/ip2p --overwrite
   python -m weights_convert control_v11p_sd15_canny.pth models/controlnet-canny
 """
@@ -45,7 +52,8 @@ def parse_args(argv):
     p.add_argument("out", metavar="OUT", help="model folder to write (written atomically)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="folder with CLIP's vocab.json and merges.txt (default: the diffusers folder's tokenizer/, "
-                        "else the one shipped with t2vz)")
+                        "else the one shipped with t2vz); SDXL's second tokenizer is the same vocabulary padding "
+                        "with \"!\" (or the folder's own tokenizer_2/)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="dtype of the written weights (default fp32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -1,5 +1,5 @@
-"""`convert`: an SD 1.x checkpoint (single file or diffusers folder) → a t2vz model folder, or an SD 1.x ControlNet
-checkpoint → a t2vz ControlNet folder; written atomically."""
+"""`convert`: an SD 1.x or SDXL base checkpoint (single file or diffusers folder) → a t2vz model folder, or an SD
+1.x ControlNet checkpoint → a t2vz ControlNet folder; written atomically."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from t2vz.sd.model_folder import TOKENIZER_FILES, write_controlnet_folder, write_model_folder
-from t2vz.sd.text_encoder import shipped_tokenizer_dir
+from t2vz.sd.text_encoder import SDXL_TOKENIZER_2_CONFIG, shipped_tokenizer_dir
 
 from weights_convert.checkpoint_io import ConversionError, read_weights
 from weights_convert.clip_vocab import TOKENIZER_CONFIG
@@ -22,7 +22,7 @@ from weights_convert.controlnet import (
 )
 from weights_convert.diffusers_folder import is_diffusers_folder, read_diffusers_folder
 from weights_convert.ldm import read_single_file
-from weights_convert.target import Source, config_dicts
+from weights_convert.target import Source, config_dicts, sdxl_config_dicts
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -54,7 +54,8 @@ class Report:
 
 def check_paths(src: Path, out: Path, overwrite: bool) -> None:
     if not src.exists():
-        raise ConversionError(f"{src} does not exist; pass an SD 1.x .safetensors/.ckpt file or a diffusers folder")
+        raise ConversionError(f"{src} does not exist; pass an SD 1.x or SDXL .safetensors/.ckpt file or a diffusers "
+                              "folder")
     if out.exists() and not overwrite:
         raise ConversionError(f"output folder {out} already exists; pass --overwrite to replace it")
     s, o = src.resolve(), out.resolve()
@@ -63,7 +64,8 @@ def check_paths(src: Path, out: Path, overwrite: bool) -> None:
 
 
 def read_source(src: Path, prefer_ema: bool, allow_inpainting: bool) -> Source:
-    """An SD 1.x model or a ControlNet (recognised by its keys, or its folder's config.json), read and checked."""
+    """An SD 1.x or SDXL model or a ControlNet (recognised by its keys, or its folder's config.json), read and
+    checked."""
     if src.is_file():
         weights = read_weights(src)
         if is_controlnet_file(weights):
@@ -80,8 +82,9 @@ def read_source(src: Path, prefer_ema: bool, allow_inpainting: bool) -> Source:
 
 
 @contextlib.contextmanager
-def tokenizer_files(folder: Path, vocab_size: int):
-    """A folder with TOKENIZER_FILES: `folder` itself, or a temporary copy with SD's tokenizer_config.json added."""
+def tokenizer_files(folder: Path, vocab_size: int, config: dict | None = None):
+    """A folder with TOKENIZER_FILES: `folder` itself, or a temporary copy with SD's tokenizer_config.json added;
+    with `config` (SDXL's second tokenizer), always a copy of the vocabulary with that tokenizer_config.json."""
     if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
         raise ConversionError(f"tokenizer folder {folder} needs vocab.json and merges.txt (CLIP's BPE tokenizer)")
     try:
@@ -91,13 +94,13 @@ def tokenizer_files(folder: Path, vocab_size: int):
     if tokens > vocab_size:
         raise ConversionError(f"{folder} has {tokens} tokens but the text encoder embeds {vocab_size}; "
                               "pass the tokenizer that belongs to this model with --tokenizer")
-    if (folder / "tokenizer_config.json").is_file():
+    if config is None and (folder / "tokenizer_config.json").is_file():
         yield folder
         return
     with tempfile.TemporaryDirectory() as tmp:
         for name in TOKENIZER_FILES[:2]:
             shutil.copyfile(folder / name, Path(tmp) / name)
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config or TOKENIZER_CONFIG, indent=2) + "\n")
         yield Path(tmp)
 
 
@@ -114,7 +117,9 @@ def convert(
     recognised by its keys or its config.json); raises ConversionError with what to do when it cannot.
 
     tokenizer: a folder with CLIP's vocab.json and merges.txt; default the checkpoint's own (diffusers folder) or
-    the one that ships with t2vz. prefer_ema: take a single file's EMA UNet weights when it has them.
+    the one that ships with t2vz. An SDXL model's second tokenizer is its folder's tokenizer_2/, else the same
+    vocabulary padding with "!" (`SDXL_TOKENIZER_2_CONFIG`). prefer_ema: take a single file's EMA UNet weights
+    when it has them.
     """
     src, out = Path(src), Path(out)
     if dtype not in DTYPES:
@@ -129,8 +134,11 @@ def convert(
                    for c, sd in source.state_dicts.items()}
     source.state_dicts = None  # the file's tensors can go as soon as each is cast
     controlnet = "controlnet" in source.configs  # a ControlNet folder: no VAE, text encoder or tokenizer
+    sdxl = "text_encoder_2" in source.configs
     if controlnet:
         config = controlnet_config_dict(source.configs["controlnet"])
+    elif sdxl:
+        config = sdxl_config_dicts(*(source.configs[c] for c in ("unet", "vae", "text_encoder", "text_encoder_2")))
     else:
         config = config_dicts(source.configs["unet"], source.configs["vae"], source.configs["text_encoder"])
     config["source"] = {"path": str(src.resolve()), "layout": source.layout, "ema": source.ema, "dtype": source_dtype}
@@ -144,8 +152,18 @@ def convert(
             notes.append(f"--tokenizer {tokenizer} ignored: a ControlNet has no text encoder")
     else:
         tok = Path(tokenizer) if tokenizer else source.tokenizer_dir or shipped_tokenizer_dir()
-        with tokenizer_files(Path(tok), source.configs["text_encoder"]["vocab_size"]) as tok_dir:
-            write_model_folder(out, state_dicts, config, tok_dir, overwrite=overwrite)
+        # SDXL's second tokenizer: the folder's own tokenizer_2/ as it is, else the vocabulary padding with "!"
+        tok_2 = Path(source.tokenizer_2_dir) if sdxl and source.tokenizer_2_dir and not tokenizer else tok
+        config_2 = None if tok_2 != tok and (tok_2 / "tokenizer_config.json").is_file() else SDXL_TOKENIZER_2_CONFIG
+        with contextlib.ExitStack() as stack:
+            tok_dir = stack.enter_context(tokenizer_files(Path(tok), source.configs["text_encoder"]["vocab_size"]))
+            tok_2_dir = None
+            if sdxl:
+                vocab_2 = source.configs["text_encoder_2"]["vocab_size"]
+                tok_2_dir = stack.enter_context(tokenizer_files(tok_2, vocab_2, config_2))
+            write_model_folder(out, state_dicts, config, tok_dir, overwrite=overwrite, tokenizer_2_dir=tok_2_dir)
         notes.append(f"tokenizer from {tok}")
+        if sdxl:
+            notes.append(f"tokenizer_2 from {tok_2}" + (' (padding with "!")' if config_2 else ""))
     return Report(src, out, source.layout, source_dtype, config["dtype"], source.ema, source.variant,
                   {c: sum(t.numel() for t in sd.values()) for c, sd in state_dicts.items()}, notes)

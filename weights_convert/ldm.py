@@ -1,4 +1,5 @@
-"""Original single-file SD 1.x checkpoints (CompVis latent-diffusion layout) → t2vz names.
+"""Original single-file SD 1.x checkpoints (CompVis latent-diffusion layout) → t2vz names. SDXL single files
+(Stability's SGM layout, the same UNet and VAE naming) are recognised here and read by `sdxl.py`.
 
 The file holds three networks under three prefixes: `model.diffusion_model.` (UNet, openaimodel.py),
 `first_stage_model.` (VAE, taming's Encoder/Decoder) and `cond_stage_model.transformer.` (transformers' CLIP text
@@ -35,7 +36,9 @@ VAE_LOSS = "first_stage_model.loss."
 # t2vz (= diffusers) module name → LDM module name, applied inside the blocks that the index rules locate.
 RENAMES = {
     "unet": {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"},
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+             # SDXL's added (pooled text, size and crop) embedding
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"},
     "unet_resnet": {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"},
     "vae": {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"},
@@ -95,15 +98,13 @@ def ema_name(unet_key: str) -> str:
 
 
 def refuse_other_models(sd: dict, where: str) -> None:
-    """Refuse, by their keys, the checkpoints that are not SD 1.x models."""
+    """Refuse, by their keys, the checkpoints that are not SD 1.x models (SDXL files never get here:
+    `read_single_file` hands them to `sdxl.read_sdxl_file`)."""
     keys = list(sd)
     if any(k.startswith("control_model.") for k in keys):
         raise ConversionError(f"{where} is a ControlNet checkpoint (control_model.* keys), not an SD 1.x model; "
                               "python -m weights_convert (convert()) writes it as a ControlNet folder for "
                               "t2vz.load_controlnet")
-    if any(k.startswith(("conditioner.embedders.", UNET + "label_emb.")) for k in keys):
-        raise ConversionError(f"{where} is a Stable Diffusion XL checkpoint (conditioner.embedders.* / label_emb "
-                              "keys); t2vz implements SD 1.x. Use an SD 1.5-based checkpoint")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise refuse_sd2(where, "OpenCLIP text encoder, cond_stage_model.model.* keys")
     lora = [k for k in keys if is_lora_key(k)]
@@ -133,18 +134,24 @@ def indices(sd, prefix: str, part: int) -> set[int]:
     return {int(p[part]) for p in (k.split(".") for k in sd if k.startswith(prefix)) if p[part].isdigit()}
 
 
-def read_encoder_config(sd, prefix: str, where: str, need, what: str = "UNet") -> dict:
-    """The UNetConfig fields of the encoder under `prefix` (`input_blocks`, `middle_block`; SD 1.x's 8 heads) from
-    the tensor shapes; shared by the UNet and the ControlNet, whose encoder is a copy of the UNet's. Refuses SD 2.x."""
-    # levels = downsamplers + 1; LDM has levels · (layers_per_block + 1) input blocks.
+def encoder_layout(sd, prefix: str, where: str, need, what: str = "UNet", family: str = "SD 1.x"
+                   ) -> tuple[torch.Tensor, list[int], int]:
+    """(conv_in's weight, the first input block of each level, LDM blocks per level = layers_per_block + 1) of the
+    UNet (or ControlNet encoder) under `prefix`: levels = downsamplers + 1, levels · per_level input blocks."""
     conv_in = need(prefix + "input_blocks.0.0.weight", what)
     blocks = indices(sd, prefix + "input_blocks.", prefix.count(".") + 1)
     levels = 1 + sum(f"{prefix}input_blocks.{i}.0.op.weight" in sd for i in blocks)
     per_level, rest = divmod(len(blocks), levels)
     if rest or per_level < 2 or blocks != set(range(len(blocks))):
         raise ConversionError(f"{where}: cannot read the {what}'s layout from its {len(blocks)} input_blocks and "
-                              f"{levels - 1} downsamplers; it is not an SD 1.x {what}")
-    firsts = [1 + level * per_level for level in range(levels)]
+                              f"{levels - 1} downsamplers; it is not an {family} {what}")
+    return conv_in, [1 + level * per_level for level in range(levels)], per_level
+
+
+def read_encoder_config(sd, prefix: str, where: str, need, what: str = "UNet") -> dict:
+    """The UNetConfig fields of the encoder under `prefix` (`input_blocks`, `middle_block`; SD 1.x's 8 heads) from
+    the tensor shapes; shared by the UNet and the ControlNet, whose encoder is a copy of the UNet's. Refuses SD 2.x."""
+    conv_in, firsts, per_level = encoder_layout(sd, prefix, where, need, what)
     proj_in = need(prefix + "middle_block.1.proj_in.weight", what)
     model = "ControlNet" if what == "ControlNet" else "model"
     if proj_in.ndim == 2:
@@ -168,17 +175,7 @@ def read_configs(sd: dict, where: str) -> tuple[UNetConfig, VAEConfig, dict, str
     need = shape_reader(sd, where, "is it a complete SD 1.x checkpoint (UNet, VAE and text encoder)?")
     encoder = read_encoder_config(sd, UNET, where, need)
     unet = UNetConfig(**encoder, out_channels=need(UNET + "out.2.weight", "UNet").shape[0])
-
-    enc = VAE + "encoder."
-    need(enc + "conv_in.weight", "VAE")
-    vae_levels = len(indices(sd, enc + "down.", 3))
-    vae = VAEConfig(
-        in_channels=sd[enc + "conv_in.weight"].shape[1],
-        out_channels=need(VAE + "decoder.conv_out.weight", "VAE").shape[0],
-        latent_channels=need(VAE + "post_quant_conv.weight", "VAE").shape[0],
-        block_out_channels=[need(f"{enc}down.{i}.block.0.conv2.weight", "VAE").shape[0] for i in range(vae_levels)],
-        layers_per_block=len(indices(sd, enc + "down.0.block.", 5)),
-    )
+    vae = read_vae_config(sd, need)
 
     clip = CLIP + "text_model." if any(k.startswith(CLIP + "text_model.") for k in sd) else CLIP
     tokens = need(clip + "embeddings.token_embedding.weight", "text encoder")
@@ -194,6 +191,48 @@ def read_configs(sd: dict, where: str) -> tuple[UNetConfig, VAEConfig, dict, str
     return unet, vae, text, clip
 
 
+def read_vae_config(sd, need, **fixed) -> VAEConfig:
+    """The VAE's config from the shapes of its `first_stage_model.*` tensors; `fixed`: fields the file cannot tell
+    (SDXL's scaling_factor)."""
+    enc = VAE + "encoder."
+    need(enc + "conv_in.weight", "VAE")
+    vae_levels = len(indices(sd, enc + "down.", 3))
+    return VAEConfig(
+        in_channels=sd[enc + "conv_in.weight"].shape[1],
+        out_channels=need(VAE + "decoder.conv_out.weight", "VAE").shape[0],
+        latent_channels=need(VAE + "post_quant_conv.weight", "VAE").shape[0],
+        block_out_channels=[need(f"{enc}down.{i}.block.0.conv2.weight", "VAE").shape[0] for i in range(vae_levels)],
+        layers_per_block=len(indices(sd, enc + "down.0.block.", 5)),
+        **fixed,
+    )
+
+
+def vae_names(keys, cfg: VAEConfig) -> dict[str, str]:
+    """t2vz VAE key → its `first_stage_model.*` key."""
+    return {k: VAE + ldm_name(k, vae_rules(cfg)) for k in keys}
+
+
+def vae_tensors(sd, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The VAE's tensors found in the file, its mid-block attention's 1×1 convs as linears."""
+    attention = ".mid_block.attentions.0.to_"
+    return {k: conv1x1_to_linear(sd[n]) if attention in k else sd[n] for k, n in names.items() if n in sd}
+
+
+def unet_sources(sd, keys, cfg: UNetConfig, prefer_ema: bool) -> tuple[dict[str, str], set[str], bool, list[str]]:
+    """t2vz UNet key → its key in the file (the EMA copy when the file has one and `prefer_ema`), the file's keys
+    left out on purpose (the copy not taken), whether EMA was taken, and notes saying so."""
+    has_ema = any(k.startswith(EMA + "diffusion_model") for k in sd)
+    use_ema = has_ema and prefer_ema
+    live = {k: UNET + ldm_name(k, unet_rules(cfg)) for k in keys}
+    if use_ema:
+        return ({k: ema_name(n) for k, n in live.items()}, set(live.values()), True,
+                ["UNet: EMA weights (model_ema.*), the ones meant for inference; --no-ema takes the live ones"])
+    if has_ema:
+        return (live, {k for k in sd if k.startswith(EMA)}, False,
+                ["UNet: live weights (--no-ema); the file's EMA weights were left out"])
+    return live, set(), False, []
+
+
 def conv1x1_to_linear(t: torch.Tensor) -> torch.Tensor:
     """LDM's VAE attention projects q, k, v and the output with 1×1 convs (c, c, 1, 1); t2vz with linears (c, c)."""
     return t[:, :, 0, 0] if t.ndim == 4 and t.shape[2:] == (1, 1) else t
@@ -205,29 +244,26 @@ def read_single_file(path: str | Path, prefer_ema: bool = True, allow_inpainting
     `weights`: the file's tensors when already read (`read_weights(path)`)."""
     where = str(path)
     sd = read_weights(path) if weights is None else weights
+    if any(k.startswith(("conditioner.embedders.", UNET + "label_emb.")) for k in sd):
+        from weights_convert.sdxl import read_sdxl_file  # sdxl.py builds on this module
+
+        return read_sdxl_file(path, prefer_ema=prefer_ema, weights=sd)
     refuse_other_models(sd, where)
     unet_cfg, vae_cfg, text_cfg, clip = read_configs(sd, where)
     kind = variant(unet_cfg.in_channels, allow_inpainting, where)
     configs = {"unet": unet_cfg, "vae": vae_cfg, "text_encoder": text_cfg}
     expected = {name: expected_shapes(name, cfg) for name, cfg in configs.items()}
 
-    has_ema = any(k.startswith(EMA + "diffusion_model") for k in sd)
-    use_ema = has_ema and prefer_ema
-    live = {k: UNET + ldm_name(k, unet_rules(unet_cfg)) for k in expected["unet"]}
+    unet_names, superseded, use_ema, notes = unet_sources(sd, expected["unet"], unet_cfg, prefer_ema)
     names = {
-        "unet": {k: ema_name(n) for k, n in live.items()} if use_ema else live,
-        "vae": {k: VAE + ldm_name(k, vae_rules(vae_cfg)) for k in expected["vae"]},
+        "unet": unet_names,
+        "vae": vae_names(expected["vae"], vae_cfg),
         "text_encoder": {k: clip + k.removeprefix("text_model.") for k in expected["text_encoder"]},
     }
     found = {c: {k: sd[n] for k, n in names[c].items() if n in sd} for c in names}
-    vae_attention = ".mid_block.attentions.0.to_"
-    found["vae"] = {k: conv1x1_to_linear(t) if vae_attention in k else t for k, t in found["vae"].items()}
+    found["vae"] = vae_tensors(sd, names["vae"])
 
-    ignored = set(NON_WEIGHTS)
-    if use_ema:
-        ignored |= set(live.values())  # the live (training) UNet weights, superseded by their EMA
-    elif has_ema:
-        ignored |= {k for k in sd if k.startswith(EMA)}
+    ignored = set(NON_WEIGHTS) | superseded
     vae_loss = {k for k in sd if k.startswith(VAE_LOSS)}
     ignored |= vae_loss
     used = {n for c in names.values() for n in c.values()}
@@ -236,11 +272,6 @@ def read_single_file(path: str | Path, prefer_ema: bool = True, allow_inpainting
     hint = ". The file's EMA weights (model_ema.*) are incomplete: pass --no-ema to take the live ones"
     check_keys(where, {c: (found[c], expected[c], names[c]) for c in names}, unexpected, hint if partial_ema else "")
 
-    notes = []
-    if use_ema:
-        notes.append("UNet: EMA weights (model_ema.*), the ones meant for inference; --no-ema takes the live ones")
-    elif has_ema:
-        notes.append("UNet: live weights (--no-ema); the file's EMA weights were left out")
     if clip == CLIP:
         notes.append("text encoder keys without the text_model. level (older file)")
     if vae_loss:

@@ -1,4 +1,5 @@
-"""Write a t2vz model folder with random weights: `tiny` (seconds on CPU) or the full `sd15` shapes.
+"""Write a t2vz model folder with random weights: `tiny` (seconds on CPU), the full `sd15` shapes, or `sdxl-tiny`
+(an SDXL-shaped model: two text encoders, the text_time added embedding, 64-channel heads).
 
 For demos, tests and benchmarks where no trained weights exist (SD 1.5 cannot be downloaded everywhere). The
 images such a model makes are noise: it proves the code runs, not that it draws.
@@ -9,12 +10,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
 from t2vz.sd.model_folder import ModelFolderError, write_model_folder
-from t2vz.sd.text_encoder import build_clip_text_model, canonical_clip_state_dict, shipped_tokenizer_dir
+from t2vz.sd.text_encoder import (
+    SDXL_TOKENIZER_2_CONFIG, build_clip_text_model, canonical_clip_state_dict, shipped_tokenizer_dir,
+)
 from t2vz.sd.unet import UNet, UNetConfig
 from t2vz.sd.vae import AutoencoderKL, VAEConfig
 
@@ -25,6 +32,19 @@ SIZES = {
         text_encoder=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                           layer_norm_eps=1e-5, projection_dim=32),
+    ),
+    "sdxl-tiny": dict(
+        unet=UNetConfig(block_out_channels=(64, 128), attention_levels=(False, True), num_attention_heads=(1, 2),
+                        transformer_layers_per_block=(1, 2), cross_attention_dim=64, use_linear_projection=True,
+                        addition_embed_type="text_time", addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=32 + 6 * 8),
+        vae=VAEConfig(block_out_channels=(32, 32, 64, 64), scaling_factor=0.13025),
+        text_encoder=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                          layer_norm_eps=1e-5, projection_dim=32),
+        text_encoder_2=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                            layer_norm_eps=1e-5, projection_dim=32),
     ),
     "sd15": dict(
         unet=UNetConfig(),
@@ -54,7 +74,17 @@ def write_random_model(out: str, size: str = "tiny", seed: int = 0, overwrite: b
         "source": {"layout": "random", "size": size, "seed": seed},
         "variant": "sd15",
     }
-    return write_model_folder(out, state_dicts, config, shipped_tokenizer_dir(), overwrite=overwrite)
+    if "text_encoder_2" not in spec:
+        return write_model_folder(out, state_dicts, config, shipped_tokenizer_dir(), overwrite=overwrite)
+    bigg = build_clip_text_model(spec["text_encoder_2"], projection=True)
+    state_dicts["text_encoder_2"] = canonical_clip_state_dict(bigg.state_dict())
+    config.update(family="sdxl", variant="sdxl", sample_size=1024, text_encoder_2=dict(spec["text_encoder_2"]))
+    with tempfile.TemporaryDirectory() as tok_2:  # the shipped vocabulary, padding with "!"
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(shipped_tokenizer_dir() / name, Path(tok_2) / name)
+        (Path(tok_2) / "tokenizer_config.json").write_text(json.dumps(SDXL_TOKENIZER_2_CONFIG, indent=2) + "\n")
+        return write_model_folder(out, state_dicts, config, shipped_tokenizer_dir(), overwrite=overwrite,
+                                  tokenizer_2_dir=tok_2)
 
 
 def main(argv: list[str] | None = None) -> int:

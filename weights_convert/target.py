@@ -23,6 +23,8 @@ CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 CLIP_HEAD_DIM = 64  # CLIP ViT-L/14: 768 = 12 heads × 64
 SD2_CONTEXT_DIM = 1024  # OpenCLIP ViT-H/14: the text width of SD 2.x
 VARIANTS = {4: "sd15", 8: "instruct-pix2pix", 9: "inpainting"}
+SDXL_SAMPLE_SIZE = 1024  # SDXL base is trained at 1024²
+SDXL_VAE_SCALING = 0.13025  # SDXL's VAE latent scaling factor (diffusers' vae/config.json of SDXL base)
 
 
 def clip_config(vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
@@ -37,10 +39,11 @@ def clip_config(vocab_size: int, hidden_size: int, intermediate_size: int, num_h
 
 
 def expected_shapes(component: str, config) -> dict[str, torch.Size]:
-    """t2vz's state-dict key → shape for `component` ("unet", "vae", "text_encoder", "controlnet"), built on the
-    meta device.
+    """t2vz's state-dict key → shape for `component` ("unet", "vae", "text_encoder", "text_encoder_2" (SDXL's
+    CLIPTextModelWithProjection), "controlnet"), built on the meta device.
 
-    The text encoder's keys are canonical CLIP keys (`text_model.*`) whichever transformers version is installed.
+    The text encoders' keys are canonical CLIP keys (`text_model.*`, `text_projection.weight`) whichever
+    transformers version is installed.
     """
     try:
         with torch.device("meta"):
@@ -51,11 +54,11 @@ def expected_shapes(component: str, config) -> dict[str, torch.Size]:
             elif component == "vae":
                 model = AutoencoderKL(config)
             else:
-                model = build_clip_text_model(config)
+                model = build_clip_text_model(config, projection=component == "text_encoder_2")
     except (ValueError, RuntimeError, ZeroDivisionError) as e:  # e.g. channels that 32 norm groups cannot divide
         raise ConversionError(f"t2vz cannot build the {component} this checkpoint describes ({config}): {e}") from None
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    return canonical_clip_state_dict(shapes) if component == "text_encoder" else shapes
+    return canonical_clip_state_dict(shapes) if component.startswith("text_encoder") else shapes
 
 
 def variant(in_channels: int, allow_inpainting: bool, where: str) -> str:
@@ -113,7 +116,29 @@ def config_dicts(unet: UNetConfig, vae: VAEConfig, text_encoder: dict) -> dict:
             f"the text encoder's width {text_encoder['hidden_size']} does not match the UNet's cross-attention "
             f"dim {unet.cross_attention_dim}: the components come from different models"
         )
-    return {"unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(vae), "text_encoder": dict(text_encoder)}
+    return {"family": "sd15", "unet": dataclasses.asdict(unet), "vae": dataclasses.asdict(vae),
+            "text_encoder": dict(text_encoder)}
+
+
+def sdxl_config_dicts(unet: UNetConfig, vae: VAEConfig, text_encoder: dict, text_encoder_2: dict) -> dict:
+    """An SDXL model folder's config entries (family "sdxl", sample_size 1024), after checking that the two text
+    encoders' widths make the UNet's context and the second's pooled width plus six size/crop sinusoids its added
+    embedding's input."""
+    context = text_encoder["hidden_size"] + text_encoder_2["hidden_size"]
+    if context != unet.cross_attention_dim:
+        raise ConversionError(
+            f"the text encoders' widths {text_encoder['hidden_size']} + {text_encoder_2['hidden_size']} do not match "
+            f"the UNet's cross-attention dim {unet.cross_attention_dim}: the components come from different models"
+        )
+    added = text_encoder_2["projection_dim"] + 6 * unet.addition_time_embed_dim
+    if unet.addition_embed_type != "text_time" or added != unet.projection_class_embeddings_input_dim:
+        raise ConversionError(
+            f"the UNet's added embedding takes {unet.projection_class_embeddings_input_dim} features, not the "
+            f"{text_encoder_2['projection_dim']}-wide pooled text embedding and 6 × {unet.addition_time_embed_dim} "
+            "size/crop features of an SDXL base model: the components come from different models"
+        )
+    return {"family": "sdxl", "sample_size": SDXL_SAMPLE_SIZE, "unet": dataclasses.asdict(unet),
+            "vae": dataclasses.asdict(vae), "text_encoder": dict(text_encoder), "text_encoder_2": dict(text_encoder_2)}
 
 
 @dataclasses.dataclass
@@ -121,11 +146,13 @@ class Source:
     """A checkpoint read into t2vz names and checked, before the dtype cast and the write."""
 
     layout: str  # "single-file" | "diffusers"
-    configs: dict  # "unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig kwargs
+    # "unet": UNetConfig, "vae": VAEConfig, "text_encoder" (SDXL: and "text_encoder_2"): CLIPTextConfig kwargs
+    configs: dict
     state_dicts: dict[str, dict[str, torch.Tensor]]
     variant: str
     ema: bool = False
     tokenizer_dir: object = None  # the checkpoint's own tokenizer folder, if it has one
+    tokenizer_2_dir: object = None  # SDXL: the checkpoint's own second tokenizer folder, if it has one
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property

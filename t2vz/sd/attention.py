@@ -1,4 +1,4 @@
-"""Attention and the transformer blocks of the SD 1.5 UNet (CompVis `SpatialTransformer` / diffusers
+"""Attention and the transformer blocks of the SD 1.5 and SDXL UNets (CompVis `SpatialTransformer` / diffusers
 `Transformer2DModel`), with Text2Video-Zero's cross-frame attention as a mode of self-attention.
 
 Axis letters: b batch, f frames, n tokens, c channels, h w spatial, d head dim.
@@ -267,26 +267,44 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """GroupNorm → 1×1 conv → transformer block over the h·w tokens → 1×1 conv, plus the input (residual).
+    """GroupNorm → projection in → `depth` transformer blocks over the h·w tokens → projection out, plus the input
+    (residual).
+
+    SD 1.5 projects with 1×1 convs on the (b, c, h, w) map, before the rearrangement to tokens and after the one
+    back. SDXL (Podell et al. 2023) projects with `linear` layers on the tokens instead (diffusers'
+    `use_linear_projection`), the same map per token with (c, c) rather than (c, c, 1, 1) weights, and stacks
+    `depth` blocks per transformer (up to 10 at its deepest level), keys `transformer_blocks.0..depth-1`.
 
     (b, c, h, w), context (b, n, c_ctx) → (b, c, h, w). `merging` (token merging, `sd.tome`) is handed to the
     blocks with the token grid's h, w.
     """
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32):
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32, depth: int = 1,
+                 linear: bool = False):
         super().__init__()
+        self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None,
                 merging: TokenMerging | None = None) -> torch.Tensor:
         _, _, h, w = x.shape
         residual = x
-        x = self.proj_in(self.norm(x))
+        x = self.norm(x)
+        if not self.linear:
+            x = self.proj_in(x)
         x = rearrange(x, "b c h w -> b (h w) c")
+        if self.linear:
+            x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context, cross_frame, merging, (h, w))
+        if self.linear:
+            x = self.proj_out(x)
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
-        return self.proj_out(x) + residual
+        if not self.linear:
+            x = self.proj_out(x)
+        return x + residual

@@ -18,7 +18,7 @@ from torch import nn
 
 from .attention import CrossFrame
 from .tome import TokenMerging
-from .unet import UNetConfig, add_encoder, check_context_rows, run_encoder, timesteps_for
+from .unet import UNetConfig, add_encoder, check_context_rows, embed_time, run_encoder
 
 
 @dataclass
@@ -113,6 +113,7 @@ class ControlNet(nn.Module):
         conditioning_scale: float = 1.0,
         cross_frame: CrossFrame | None = None,
         merging: TokenMerging | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar, context (n, 77, 768), control (n or 1, 3, 8h, 8w)
         in [0, 1] → (down residuals, one per UNet skip: (n, c_level, h_level, w_level); mid residual
@@ -121,7 +122,9 @@ class ControlNet(nn.Module):
         `cross_frame` and a `context` with one row per video are as in `UNet.forward`: every `attn1` of the copied
         encoder becomes cross-frame attention (T2V-Zero Eq. 8), and the text keys and values are projected once per
         video. `merging` (token merging, `sd.tome`) acts in the copied encoder as in `UNet.forward`; tomesd patches
-        only the UNet, so a run that reproduces it leaves this None.
+        only the UNet, so a run that reproduces it leaves this None. `added_cond`: SDXL's pooled text embedding
+        and size/crop conditioning, as in `UNet.forward` (required where the config's addition_embed_type is
+        "text_time", refused otherwise).
         """
         n, _, h, w = x.shape
         check_context_rows(n, context)
@@ -133,7 +136,7 @@ class ControlNet(nn.Module):
             )
         if control.shape[0] not in (1, n):
             raise ValueError(f"control has {control.shape[0]} images for a batch of {n}: it needs 1 or {n}")
-        temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
+        temb = embed_time(self, t, x, added_cond)
 
         x = self.conv_in(x) + self.controlnet_cond_embedding(control.to(x.dtype))  # x + Z(c; Θ_z1)
         x, skips = run_encoder(self, x, temb, context, cross_frame, merging)

@@ -1,4 +1,4 @@
-"""`t2vz.load`: a converted model folder (with LoRA files merged into its weights, `lora.py`) → the SD 1.5
+"""`t2vz.load`: a converted model folder (with LoRA files merged into its weights, `lora.py`) → the SD 1.5 or SDXL
 components; `t2vz.load_controlnet`: a converted ControlNet folder → a ControlNet; both with strict key checks."""
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 from .controlnet import ControlNet, ControlNetConfig
-from .lora import as_loras, lora_records, merge_loras
+from .lora import LoRA, as_loras, lora_records, merge_loras
 from .model_folder import (
-    CONTROLNET, ModelFolderError, read_controlnet_config, read_model_config, read_state_dict, resolve_model_path,
+    CONTROLNET, FAMILY_COMPONENTS, SD15, SDXL, ModelFolderError, model_family, read_controlnet_config,
+    read_model_config, read_state_dict, resolve_model_path,
 )
 from .model_folder import method_defaults as folder_method_defaults
 from .onednn import prepack_convolutions
 from .text_encoder import (
-    TextEncoder, build_clip_text_model, canonical_clip_state_dict, clip_state_dict_for, load_tokenizer,
+    SDXLTextEncoders, TextEncoder, build_clip_text_model, canonical_clip_state_dict, clip_state_dict_for,
+    load_sdxl_tokenizer_2, load_tokenizer,
 )
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -28,13 +30,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass
 class StableDiffusion:
-    """The components of a latent text-to-image diffusion model, as `t2vz.load` returns them."""
+    """The components of a latent text-to-image diffusion model, as `t2vz.load` returns them. For SDXL
+    (`family` "sdxl") `text_encoder` is `SDXLTextEncoders`: prompts → (context, pooled)."""
 
     unet: UNet
     vae: AutoencoderKL
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | SDXLTextEncoders
     config: dict = field(default_factory=dict)
     lora: list[dict] = field(default_factory=list)  # the LoRAs merged in: file, sha256, scale (`lora.lora_records`)
+
+    @property
+    def family(self) -> str:
+        """"sd15" (SD 1.x) or "sdxl": the model folder's "family" entry ("sd15" where absent)."""
+        return model_family(self.config)
 
     @property
     def tokenizer(self):
@@ -50,8 +58,9 @@ class StableDiffusion:
 
     @property
     def sample_size(self) -> int:
-        """The image size (pixels) the model was trained at: 512 for SD 1.5, `sample_size` of its folder if set."""
-        return int(self.config.get("sample_size", 512))
+        """The image size (pixels) the model was trained at: `sample_size` of its folder if set, else 512 for SD 1.5
+        and 1024 for SDXL."""
+        return int(self.config.get("sample_size", 1024 if self.family == SDXL else 512))
 
     @property
     def method_defaults(self) -> dict:
@@ -92,7 +101,9 @@ def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
     SD's VAE decoder reaches activations beyond float16's range (65504) on some latents, which decode to NaN,
     i.e. black frames (a known upstream failure: diffusers' `force_upcast`). It is 8% of SD 1.5's
     parameters (83.7M of 1.07G) and runs once per frame, so keeping it in float32 costs little; bfloat16 has
-    float32's range and is kept."""
+    float32's range and is kept. It matters doubly for SDXL: its VAE (the same architecture, retrained, scaling
+    factor 0.13025) overflows float16 more often, which is why diffusers upcasts it by default (`force_upcast`) and
+    why fp16-fixed VAE re-releases exist; at 1024² its decoder activations are also 4× as many as at 512²."""
     return torch.float32 if dtype == torch.float16 else dtype
 
 
@@ -129,21 +140,45 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     path = resolve_model_path(path)
     meta = read_model_config(path)
     records = lora_records(loras)  # a missing LoRA file fails here, before any weights are read
-    weights = {"unet": read_state_dict(path, "unet"),
-               "text_encoder": canonical_clip_state_dict(read_state_dict(path, "text_encoder"))}
-    unet_config = UNetConfig(**meta["unet"])
-    weights = merge_loras(weights, unet_config, loras)
-    unet = build_loaded(UNet, unet_config, weights["unet"], f"{path}/unet.safetensors")
-    vae = build_loaded(AutoencoderKL, VAEConfig(**meta["vae"]), read_state_dict(path, "vae"), f"{path}/vae.safetensors")
-    clip = build_clip_text_model(meta["text_encoder"])
-    clip_weights = clip_state_dict_for(clip, weights["text_encoder"])
-    load_strict(clip, clip_weights, f"{path}/text_encoder.safetensors")
-    text_encoder = TextEncoder(clip, load_tokenizer(os.path.join(path, "tokenizer")))
+    weights = folder_weights(path, meta, loras)
+    unet = build_loaded(UNet, UNetConfig(**meta["unet"]), weights("unet"), f"{path}/unet.safetensors")
+    vae = build_loaded(AutoencoderKL, VAEConfig(**meta["vae"]), weights("vae"), f"{path}/vae.safetensors")
+    text_encoder = build_text_encoder(path, meta, weights)
     for module, module_dtype in ((unet, dtype), (vae, vae_dtype or vae_dtype_for(dtype)), (text_encoder, dtype)):
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
         prepare_for_device(module, device, module_dtype)
     folder_method_defaults(meta)  # a bad "method" entry fails here, at load, not in the middle of a run
     return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta, lora=records)
+
+
+def folder_weights(path: Path, meta: dict, loras: list[LoRA] = ()):
+    """weights(component) → that component's state dict from the folder, with `loras` merged into the UNet and the
+    text encoder(s) (`lora.merge_loras`, which refuses a LoRA that does not fit before returning): the one place
+    `load` reads weights."""
+    if not loras:
+        return lambda component: read_state_dict(path, component)
+    merged = {c: read_state_dict(path, c) for c in FAMILY_COMPONENTS[model_family(meta)] if c != "vae"}
+    merged = {c: canonical_clip_state_dict(sd) if c.startswith("text_encoder") else sd for c, sd in merged.items()}
+    merged = merge_loras(merged, UNetConfig(**meta["unet"]), loras)
+    return lambda component: merged[component] if component in merged else read_state_dict(path, component)
+
+
+def load_clip(path: Path, meta: dict, weights, component: str, projection: bool = False) -> nn.Module:
+    """The CLIP text model stored as `component` ("text_encoder", "text_encoder_2"), strictly loaded."""
+    clip = build_clip_text_model(meta[component], projection=projection)
+    load_strict(clip, clip_state_dict_for(clip, weights(component)), f"{path}/{component}.safetensors")
+    return clip
+
+
+def build_text_encoder(path: Path, meta: dict, weights) -> TextEncoder | SDXLTextEncoders:
+    """SD 1.x: `TextEncoder` (CLIP ViT-L, tokenizer/); SDXL: `SDXLTextEncoders` (CLIP ViT-L and bigG with its
+    projection, tokenizer/ and tokenizer_2/)."""
+    tokenizer = load_tokenizer(os.path.join(path, "tokenizer"))
+    if model_family(meta) == SD15:
+        return TextEncoder(load_clip(path, meta, weights, "text_encoder"), tokenizer)
+    return SDXLTextEncoders(load_clip(path, meta, weights, "text_encoder"),
+                            load_clip(path, meta, weights, "text_encoder_2", projection=True),
+                            tokenizer, load_sdxl_tokenizer_2(os.path.join(path, "tokenizer_2")))
 
 
 def load_controlnet(path: str | os.PathLike, device: str | torch.device = "cpu",

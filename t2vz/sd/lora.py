@@ -335,7 +335,7 @@ def key_list(keys: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- families
-def model_family(state_dicts: dict, cfg: UNetConfig) -> str:
+def family_of(state_dicts: dict, cfg: UNetConfig) -> str:
     """"sdxl" for a model with a second text encoder or the text_time added embedding, else "sd15"."""
     return "sdxl" if "text_encoder_2" in state_dicts or cfg.addition_embed_type == "text_time" else "sd15"
 
@@ -363,7 +363,7 @@ def lora_families(groups: dict[tuple[str, str, str], dict]) -> set[str]:
 
 
 def check_family(groups, state_dicts: dict, cfg: UNetConfig, where: str) -> None:
-    model = model_family(state_dicts, cfg)
+    model = family_of(state_dicts, cfg)
     found = lora_families(groups)
     if found and model not in found:
         other = found.pop()

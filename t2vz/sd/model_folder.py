@@ -12,6 +12,16 @@ Layout (every state dict uses the diffusers SD 1.5 key names, which are t2vz's a
       tokenizer/merges.txt
       tokenizer/tokenizer_config.json
 
+"family" in `t2vz_model.json` says which model it is: "sd15" (SD 1.x; the default when absent, so folders written
+before SDXL still load) or "sdxl". An SDXL folder (Podell et al. 2023) also has::
+
+      text_encoder_2.safetensors  OpenCLIP ViT-bigG as CLIPTextModelWithProjection stores it (text_model.*,
+                                  text_projection.weight); its CLIPTextConfig kwargs (with projection_dim) are the
+                                  "text_encoder_2" entry
+      tokenizer_2/                the same vocabulary and merges; its tokenizer_config.json pads with "!"
+
+and "sample_size": 1024; its UNet config has SDXL's fields (`UNetConfig`) and its VAE config scaling_factor 0.13025.
+
 A ControlNet folder (`python -m weights_convert` on a ControlNet checkpoint; `t2vz.load_controlnet`) holds
 `t2vz_model.json` (format "t2vz-controlnet", a "controlnet" config) and `controlnet.safetensors` (diffusers'
 ControlNetModel keys).
@@ -36,7 +46,10 @@ CONTROLNET_FORMAT = "t2vz-controlnet"  # a ControlNet folder: t2vz_model.json + 
 CONTROLNET = "controlnet"
 FORMAT_VERSION = 1
 CONFIG_FILE = "t2vz_model.json"
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder")  # an SD 1.x folder's weights
+SD15, SDXL = "sd15", "sdxl"
+FAMILY_COMPONENTS = {SD15: COMPONENTS, SDXL: (*COMPONENTS, "text_encoder_2")}
+FAMILY_TOKENIZERS = {SD15: ("tokenizer",), SDXL: ("tokenizer", "tokenizer_2")}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
@@ -66,31 +79,47 @@ class ModelFolderError(ValueError):
     """A model folder is missing, incomplete or not a t2vz model folder; the message says what to do."""
 
 
+def model_family(meta: dict) -> str:
+    """The "family" entry of a model folder's config: "sd15" when absent; ModelFolderError when unknown."""
+    family = meta.get("family", SD15)
+    if family not in FAMILY_COMPONENTS:
+        raise ModelFolderError(f"{CONFIG_FILE} has family {family!r}; this t2vz reads {', '.join(FAMILY_COMPONENTS)}. "
+                               "Re-run the conversion")
+    return family
+
+
 def write_model_folder(
     out_dir: str | os.PathLike,
     state_dicts: dict[str, dict[str, torch.Tensor]],
     config: dict,
     tokenizer_dir: str | os.PathLike,
     overwrite: bool = False,
+    tokenizer_2_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Write a model folder atomically: into a temporary sibling first, then one rename.
 
-    state_dicts: {"unet": ..., "vae": ..., "text_encoder": ...}; config: {"unet": {...}, "vae": {...},
-    "text_encoder": {...}, plus free-form entries such as "source"}; tokenizer_dir holds TOKENIZER_FILES.
+    state_dicts: {"unet": ..., "vae": ..., "text_encoder": ...} (SDXL: and "text_encoder_2"); config: {"unet":
+    {...}, "vae": {...}, "text_encoder": {...}, optionally "family" and free-form entries such as "source"};
+    tokenizer_dir (SDXL: and tokenizer_2_dir) holds TOKENIZER_FILES.
     """
-    missing = [c for c in COMPONENTS if c not in state_dicts or c not in config]
+    family = model_family(config)
+    missing = [c for c in FAMILY_COMPONENTS[family] if c not in state_dicts or c not in config]
     if missing:
-        raise ModelFolderError(f"cannot write a model folder without {missing}")
+        raise ModelFolderError(f"cannot write a {family} model folder without {missing}")
+    tokenizers = {"tokenizer": tokenizer_dir, "tokenizer_2": tokenizer_2_dir}
+    if any(tokenizers[t] is None for t in FAMILY_TOKENIZERS[family]):
+        raise ModelFolderError(f"cannot write a {family} model folder without {FAMILY_TOKENIZERS[family]}")
 
     def fill(tmp: Path) -> None:
-        for name in COMPONENTS:
+        for name in FAMILY_COMPONENTS[family]:
             save_weights(tmp, name, state_dicts[name])
-        (tmp / "tokenizer").mkdir()
-        for fname in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / fname
-            if not src.is_file():
-                raise ModelFolderError(f"tokenizer folder {tokenizer_dir} has no {fname}")
-            shutil.copyfile(src, tmp / "tokenizer" / fname)
+        for tok in FAMILY_TOKENIZERS[family]:
+            (tmp / tok).mkdir()
+            for fname in TOKENIZER_FILES:
+                src = Path(tokenizers[tok]) / fname
+                if not src.is_file():
+                    raise ModelFolderError(f"tokenizer folder {tokenizers[tok]} has no {fname}")
+                shutil.copyfile(src, tmp / tok / fname)
         write_meta(tmp, FORMAT, config)
 
     return write_atomically(out_dir, fill, overwrite)
@@ -191,7 +220,7 @@ def read_meta(path: str | os.PathLike, fmt: str = FORMAT) -> dict:
             f"{cfg_path} has format {found!r} version {meta.get('format_version')!r}; "
             f"this t2vz reads {fmt!r} version {FORMAT_VERSION}. Re-run the conversion."
         )
-    for name in (COMPONENTS if fmt == FORMAT else (CONTROLNET,)):
+    for name in (FAMILY_COMPONENTS[model_family(meta)] if fmt == FORMAT else (CONTROLNET,)):
         if name not in meta:
             raise ModelFolderError(f"{cfg_path} has no {name!r} entry; re-run the conversion")
     return meta

@@ -1,7 +1,21 @@
-"""The latent-diffusion UNet of Stable Diffusion 1.5 (Rombach et al. 2022), epsilon-prediction.
+"""The latent-diffusion UNet of Stable Diffusion 1.5 (Rombach et al. 2022) and of Stable Diffusion XL (Podell et
+al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis"), epsilon-prediction.
 
-Attribute names are the diffusers SD 1.5 checkpoint keys (`down_blocks.0.resnets.0.norm1`, `attn1.to_q`, ...), so a
-converted state dict loads with `strict=True`.
+SDXL keeps SD 1.5's architecture and changes its proportions and conditioning (`UNetConfig`):
+  - Sec. 2.1, the transformer computation moves to the lower-resolution features: three levels (320, 640, 1280)
+    instead of four, no transformer at the full latent resolution (`attention_levels`), 2 and 10 transformer
+    blocks per transformer at the other two levels (`transformer_layers_per_block`; the mid block has 10), heads
+    of 64 channels (`num_attention_heads` 5, 10, 20 per level), and linear projections on the tokens around each
+    transformer (`use_linear_projection`) where SD 1.5 has 1×1 convs;
+  - Sec. 2.1, the text context is two text encoders' penultimate features concatenated (2048 wide,
+    `cross_attention_dim`), and the pooled text embedding conditions the model through the timestep embedding;
+  - Sec. 2.2 (micro-conditioning) and 2.3 (multi-aspect training): the original image size, the crop's top-left
+    corner and the target size, six numbers, each embedded with the timestep's sinusoids (Fourier features)
+    and, concatenated with the pooled text embedding, mapped by two linear layers into the timestep embedding
+    (`TextTimeEmbedding`, diffusers' addition_embed_type "text_time"). `UNet.forward` takes them as `added_cond`.
+
+Attribute names are the diffusers checkpoint keys (`down_blocks.0.resnets.0.norm1`, `attn1.to_q`,
+`add_embedding.linear_1`, ...), so a converted SD 1.5 or SDXL state dict loads with `strict=True`.
 """
 from __future__ import annotations
 
@@ -74,6 +88,15 @@ class UNetConfig:
         return depth if isinstance(depth, int) else depth[level]
 
 
+def sinusoidal(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """[cos(t·ω_i), sin(t·ω_i)] with ω_i = 10000^(−i/half), i < half = channels // 2 (Vaswani et al. 2017,
+    Sec. 3.5; cos first, as in SD): t (b,) → (b, channels), float32."""
+    half = channels // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t[:, None].float() * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
 class TimestepEmbedding(nn.Module):
     """Sinusoidal features of t (cos first, as in SD) → Linear → SiLU → Linear: t (b,) → (b, 4·c0)."""
 
@@ -84,14 +107,31 @@ class TimestepEmbedding(nn.Module):
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
     def sinusoidal(self, t: torch.Tensor) -> torch.Tensor:
-        """[cos(t·ω_i), sin(t·ω_i)] with ω_i = 10000^(−i/half), i < half (Vaswani et al. 2017, Sec. 3.5)."""
-        half = self.channels // 2
-        exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        angles = t[:, None].float() * torch.exp(exponent)[None, :]
-        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return sinusoidal(t, self.channels)
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(self.sinusoidal(t).to(dtype))))
+
+
+class TextTimeEmbedding(nn.Module):
+    """SDXL's added conditioning (Podell et al. 2023, Sec. 2.2–2.3): the pooled text embedding ⊕ the Fourier features
+    of the k size/crop numbers (k = 6: original h, w; crop top, left; target h, w), each number embedded as a
+    timestep is, with `time_channels` sinusoids → Linear → SiLU → Linear, into the timestep embedding's width.
+    diffusers' `add_time_proj` (the sinusoids, no parameters) and `add_embedding` (keys `linear_1`, `linear_2`).
+
+    text_embeds (r, d_pool), time_ids (r, k) → (r, embed_dim), with d_pool + k·time_channels = `in_dim`."""
+
+    def __init__(self, in_dim: int, embed_dim: int, time_channels: int):
+        super().__init__()
+        self.time_channels = time_channels
+        self.linear_1 = nn.Linear(in_dim, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, text_embeds: torch.Tensor, time_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        r = time_ids.shape[0]
+        times = sinusoidal(time_ids.flatten(), self.time_channels).reshape(r, -1)  # (r, k·time_channels)
+        features = torch.cat([text_embeds.to(dtype), times.to(dtype)], dim=-1)
+        return self.linear_2(F.silu(self.linear_1(features)))
 
 
 def check_context_rows(n: int, context: torch.Tensor) -> None:
@@ -99,6 +139,52 @@ def check_context_rows(n: int, context: torch.Tensor) -> None:
     if n % context.shape[0]:
         raise ValueError(f"context has {context.shape[0]} rows for a batch of {n}: it needs one row per batch "
                          "row, or one per group of consecutive rows (the frames of a video)")
+
+
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
+def check_added_cond(cfg: UNetConfig, n: int, added_cond: dict | None) -> None:
+    """ValueError unless `added_cond` fits a UNet of `cfg` called on n rows: None where the UNet has no added
+    embedding; for SDXL's "text_time", "text_embeds" (r, d_pool) and "time_ids" (r, k) with d_pool + k·
+    addition_time_embed_dim = projection_class_embeddings_input_dim and r rows as `context` may have them (one per
+    batch row, or one per group of consecutive rows)."""
+    if cfg.addition_embed_type is None:
+        if added_cond is not None:
+            raise ValueError("added_cond was given to a UNet without an added embedding (addition_embed_type=None, "
+                             "SD 1.5): pass added_cond=None")
+        return
+    if added_cond is None or any(key not in added_cond for key in ADDED_COND_KEYS):
+        given = None if added_cond is None else sorted(added_cond)
+        raise ValueError(f"this UNet (addition_embed_type='text_time', SDXL) needs added_cond with 'text_embeds' "
+                         f"(rows, pooled text dim) and 'time_ids' (rows, 6: original size, crop top-left, target "
+                         f"size); got {given}")
+    text, times = added_cond["text_embeds"], added_cond["time_ids"]
+    if text.ndim != 2 or times.ndim != 2 or text.shape[0] != times.shape[0]:
+        raise ValueError(f"added_cond text_embeds {tuple(text.shape)} and time_ids {tuple(times.shape)} must be "
+                         "2-d with the same number of rows")
+    width = text.shape[1] + times.shape[1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(f"added_cond gives {text.shape[1]} + {times.shape[1]}·{cfg.addition_time_embed_dim} = "
+                         f"{width} features; this UNet's add_embedding takes "
+                         f"projection_class_embeddings_input_dim={cfg.projection_class_embeddings_input_dim}")
+    if n % text.shape[0]:
+        raise ValueError(f"added_cond has {text.shape[0]} rows for a batch of {n}: it needs one row per batch row, "
+                         "or one per group of consecutive rows (the frames of a video)")
+
+
+def embed_time(module: nn.Module, t: torch.Tensor | int | float, x: torch.Tensor,
+               added_cond: dict | None = None) -> torch.Tensor:
+    """The timestep embedding (n, 4·c0) of an `add_encoder` module for the n rows of x: `time_embedding` of t,
+    plus, for SDXL, `add_embedding` of `added_cond` (checked by `check_added_cond`), each of its r rows repeated
+    for its n / r consecutive batch rows."""
+    n = x.shape[0]
+    check_added_cond(module.config, n, added_cond)
+    temb = module.time_embedding(timesteps_for(t, n, x.device), x.dtype)
+    if added_cond is None:
+        return temb
+    added = module.add_embedding(added_cond["text_embeds"], added_cond["time_ids"], temb.dtype)  # (r, 4·c0)
+    return temb + added.repeat_interleave(n // added.shape[0], dim=0)
 
 
 def timesteps_for(t: torch.Tensor | int | float, n: int, device: torch.device) -> torch.Tensor:
@@ -109,20 +195,26 @@ def timesteps_for(t: torch.Tensor | int | float, n: int, device: torch.device) -
     return t.expand(n)
 
 
+def transformer(channels: int, cfg: UNetConfig, level: int) -> Transformer2D:
+    """A transformer of resolution `level` (the mid block's: the deepest level): the level's heads and depth, and
+    linear or 1×1-conv projections as `cfg.use_linear_projection` says."""
+    return Transformer2D(channels, cfg.heads_at(level), cfg.cross_attention_dim, cfg.norm_num_groups,
+                         depth=cfg.depth_at(level), linear=cfg.use_linear_projection)
+
+
 class DownBlock(nn.Module):
     """One resolution level of the encoder: `layers` resnets (each followed by a transformer where the level has
     attention), then a stride-2 downsampler except at the last level. Returns the output and the skips, one per
     layer (the downsampler counts as the last layer)."""
 
-    def __init__(self, c_in: int, c_out: int, temb: int, cfg: UNetConfig, attention: bool, downsample: bool):
+    def __init__(self, c_in: int, c_out: int, temb: int, cfg: UNetConfig, level: int, downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(c_in if i == 0 else c_out, c_out, temb, cfg.norm_num_groups, cfg.norm_eps)
             for i in range(cfg.layers_per_block)
         )
         self.attentions = nn.ModuleList(
-            Transformer2D(c_out, cfg.num_attention_heads, cfg.cross_attention_dim, cfg.norm_num_groups)
-            for _ in range(cfg.layers_per_block if attention else 0)
+            transformer(c_out, cfg, level) for _ in range(cfg.layers_per_block if cfg.attention_levels[level] else 0)
         )
         self.downsamplers = nn.ModuleList([Downsample2D(c_out)] if downsample else [])
 
@@ -145,16 +237,15 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """resnet → transformer → resnet at the lowest resolution."""
+    """resnet → transformer → resnet at the lowest resolution (the transformer: the deepest level's heads and depth,
+    as diffusers' `mid_block`)."""
 
     def __init__(self, c: int, temb: int, cfg: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(c, c, temb, cfg.norm_num_groups, cfg.norm_eps) for _ in range(2)
         )
-        self.attentions = nn.ModuleList(
-            [Transformer2D(c, cfg.num_attention_heads, cfg.cross_attention_dim, cfg.norm_num_groups)]
-        )
+        self.attentions = nn.ModuleList([transformer(c, cfg, len(cfg.block_out_channels) - 1)])
 
     def forward(self, x, temb, context, cross_frame, merging=None):
         x = self.resnets[0](x, temb)
@@ -168,15 +259,14 @@ class UpBlock(nn.Module):
     except at the last level."""
 
     def __init__(self, c_in_skips: list[int], c_prev: int, c_out: int, temb: int, cfg: UNetConfig,
-                 attention: bool, upsample: bool):
+                 level: int, upsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D((c_prev if i == 0 else c_out) + c_skip, c_out, temb, cfg.norm_num_groups, cfg.norm_eps)
             for i, c_skip in enumerate(c_in_skips)
         )
         self.attentions = nn.ModuleList(
-            Transformer2D(c_out, cfg.num_attention_heads, cfg.cross_attention_dim, cfg.norm_num_groups)
-            for _ in range(len(c_in_skips) if attention else 0)
+            transformer(c_out, cfg, level) for _ in range(len(c_in_skips) if cfg.attention_levels[level] else 0)
         )
         self.upsamplers = nn.ModuleList([Upsample2D(c_out)] if upsample else [])
 
@@ -196,19 +286,23 @@ class UpBlock(nn.Module):
 
 
 def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
-    """Give `module` the UNet's encoder under the checkpoints' names: `conv_in`, `time_embedding`, `down_blocks`,
-    `mid_block`. Shared by `UNet` and `ControlNet`, whose encoder is a copy of the UNet's. Returns the channels
-    of the skips in encoder order (conv_in's output first)."""
+    """Give `module` the UNet's encoder under the checkpoints' names: `conv_in`, `time_embedding` (and SDXL's
+    `add_embedding`, where `cfg.addition_embed_type` is "text_time"), `down_blocks`, `mid_block`. Shared by `UNet`
+    and `ControlNet`, whose encoder is a copy of the UNet's. Returns the channels of the skips in encoder order
+    (conv_in's output first)."""
     channels = cfg.block_out_channels
     temb = 4 * channels[0]
     module.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
     module.time_embedding = TimestepEmbedding(channels[0], temb)
+    if cfg.addition_embed_type == "text_time":
+        module.add_embedding = TextTimeEmbedding(cfg.projection_class_embeddings_input_dim, temb,
+                                                 cfg.addition_time_embed_dim)
     module.down_blocks = nn.ModuleList()
     skip_channels = [channels[0]]
     for i, c_out in enumerate(channels):
         last = i == len(channels) - 1
         c_in = channels[max(i - 1, 0)]
-        module.down_blocks.append(DownBlock(c_in, c_out, temb, cfg, cfg.attention_levels[i], not last))
+        module.down_blocks.append(DownBlock(c_in, c_out, temb, cfg, i, not last))
         skip_channels += [c_out] * (cfg.layers_per_block + (0 if last else 1))
     module.mid_block = MidBlock(channels[-1], temb, cfg)
     return skip_channels
@@ -229,7 +323,8 @@ def run_encoder(module: nn.Module, x: torch.Tensor, temb: torch.Tensor, context:
 
 
 class UNet(nn.Module):
-    """ε_θ(x_t, t, c): predicts the noise in x_t (Ho et al. 2020, Eq. 11) given the text tokens c."""
+    """ε_θ(x_t, t, c): predicts the noise in x_t (Ho et al. 2020, Eq. 11) given the text tokens c (and, for SDXL,
+    the pooled text embedding and the size/crop micro-conditioning, `added_cond`)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -245,7 +340,7 @@ class UNet(nn.Module):
             level = levels - 1 - i
             c_skips = [skip_channels.pop() for _ in range(cfg.layers_per_block + 1)]
             self.up_blocks.append(
-                UpBlock(c_skips, c_prev, c_out, temb, cfg, cfg.attention_levels[level], upsample=level > 0)
+                UpBlock(c_skips, c_prev, c_out, temb, cfg, level, upsample=level > 0)
             )
             c_prev = c_out
 
@@ -262,8 +357,15 @@ class UNet(nn.Module):
         mid_residual: torch.Tensor | None = None,
         merging: TokenMerging | None = None,
         cache: FeatureCache | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (n, c_in, h, w) noisy latents, t (n,) or a scalar timestep, context (n, 77, 768) → ε (n, c_out, h, w).
+
+        `added_cond` (SDXL only, where it is required; `check_added_cond`): "text_embeds" (r, 1280), the pooled
+        text embedding, and "time_ids" (r, 6), the original size, crop top-left and target size (Podell et al.
+        2023, Sec. 2.2–2.3), with r as for `context`: n, or one per group of n / r consecutive rows (one per video).
+        Their embedding is added to the timestep embedding, which every resnet sees (`embed_time`), so it also
+        conditions the branch of a cached call.
 
         With `cross_frame`, n = videos · frames, frames folded video-major (`(b f) c h w`), and every `attn1`
         becomes cross-frame attention (T2V-Zero Eq. 8), or only those of the levels in `cross_frame.levels`.
@@ -294,7 +396,7 @@ class UNet(nn.Module):
             raise ValueError(f"{len(down_residuals)} down residuals for a UNet with {skip_count(self.config)} skips")
         if cache is not None:
             check_branch(cache.branch, self.config)
-        temb = self.time_embedding(timesteps_for(t, n, x.device), x.dtype)
+        temb = embed_time(self, t, x, added_cond)
         if cache is not None and not cache.begin_call(x):
             return self.cached_forward(x, temb, context, cross_frame, down_residuals, mid_residual, cache, merging)
 

@@ -179,7 +179,8 @@ def read_lora_file(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as e:
         if "Weights only load failed" in str(e) or "GLOBAL" in str(e):
             raise LoraError(f"LoRA {path} is a pickle holding Python objects that are not tensors; it is refused "
-                            "because loading it would run code from the file. Use the LoRA's .safetensors release")
+                            "because loading it would run code from the file. Use the LoRA's .safetensors "
+                            "release") from None
         raise LoraError(f"LoRA {path} is truncated or corrupt ({type(e).__name__}); download it again") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise LoraError(f"LoRA {path} is not a dict of tensors; it is not a LoRA file")
@@ -402,21 +403,26 @@ def resolve_layers(groups, state_dicts: dict, cfg: UNetConfig, metadata: dict, w
     return layers
 
 
-def layer_delta(layer: LoraLayer, weight_shape: torch.Size, scale: float, where: str) -> torch.Tensor:
-    """s · (α / r) · up @ down in float32, shaped as the weight: a linear (out, in), a 1×1 convolution
-    (out, in, 1, 1) from linear or 1×1 factors, a k×k convolution from a k×k down and a 1×1 up (LoCon)."""
-    down, up = layer.down.float(), layer.up.float()
-    rank = down.shape[0]
+def check_fits(layer: LoraLayer, weight_shape: torch.Size, where: str) -> None:
+    """The factors fit the weight: a linear (out, in) or a 1×1 convolution (out, in, 1, 1) takes linear or 1×1
+    factors, a k×k convolution a k×k down and a 1×1 up (LoCon)."""
+    down, up = layer.down, layer.up
     conv = len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1)
-    fits = (len(weight_shape) >= 2 and up.shape[0] == weight_shape[0] and up.flatten(1).shape[1] == rank
+    fits = (len(weight_shape) >= 2 and up.shape[0] == weight_shape[0] and up.flatten(1).shape[1] == down.shape[0]
             and (tuple(down.shape[1:]) == tuple(weight_shape[1:]) if conv
                  else down.flatten(1).shape[1] == weight_shape[1]))
     if not fits:
         raise LoraError(f"LoRA {where}: {layer.keys[0]} (down {tuple(down.shape)}, up {tuple(up.shape)}) does not fit "
                         f"the model's {layer.component} {layer.module} of shape {tuple(weight_shape)}; the LoRA was "
                         "made for another model")
+
+
+def layer_delta(layer: LoraLayer, weight_shape: torch.Size, scale: float) -> torch.Tensor:
+    """s · (α / r) · up @ down in float32, shaped as the weight (`check_fits` said it fits)."""
+    rank = layer.down.shape[0]
     alpha = rank if layer.alpha is None else layer.alpha
-    return (scale * alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(weight_shape)
+    product = layer.up.float().flatten(1) @ layer.down.float().flatten(1)
+    return (scale * alpha / rank) * product.reshape(weight_shape)
 
 
 def merge_lora_tensors(state_dicts: dict[str, dict[str, torch.Tensor]], cfg: UNetConfig,
@@ -428,12 +434,13 @@ def merge_lora_tensors(state_dicts: dict[str, dict[str, torch.Tensor]], cfg: UNe
     groups = lora_tensors(lora, where)
     check_family(groups, state_dicts, cfg, where)
     layers = resolve_layers(groups, state_dicts, cfg, metadata or {}, where)
+    for layer in layers:
+        check_fits(layer, state_dicts[layer.component][layer.module + ".weight"].shape, where)
     out = {name: dict(sd) for name, sd in state_dicts.items()}
-    deltas = [(layer, layer_delta(layer, out[layer.component][layer.module + ".weight"].shape, scale, where))
-              for layer in layers]
-    for layer, delta in deltas:
+    for layer in layers:  # one update in memory at a time
         key = layer.module + ".weight"
-        out[layer.component][key] = out[layer.component][key].float() + delta
+        weight = out[layer.component][key]
+        out[layer.component][key] = weight.float() + layer_delta(layer, weight.shape, scale)
     return out
 
 

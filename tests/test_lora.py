@@ -337,6 +337,12 @@ def test_refuses_a_lora_of_the_other_family(sd15, sdxl, tmp_path):
     sd15_lora, _, _ = make_lora(state, "kohya")
     with pytest.raises(LoraError, match="made for SD 1.5, the model is SDXL"):
         merge_lora_tensors(sdxl[1], TINY_SDXL, sd15_lora, 1.0)
+    to_k = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # by the text width alone
+    for width, family in ((768, "SD 1.5"), (2048, "SDXL")):
+        model, cfg = (sdxl[1], TINY_SDXL) if width == 768 else (state, TINY_UNET)
+        with pytest.raises(LoraError, match=f"made for {family}, the model is"):
+            merge_lora_tensors(model, cfg, {f"{to_k}.lora_A.weight": torch.zeros(4, width),
+                                            f"{to_k}.lora_B.weight": torch.zeros(64, 4)}, 1.0)
 
 
 def test_refuses_keys_that_match_no_layer_and_shapes_that_do_not_fit(sd15, tmp_path):

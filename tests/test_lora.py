@@ -359,6 +359,10 @@ def test_refuses_keys_that_match_no_layer_and_shapes_that_do_not_fit(sd15, tmp_p
                                               f"{key}.lora_B.weight": up}, 1.0)
     with pytest.raises(LoraError, match="LoHa"):
         merge_lora_tensors(state, TINY_UNET, {"lora_unet_conv_in.hada_w1_a": down}, 1.0)
+    with pytest.raises(LoraError, match="full weight diff"):
+        merge_lora_tensors(state, TINY_UNET, {"lora_unet_conv_in.diff": down}, 1.0)
+    with pytest.raises(LoraError, match="keys of no LoRA layout .* model.diffusion_model.conv_in.weight"):
+        merge_lora_tensors(state, TINY_UNET, {"model.diffusion_model.conv_in.weight": down}, 1.0)  # a checkpoint
     with pytest.raises(LoraError, match="without its up matrix"):
         merge_lora_tensors(state, TINY_UNET, {f"{key}.lora_A.weight": down}, 1.0)
     assert e.value.args[0].count("\n") == 0

@@ -53,9 +53,11 @@ MODULE_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weigh
                 "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up", "alpha": "alpha"}
 # diffusers' attention-processor LoRA (its first format): `attn1.processor.to_out_lora.up.weight` → `attn1.to_out.0`
 PROCESSOR_KEY = re.compile(r"(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
-# LoRA variants that are not W + B·A: their keys, and what they are
-OTHER_ADAPTERS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lora_mid.weight": "LoCon with a Tucker middle factor",
-                  "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "oft_": "OFT", ".diff": "a full weight diff"}
+# Adapters that are not W + B·A: a pattern of their keys, and what they are
+OTHER_ADAPTERS = {r"\.hada_w1_a$": "LoHa", r"\.lokr_w1(_a)?$": "LoKr",
+                  r"\.lora_mid\.weight$": "LoCon with a Tucker middle factor", r"\.dora_scale$": "DoRA",
+                  r"\.lora_magnitude_vector": "DoRA", r"\.oft_(blocks|diag)": "OFT",
+                  r"\.diff(_b)?$": "full weight diff"}
 SHOWN = 4  # keys quoted in an error
 
 
@@ -303,8 +305,8 @@ def peft_alpha(config: dict, module: str, rank: int) -> float | None:
 def lora_tensors(sd: dict[str, torch.Tensor], where: str) -> dict[tuple[str, str, str], dict]:
     """Group a LoRA's keys by layer: (component, naming, name) → {"down", "up", "alpha", "keys"}. LoraError for
     another adapter kind, for keys of neither layout, and for a layer that lacks its down or up matrix."""
-    for marker, kind in OTHER_ADAPTERS.items():
-        found = [k for k in sd if marker in k]
+    for pattern, kind in OTHER_ADAPTERS.items():
+        found = [k for k in sd if re.search(pattern, k)]
         if found:
             raise LoraError(f"LoRA {where} is a {kind} adapter (keys like {found[0]}), not a LoRA; t2vz merges plain "
                             "LoRAs (down/up matrices) only")

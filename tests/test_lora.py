@@ -17,7 +17,9 @@ import pytest
 import torch
 from conftest import assert_parity
 from ldm_fixtures import UNET_RESNET, _rename, unet_blocks
-from reference_models import TINY_CLIP, TINY_UNET, perturb_, stable_diffusion_pipeline, tiny_reference_folder
+from reference_models import (
+    TINY_CLIP, TINY_SDXL_UNET, TINY_UNET, diffusers_sdxl_unet, stable_diffusion_pipeline, tiny_reference_folder,
+)
 from safetensors.torch import save_file
 
 import t2vz
@@ -30,30 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCALES = (0.6, 1.5)
 RANK = 4
 
-# A tiny SDXL: three levels, no attention at the first, 1 and 2 transformer blocks deep, linear projections, the
-# text_time added embedding (pooled text 32 + 6 size numbers of 8 channels), a 64-wide context (32 + 32 from the two
-# text encoders).
-TINY_SDXL = UNetConfig(block_out_channels=(32, 64, 64), attention_levels=(False, True, True), layers_per_block=2,
-                       num_attention_heads=(2, 4, 4), cross_attention_dim=64, transformer_layers_per_block=(1, 2, 2),
-                       use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-                       projection_class_embeddings_input_dim=32 + 6 * 8)
+TINY_SDXL = TINY_SDXL_UNET  # three levels, no attention at the first, 1, 2, 3 transformer blocks deep, text_time
 TINY_CLIP_2 = {**TINY_CLIP, "hidden_size": 32, "projection_dim": 32}
-
-
-def sdxl_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    cfg = TINY_SDXL
-    model = UNet2DConditionModel(
-        block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=cfg.num_attention_heads, cross_attention_dim=cfg.cross_attention_dim,
-        transformer_layers_per_block=cfg.transformer_layers_per_block, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=cfg.projection_class_embeddings_input_dim,
-    )
-    return perturb_(model, seed).eval()
 
 
 # ------------------------------------------------------------------------------------------------ random LoRAs
@@ -263,7 +243,7 @@ def test_merging_is_float32_before_the_cast(sd15, tmp_path):
 def sdxl():
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    unet = sdxl_unet()
+    unet = diffusers_sdxl_unet(TINY_SDXL)
     clip_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TINY_CLIP_2))
     state = {"unet": {k: v.clone() for k, v in unet.state_dict().items()},
              "text_encoder": canonical_clip_state_dict(build_clip_text_model(TINY_CLIP).state_dict()),

@@ -1,6 +1,7 @@
 """What a user who mistypes gets, across every entry point: a corpus of bad inputs (broken and wrong files, folders
 that are files, unwritable outputs, options out of range, NaN, missing and unreadable videos, control maps of the
-wrong size or count, a video with no frames).
+wrong size or count, a video with no frames, LoRAs that are missing, pickled, of the other model family or of other
+shapes).
 
 Each command-line case asserts: a non-zero exit (2, a user error), one line on stderr that names the bad value
 first, no traceback, and no partial video or model folder left behind. The commands run as the user runs them
@@ -68,6 +69,16 @@ def files(tmp_path_factory) -> Path:
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4),
                "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}, root / "lora.safetensors")
+    proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{proj_in}.lora_down.weight": torch.zeros(4, 48), f"{proj_in}.lora_up.weight": torch.zeros(32, 4)},
+              root / "lora_misshaped.safetensors")
+    save_file({"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)},
+              root / "lora_unmatched.safetensors")
+    q_proj = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"  # SDXL's second text encoder
+    save_file({f"{q_proj}.lora_down.weight": torch.zeros(4, 64), f"{q_proj}.lora_up.weight": torch.zeros(64, 4)},
+              root / "lora_sdxl.safetensors")
+    torch.save({f"{proj_in}.lora_down.weight": torch.zeros(4, 32), "x": Payload()}, root / "lora_payload.pt")
     save_file({k: v for k, v in good.items() if k.startswith("first_stage_model.")}, root / "vae_only.safetensors")
     save_file(rename_prefix(good, "cond_stage_model.transformer.", "conditioner.embedders.0.transformer."),
               root / "sdxl.safetensors")
@@ -158,11 +169,23 @@ CASES = {
     "t2vz-dtype": (t2vz("dtype=fp64"), "dtype='fp64'"),
     "t2vz-no-cuda": (t2vz("device=cuda"), "device='cuda'"),
     "t2vz-unwritable-output": (t2vz("hydra.run.dir={root}/a_file.txt/r"), "cannot create the output folder"),
+    "t2vz-lora-missing": (t2vz("lora=[{root}/nothing.safetensors]"), "LoRA file {root}/nothing.safetensors does not"),
+    "t2vz-lora-scale-not-a-number": (t2vz("lora=[{root}/lora.safetensors:strong]"),
+                                     "lora entry '{root}/lora.safetensors:strong': the scale 'strong' is not a number"),
+    "t2vz-lora-scale-inf": (t2vz("lora=[{root}/lora.safetensors:inf]"), "the scale inf must be a finite number"),
+    "t2vz-lora-pickle-payload": (t2vz("lora=[{root}/lora_payload.pt]"), "is a pickle holding Python objects"),
+    "t2vz-lora-for-sdxl": (t2vz("lora=[{root}/lora_sdxl.safetensors]"), "made for SDXL, the model is SD 1.5"),
+    "t2vz-lora-unmatched": (t2vz("lora=[{root}/lora_unmatched.safetensors]"),
+                            "does not match the model: 1 of its layers name no module of it, e.g. "
+                            "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"),
+    "t2vz-lora-misshaped": (t2vz("lora=[{root}/lora_misshaped.safetensors:0.5]"), "(4, 48)"),
     # experiments/run.py
     "run-unknown-headline": (RUN + ["prompt=x", "model={root}/model", *SMALL, "metrics.headline=nope",
                                     "hydra.run.dir={out}/r"], "metrics.headline='nope'"),
     "run-missing-model": (RUN + ["prompt=x", "model={root}/nothing", *SMALL, "hydra.run.dir={out}/r"],
                           "nothing does not exist"),
+    "run-lora-folder": (RUN + ["prompt=x", "model={root}/model", *SMALL, "lora=[{root}/model]",
+                               "hydra.run.dir={out}/r"], "LoRA file {root}/model is a folder"),
     # experiments/control_video.py
     "control-missing-video": (control(video="{root}/missing.mp4"), "missing.mp4"),
     "control-unreadable-video": (control(video="{root}/garbage.mp4"), "garbage.mp4"),
@@ -170,17 +193,21 @@ CASES = {
     "control-maps-wrong-size": (control(video="{root}/odd_size.gif"), "31×31"),
     "control-maps-too-few": (control("control.num_frames=9"), "control.num_frames=9"),
     "control-controlnet-is-a-model": (control(controlnet="{root}/model"), "model folder, not a ControlNet"),
+    "control-lora-scale-nan": (control("lora=[{root}/lora.safetensors:nan]"), "the scale nan must be a finite"),
+    "control-lora-for-sdxl": (control("lora=[{root}/lora_sdxl.safetensors:0.7]"), "made for SDXL"),
     # experiments/instruct_video.py
     "instruct-missing-video": (instruct(video="{root}/missing.mp4"), "missing.mp4"),
     "instruct-not-an-ip2p-model": (instruct(model="{root}/model"), "in_channels=4"),
     "instruct-image-guidance-nan": (instruct("sampler.image_guidance_scale=nan"), "sampler.image_guidance_scale=nan"),
+    "instruct-lora-missing": (instruct("lora=[{root}/gone.safetensors:0.5]"), "gone.safetensors does not exist"),
 }
 
 
 @pytest.fixture(scope="module")
 def results(files, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Every command-line case run once, four at a time: name → (process, its output folder)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(REPO)}  # this checkout's t2vz, whatever the environment has installed
 
     def run(name: str):
         command, _ = CASES[name]

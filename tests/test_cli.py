@@ -201,7 +201,7 @@ def test_same_seed_same_video(first_run, tmp_path):
 def test_help(tmp_path):
     (proc,) = run_t2vz(["--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for text in ("prompt=", "model=", "method.motion_strength=null", "the model's own", "Examples:",
+    for text in ("prompt=", "model=", "lora=[]", "method.motion_strength=null", "the model's own", "Examples:",
                  "python -m t2vz prompt=",
                  "python -m t2vz -m ", "outputs/DATE/TIME/", "fp32 | fp16 | bf16"):
         assert text in proc.stdout, text

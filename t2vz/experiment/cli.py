@@ -9,6 +9,7 @@ import torch
 
 from ..method.text_to_image import text_to_image
 from ..sd.loading import DTYPES, load
+from ..sd.lora import parse_lora_entries
 from ..sd.model_folder import ModelFolderError
 from ..video_io import write_image
 
@@ -20,6 +21,8 @@ def text_to_image_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("prompt")
     parser.add_argument("--model", default="toyworld", help="t2vz model folder, or toyworld (default: toyworld)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA file merged into the model at SCALE (default 1.0); repeat for several")
     parser.add_argument("--out", default="image.png", help="output PNG (default: image.png)")
     parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's own size)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default: the model's own size)")
@@ -32,7 +35,7 @@ def text_to_image_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dtype = DTYPES[args.dtype]
     try:
-        sd = load(args.model, device=args.device, dtype=dtype)
+        sd = load(args.model, device=args.device, dtype=dtype, lora=parse_lora_entries(args.lora))
         image = text_to_image(sd, args.prompt, height=args.height, width=args.width,
                               num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                               negative_prompt=args.negative_prompt,

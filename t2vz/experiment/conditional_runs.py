@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..sd.attention import CROSS_FRAME_MODES
 from ..sd.loading import DTYPES
+from ..sd.lora import parse_lora_entries
 from ..video_io import load_frames
 from .config import (
     HYDRA_HELP_TAIL, FastConfig, LoggerConfig, MetricsConfig, OutputConfig, SamplerConfig, check_choice, check_int,
@@ -33,8 +34,9 @@ CHOICES = {"cross_frame": CROSS_FRAME_MODES, "control.detector": DETECTORS}  # t
 
 
 def check_common(config: JobConfig) -> None:
-    """The values of the keys every conditional job has: dtype, cross_frame, chunk_size."""
+    """The values of the keys every conditional job has: dtype, lora, cross_frame, chunk_size."""
     check_choice("dtype", config.dtype)
+    parse_lora_entries(config.lora)
     check_choice("cross_frame", config.cross_frame, CHOICES)
     if config.chunk_size is not None:
         check_int("chunk_size", config.chunk_size, 2)
@@ -67,6 +69,7 @@ class JobConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "fp32"
+    lora: list[str] = field(default_factory=list)  # LoRA files merged into the model: FILE or FILE:SCALE entries
     compile: bool = False
     cross_frame: str = "first"
     chunk_size: Optional[int] = None
@@ -134,15 +137,17 @@ def control_maps(control: ControlConfig) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def cached_control_video(model: str, controlnet: str, device: str, dtype: str, compile_unet: bool):
+def cached_control_video(model: str, controlnet: str, device: str, dtype: str, compile_unet: bool,
+                         lora: tuple[str, ...] = ()):
     from ..method.controlvideo import ControlVideo
 
     return compiled(ControlVideo.from_pretrained(model, controlnet, device=resolve_device(device),
-                                                 dtype=DTYPES[dtype]), compile_unet)
+                                                 dtype=DTYPES[dtype], lora=parse_lora_entries(lora)), compile_unet)
 
 
 def generate_control_video(config: ControlExperimentConfig):
-    pipe = cached_control_video(config.model, config.controlnet, config.device, config.dtype, config.compile)
+    pipe = cached_control_video(config.model, config.controlnet, config.device, config.dtype, config.compile,
+                                tuple(config.lora))
     s = config.sampler
     frames = pipe(config.prompt, control=control_maps(config.control), resolution=config.control.resolution,
                   controlnet_conditioning_scale=config.control.conditioning_scale, cross_frame=config.cross_frame,
@@ -156,7 +161,7 @@ CONTROL_VIDEO = Task(
     to_config=lambda cfg: to_config(cfg, ("prompt", "model", "controlnet", "control.video")),
     generate=generate_control_video,
     measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_model),
-    load=lambda c: cached_control_video(c.model, c.controlnet, c.device, c.dtype, c.compile),
+    load=lambda c: cached_control_video(c.model, c.controlnet, c.device, c.dtype, c.compile, tuple(c.lora)),
 )
 
 
@@ -208,15 +213,15 @@ class InstructExperimentConfig(JobConfig):
 
 
 @functools.lru_cache(maxsize=1)
-def cached_instruct_video(model: str, device: str, dtype: str, compile_unet: bool):
+def cached_instruct_video(model: str, device: str, dtype: str, compile_unet: bool, lora: tuple[str, ...] = ()):
     from ..method.instruct import VideoInstructPix2Pix
 
-    return compiled(VideoInstructPix2Pix.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype]),
-                    compile_unet)
+    return compiled(VideoInstructPix2Pix.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype],
+                                                         lora=parse_lora_entries(lora)), compile_unet)
 
 
 def generate_instruct_video(config: InstructExperimentConfig):
-    pipe = cached_instruct_video(config.model, config.device, config.dtype, config.compile)
+    pipe = cached_instruct_video(config.model, config.device, config.dtype, config.compile, tuple(config.lora))
     s, src = config.sampler, config.source
     frames = pipe(config.instruction, video=src.video, num_frames=src.num_frames, resolution=src.resolution,
                   size_multiple=src.size_multiple, guidance_scale=s.guidance_scale,
@@ -232,7 +237,7 @@ INSTRUCT_VIDEO = Task(
     to_config=lambda cfg: to_config(cfg, ("instruction", "model", "source.video")),
     generate=generate_instruct_video,
     measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_model, text=config.instruction),
-    load=lambda c: cached_instruct_video(c.model, c.device, c.dtype, c.compile),
+    load=lambda c: cached_instruct_video(c.model, c.device, c.dtype, c.compile, tuple(c.lora)),
 )
 
 
@@ -241,6 +246,7 @@ CONTROL_OPTIONS = {
     "prompt": "required: the video's text",
     "model": "required: a t2vz model folder (SD 1.5, or a DreamBooth fine-tune of it)",
     "controlnet": "required: a t2vz ControlNet folder (python -m weights_convert CONTROLNET_FILE OUT)",
+    "lora": "LoRA files merged into the model (not the ControlNet): [FILE:SCALE,...], SCALE 1.0 if left out",
     "control.video": "required: the control video (a video file or a folder of frames)",
     "control.detector": "none: the frames are control maps (pose, depth); canny: edges of the frames",
     "control.num_frames": "the first N frames of the control video (null: all)",
@@ -254,6 +260,7 @@ CONTROL_OPTIONS = {
 INSTRUCT_OPTIONS = {
     "instruction": "required: the edit, e.g. 'make it winter'",
     "model": "required: a t2vz InstructPix2Pix model folder (python -m weights_convert IP2P_CKPT OUT)",
+    "lora": "LoRA files merged into the model: [FILE:SCALE,...], SCALE 1.0 if left out",
     "source.video": "required: the video to edit (a video file or a folder of frames)",
     "source.num_frames": "the first N frames (null: all)",
     "source.resolution": "long side in pixels after resizing (null: keep a size that is a multiple of 8)",

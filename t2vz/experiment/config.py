@@ -2,9 +2,10 @@
 
 Field names equal the arguments they feed: every field of `video`, `sampler`, `method` and `fast` (and
 `output.progress`) is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`, `dtype` feed
-`TextToVideoZero.from_pretrained`; `seed` seeds the `torch.Generator`; `output` feeds `video_io.write_outputs`.
+`TextToVideoZero.from_pretrained`, and so does `lora` (LoRA files merged into the model, `FILE:SCALE` entries,
+`sd.lora`); `seed` seeds the `torch.Generator`; `output` feeds `video_io.write_outputs`.
 
-    prompt  model=toyworld  seed=0  device=auto  dtype=fp32
+    prompt  model=toyworld  lora=[]  seed=0  device=auto  dtype=fp32
     video:   num_frames=8  height=null  width=null  chunk_size=null  num_videos_per_prompt=1
     sampler: num_inference_steps=50  guidance_scale=7.5  eta=0.0  negative_prompt=null
     method:  motion_strength=null  direction=[1.0, 1.0]  t0=null  t1=null  ddpm_marginal=exact  cross_frame=first
@@ -34,6 +35,7 @@ from ..method.smoothing import SMOOTHING_FORMS
 from ..method.text2video_zero import DDPM_MARGINALS, t0_t1_for_steps
 from ..sd.attention import CROSS_FRAME_MODES, check_cross_frame_levels
 from ..sd.loading import DTYPES
+from ..sd.lora import parse_lora_entries
 from ..sd.model_folder import PAPER_METHOD, model_method_defaults
 from ..video_io import VIDEO_FORMATS
 from .tracking import LoggerConfig
@@ -198,6 +200,7 @@ class GenerateConfig:
         {"override hydra/callbacks": "t2vz"}, {"override hydra/help": "t2vz"}])
     prompt: str = MISSING
     model: str = "toyworld"  # a t2vz model folder (`python -m weights_convert` writes them) or a shipped model
+    lora: list[str] = field(default_factory=list)  # LoRA files merged into the model: FILE or FILE:SCALE entries
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "fp32"
@@ -210,6 +213,7 @@ class GenerateConfig:
 
     def __post_init__(self):
         check_choice("dtype", self.dtype)
+        parse_lora_entries(self.lora)
         if self.method.t1 is not None and self.method.t1 > self.sampler.num_inference_steps - 1:
             raise ValueError(
                 f"method.t1={self.method.t1} needs more than sampler.num_inference_steps="
@@ -278,6 +282,7 @@ MODEL_OWN_KEYS = ("method.motion_strength", "method.t0")  # their texts quote ea
 KEY_OPTIONS = {
     "prompt": "required: the video's text",
     "model": "toyworld (ships with t2vz) or a t2vz model folder (python -m weights_convert CHECKPOINT FOLDER)",
+    "lora": "LoRA files merged into the model's weights: [FILE:SCALE,...], SCALE 1.0 if left out (docs/lora.md)",
     "seed": "seeds every random draw: same seed, same video",
     "device": "auto: cuda if available, else cpu; or cpu, cuda, cuda:N",
     "dtype": "weights and activations (fp16 keeps the VAE in fp32: it can overflow fp16)",
@@ -363,12 +368,13 @@ Key options, with their defaults (every key of the config below can be set with 
 Examples:
   python -m t2vz prompt="a red circle on grass" method.direction=[0,1]
   python -m t2vz prompt="a horse galloping on the street" model=models/sd15
+  python -m t2vz prompt="a horse galloping on the street" model=models/sd15 lora=[loras/style.safetensors:0.8]
   python -m t2vz -m prompt="a panda surfing on a wave" model=models/sd15 method.motion_strength=0,12,24
 
 Outputs go to Hydra's run folder outputs/DATE/TIME/ (a sweep: multirun/DATE/TIME/JOB_NUMBER/; choose it with
 hydra.run.dir=PATH, or hydra.sweep.dir=PATH with -m): video.mp4, video.gif, video_sheet.png (video_0.*, video_1.*,
 ... for several videos per prompt), config.yaml (the resolved config) and run.json (versions, device, dtype, seed,
-wall time, file names).
+the LoRAs' files, sha256 and scales, wall time, file names).
 
 {HYDRA_HELP_TAIL}"""
 

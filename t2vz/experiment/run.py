@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from .. import __version__
 from ..method.text2video_zero import TextToVideoZero
 from ..sd.loading import DTYPES
+from ..sd.lora import lora_records, parse_lora_entries
 from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
 from ..video_io import VideoIOError, to_uint8, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
@@ -60,7 +61,7 @@ def generate_from_config(config: GenerateConfig, pipe: TextToVideoZero | None = 
     """Load `config.model` (unless `pipe` is given) and generate: frames (f, h, w, 3) float in [0, 1], or
     (b, f, h, w, 3) when `video.num_videos_per_prompt` > 1. The seed fixes every random draw."""
     if pipe is None:
-        pipe = load_pipeline(config.model, config.device, config.dtype, config.compile)
+        pipe = load_pipeline(config.model, config.device, config.dtype, config.compile, tuple(config.lora))
     kwargs = pipeline_kwargs(config)
     return pipe(config.prompt, generator=torch.Generator().manual_seed(config.seed), **kwargs)
 
@@ -69,7 +70,8 @@ def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateC
               start: float) -> list[str]:
     """Write a run folder: the video(s) (`{stem}.mp4`, `.gif`, `_sheet.png`; `{stem}_0.*`, `{stem}_1.*`, … for a
     batch (b, f, h, w, 3)), `config.yaml` (`config_yaml`, the resolved config) and `run.json` (versions, device,
-    dtype, seed, seconds since `start`, a `time.perf_counter()`, and the video files' names). Every file is
+    dtype, seed, each LoRA's file, sha256 and scale, seconds since `start`, a `time.perf_counter()`, and the video
+    files' names). Every file is
     written atomically. Returns the names of the files written, in that order."""
     folder, out = Path(folder), config.output
     videos = [frames] if frames.ndim == 4 else list(frames)
@@ -84,6 +86,8 @@ def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateC
         "device": str(resolve_device(config.device)), "dtype": config.dtype, "seed": config.seed,
         "frames": list(frames.shape), "wall_s": round(time.perf_counter() - start, 3), "outputs": names,
     }
+    if getattr(config, "lora", None):
+        info["lora"] = lora_records(parse_lora_entries(config.lora))
     if hasattr(config, "method"):  # text-to-video: the λ, t0, t1 used (the model's own where none was given)
         info["method"] = {k: getattr(config.method, k) for k in ("motion_strength", "t0", "t1")}
     write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
@@ -151,16 +155,19 @@ def compiled(pipe, compile_unet: bool):
     return pipe
 
 
-def load_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False) -> TextToVideoZero:
-    """The pipeline for a config's model, device and dtype names; with compile_unet its UNet is torch.compile'd."""
-    return compiled(TextToVideoZero.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype]),
-                    compile_unet)
+def load_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False,
+                  lora: tuple[str, ...] = ()) -> TextToVideoZero:
+    """The pipeline for a config's model, device and dtype names and `lora` entries (FILE:SCALE); with compile_unet
+    its UNet is torch.compile'd."""
+    return compiled(TextToVideoZero.from_pretrained(model, device=resolve_device(device), dtype=DTYPES[dtype],
+                                                    lora=parse_lora_entries(lora)), compile_unet)
 
 
 @functools.lru_cache(maxsize=1)
-def cached_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False) -> TextToVideoZero:
+def cached_pipeline(model: str, device: str, dtype: str, compile_unet: bool = False,
+                    lora: tuple[str, ...] = ()) -> TextToVideoZero:
     """The pipeline of the last job: a sweep that runs its jobs in one process loads the model once."""
-    return load_pipeline(model, device, dtype, compile_unet)
+    return load_pipeline(model, device, dtype, compile_unet, lora)
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,7 +214,7 @@ class Task:
 
 
 def _generate_text_to_video(config: GenerateConfig) -> tuple[torch.Tensor, Any]:
-    pipe = cached_pipeline(config.model, config.device, config.dtype, config.compile)
+    pipe = cached_pipeline(config.model, config.device, config.dtype, config.compile, tuple(config.lora))
     return generate_from_config(config, pipe), pipe.sd
 
 
@@ -216,7 +223,7 @@ def _measure_text_to_video(frames: torch.Tensor, config, sd) -> dict[str, float]
 
 
 TEXT_TO_VIDEO = Task(to_generate_config, _generate_text_to_video, _measure_text_to_video,
-                     load=lambda c: cached_pipeline(c.model, c.device, c.dtype, c.compile))
+                     load=lambda c: cached_pipeline(c.model, c.device, c.dtype, c.compile, tuple(c.lora)))
 
 
 def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:

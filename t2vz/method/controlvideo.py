@@ -83,10 +83,11 @@ class ControlVideo:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, controlnet: str | os.PathLike | ControlNet, device="cpu",
-                        dtype=torch.float32) -> ControlVideo:
+                        dtype=torch.float32, lora=None) -> ControlVideo:
         """`path`: a t2vz model folder (any SD 1.5-shaped model: the base weights or a DreamBooth fine-tune);
-        `controlnet`: a t2vz ControlNet folder (both written by `python -m weights_convert`) or a ControlNet."""
-        sd = load(path, device=device, dtype=dtype)
+        `controlnet`: a t2vz ControlNet folder (both written by `python -m weights_convert`) or a ControlNet;
+        `lora`: [(file, scale), ...] merged into the model's weights (`t2vz.load`), not into the ControlNet."""
+        sd = load(path, device=device, dtype=dtype, lora=lora)
         if not isinstance(controlnet, ControlNet):
             controlnet = load_controlnet(controlnet, device=device, dtype=dtype)
         return cls(sd, controlnet)

@@ -111,9 +111,11 @@ class VideoInstructPix2Pix:
         self.sd = components
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> VideoInstructPix2Pix:
-        """A converted InstructPix2Pix model folder (`python -m weights_convert`, variant "instruct-pix2pix")."""
-        return cls(load(path, device=device, dtype=dtype))
+    def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32,
+                        lora=None) -> VideoInstructPix2Pix:
+        """A converted InstructPix2Pix model folder (`python -m weights_convert`, variant "instruct-pix2pix");
+        `lora`: [(file, scale), ...] merged into its weights (`t2vz.load`)."""
+        return cls(load(path, device=device, dtype=dtype, lora=lora))
 
     @torch.no_grad()
     def __call__(

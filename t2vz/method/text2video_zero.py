@@ -245,8 +245,11 @@ class TextToVideoZero:
         self.sd = components
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32) -> "TextToVideoZero":
-        return cls(load(path, device=device, dtype=dtype))
+    def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32,
+                        lora=None) -> "TextToVideoZero":
+        """A t2vz model folder or a shipped model's name; `lora`: [(file, scale), ...] LoRA files merged into its
+        weights (`t2vz.load`)."""
+        return cls(load(path, device=device, dtype=dtype, lora=lora))
 
     @torch.no_grad()
     def __call__(

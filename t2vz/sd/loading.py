@@ -1,5 +1,5 @@
-"""`t2vz.load`: a converted model folder → the SD 1.5 or SDXL components; `t2vz.load_controlnet`: a converted
-ControlNet folder → a ControlNet; both with strict key checks."""
+"""`t2vz.load`: a converted model folder (with LoRA files merged into its weights, `lora.py`) → the SD 1.5 or SDXL
+components; `t2vz.load_controlnet`: a converted ControlNet folder → a ControlNet; both with strict key checks."""
 from __future__ import annotations
 
 import os
@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 from .controlnet import ControlNet, ControlNetConfig
+from .lora import LoRA, as_loras, lora_records, merge_loras
 from .model_folder import (
-    CONTROLNET, SD15, SDXL, ModelFolderError, model_family, read_controlnet_config, read_model_config, read_state_dict,
-    resolve_model_path,
+    CONTROLNET, FAMILY_COMPONENTS, SD15, SDXL, ModelFolderError, model_family, read_controlnet_config,
+    read_model_config, read_state_dict, resolve_model_path,
 )
 from .model_folder import method_defaults as folder_method_defaults
 from .onednn import prepack_convolutions
 from .text_encoder import (
-    SDXLTextEncoders, TextEncoder, build_clip_text_model, clip_state_dict_for, load_sdxl_tokenizer_2, load_tokenizer,
+    SDXLTextEncoders, TextEncoder, build_clip_text_model, canonical_clip_state_dict, clip_state_dict_for,
+    load_sdxl_tokenizer_2, load_tokenizer,
 )
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -35,6 +37,7 @@ class StableDiffusion:
     vae: AutoencoderKL
     text_encoder: TextEncoder | SDXLTextEncoders
     config: dict = field(default_factory=dict)
+    lora: list[dict] = field(default_factory=list)  # the LoRAs merged in: file, sha256, scale (`lora.lora_records`)
 
     @property
     def family(self) -> str:
@@ -134,13 +137,19 @@ def prepare_for_device(module: nn.Module, device: str | torch.device, dtype: tor
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         vae_dtype: torch.dtype | None = None) -> StableDiffusion:
+         vae_dtype: torch.dtype | None = None, lora=None) -> StableDiffusion:
     """Read a t2vz model folder (written by `python -m weights_convert`, or a shipped model's name such as
     "toyworld") onto `device` in `dtype`, in eval mode. The VAE runs in `vae_dtype`, by default
-    `vae_dtype_for(dtype)` (float32 under float16); latents are cast to it at the VAE's door."""
+    `vae_dtype_for(dtype)` (float32 under float16); latents are cast to it at the VAE's door.
+
+    `lora`: [(file, scale), ...], LoRA files merged into the UNet and text encoder weights in float32 before the
+    cast to `dtype`, W ← W + scale·(α/r)·up·down, several adding (`lora.py`; docs/lora.md). A LoRA that does not
+    fit the model is refused with a LoraError (a ValueError) naming it."""
+    loras = as_loras(lora)
     path = resolve_model_path(path)
     meta = read_model_config(path)
-    weights = folder_weights(path)
+    records = lora_records(loras)  # a missing LoRA file fails here, before any weights are read
+    weights = folder_weights(path, meta, loras)
     unet = build_loaded(UNet, UNetConfig(**meta["unet"]), weights("unet"), f"{path}/unet.safetensors")
     vae = build_loaded(AutoencoderKL, VAEConfig(**meta["vae"]), weights("vae"), f"{path}/vae.safetensors")
     text_encoder = build_text_encoder(path, meta, weights)
@@ -148,12 +157,19 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         module.to(device=device, dtype=module_dtype).eval().requires_grad_(False)
         prepare_for_device(module, device, module_dtype)
     folder_method_defaults(meta)  # a bad "method" entry fails here, at load, not in the middle of a run
-    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta)
+    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, config=meta, lora=records)
 
 
-def folder_weights(path: Path):
-    """weights(component) → that component's state dict from the folder: the one place `load` reads weights."""
-    return lambda component: read_state_dict(path, component)
+def folder_weights(path: Path, meta: dict, loras: list[LoRA] = ()):
+    """weights(component) → that component's state dict from the folder, with `loras` merged into the UNet and the
+    text encoder(s) (`lora.merge_loras`, which refuses a LoRA that does not fit before returning): the one place
+    `load` reads weights."""
+    if not loras:
+        return lambda component: read_state_dict(path, component)
+    merged = {c: read_state_dict(path, c) for c in FAMILY_COMPONENTS[model_family(meta)] if c != "vae"}
+    merged = {c: canonical_clip_state_dict(sd) if c.startswith("text_encoder") else sd for c, sd in merged.items()}
+    merged = merge_loras(merged, UNetConfig(**meta["unet"]), loras)
+    return lambda component: merged[component] if component in merged else read_state_dict(path, component)
 
 
 def load_clip(path: Path, meta: dict, weights, component: str, projection: bool = False) -> nn.Module:

@@ -21,6 +21,7 @@ import torch
 from ldm_fixtures import TINY_UNET, tiny_ldm_checkpoint, write_checkpoint
 from reference_models import tiny_instruct_pix2pix_folder
 from safetensors.torch import save_file
+from sdxl_fixtures import OPEN_CLIP, tiny_sdxl_checkpoint
 
 from t2vz.sd.controlnet import ControlNet, ControlNetConfig
 from t2vz.sd.model_folder import write_controlnet_folder
@@ -88,6 +89,15 @@ def files(tmp_path_factory) -> Path:
     w = inpaint["model.diffusion_model.input_blocks.0.0.weight"]
     inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], 9, *w.shape[2:])
     save_file(inpaint, root / "inpainting.safetensors")
+    sdxl = tiny_sdxl_checkpoint()
+    save_file(sdxl, root / "sdxl_base.safetensors")
+    convert(root / "sdxl_base.safetensors", root / "sdxl_model")
+    refiner = {k.replace("embedders.1.", "embedders.0."): v for k, v in sdxl.items()  # bigG alone, as embedder 0
+               if not k.startswith("conditioner.embedders.") or k.startswith(OPEN_CLIP)}
+    save_file(refiner, root / "sdxl_refiner.safetensors")
+    w = sdxl["model.diffusion_model.input_blocks.0.0.weight"]
+    save_file({**sdxl, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(w.shape[0], 9, *w.shape[2:])},
+              root / "sdxl_inpainting.safetensors")
     save_file({k: v for k, v in good.items() if k != "model.diffusion_model.input_blocks.1.1.proj_in.weight"},
               root / "missing_key.safetensors")
     save_file({**good, "first_stage_model.quant_conv.bias": torch.zeros(5)}, root / "misshaped.safetensors")
@@ -136,6 +146,9 @@ CASES = {
     "convert-lora": (convert_cli("{root}/lora.safetensors"), "lora.safetensors is a LoRA"),
     "convert-vae-only": (convert_cli("{root}/vae_only.safetensors"), "has no UNet weights"),
     "convert-sdxl": (convert_cli("{root}/sdxl.safetensors"), "Stable Diffusion XL"),
+    "convert-sdxl-refiner": (convert_cli("{root}/sdxl_refiner.safetensors"), "is the Stable Diffusion XL refiner"),
+    "convert-sdxl-inpainting": (convert_cli("{root}/sdxl_inpainting.safetensors"),
+                                "is Stable Diffusion XL inpainting"),
     "convert-sd2": (convert_cli("{root}/sd2.safetensors"), "Stable Diffusion 2.x"),
     "convert-inpainting": (convert_cli("{root}/inpainting.safetensors"), "inpainting"),
     "convert-missing-key": (convert_cli("{root}/missing_key.safetensors"),
@@ -194,11 +207,16 @@ CASES = {
     "control-maps-too-few": (control("control.num_frames=9"), "control.num_frames=9"),
     "control-controlnet-is-a-model": (control(controlnet="{root}/model"), "model folder, not a ControlNet"),
     "control-lora-scale-nan": (control("lora=[{root}/lora.safetensors:nan]"), "the scale nan must be a finite"),
+    "control-sdxl-model": (CONTROL + ["prompt=x", "model={root}/sdxl_model", "controlnet={root}/cn",
+                                      "control.video={root}/square.gif", "hydra.run.dir={out}/r"],
+                           "ControlVideo runs on SD 1.5 models and this one is sdxl"),
     "control-lora-for-sdxl": (control("lora=[{root}/lora_sdxl.safetensors:0.7]"), "made for SDXL"),
     # experiments/instruct_video.py
     "instruct-missing-video": (instruct(video="{root}/missing.mp4"), "missing.mp4"),
     "instruct-not-an-ip2p-model": (instruct(model="{root}/model"), "in_channels=4"),
     "instruct-image-guidance-nan": (instruct("sampler.image_guidance_scale=nan"), "sampler.image_guidance_scale=nan"),
+    "instruct-sdxl-model": (instruct(model="{root}/sdxl_model"),
+                            "VideoInstructPix2Pix runs on SD 1.5 models and this one is sdxl"),
     "instruct-lora-missing": (instruct("lora=[{root}/gone.safetensors:0.5]"), "gone.safetensors does not exist"),
 }
 
@@ -265,6 +283,8 @@ API_CASES = {
     "negative-embeds-wrong-shape": (dict(prompt=None, prompt_embeds=torch.zeros(2, 77, D),
                                          negative_prompt_embeds=torch.zeros(1, 77, D)),
                                     f"negative_prompt_embeds of shape (1, 77, {D}), expected (2, 77, {D})"),
+    "sdxl-prompt-2-on-sd15": (dict(prompt_2="a dog"), "prompt_2: SDXL option(s), and this model is SD 1.5"),
+    "sdxl-size-on-sd15": (dict(target_size=(512, 512)), "target_size: SDXL option(s), and this model is SD 1.5"),
     "embeds-smoothing-without-masks": (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, D), smooth_bg=True),
                                        "smooth_bg with prompt_embeds needs masks="),
 }

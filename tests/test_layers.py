@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # rank of each part of the package: a module may import its own rank or a lower one
-RANKS = {"video_io": 0, "sd": 0, "method": 1, "experiment": 2, "toyworld": 2, "__main__": 3, "__init__": 3}
+RANKS = {"video_io": 0, "sd": 0, "method": 1, "experiment": 2, "toyworld": 2, "__main__": 3, "app": 3, "__init__": 3}
 
 
 def part_of(module: str) -> str:

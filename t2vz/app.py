@@ -67,7 +67,8 @@ class Field:
 
     key: str
     label: str
-    kind: str = "number"  # number | int | text | prompt | choice | bool | slider | pair | video | model | controlnet
+    kind: str = "number"  # number | int | text | list | prompt | choice | bool | slider | pair | video | model |
+    #                       controlnet (list: comma-separated entries, e.g. LoRA files)
     info: str = ""
     choices: tuple = ()
     bounds: tuple[float, float, float] = (0.0, 1.0, 0.05)  # slider: minimum, maximum, step
@@ -109,6 +110,8 @@ CACHE = Field("fast.cache_interval", "feature cache interval", "int", t2v_config
 CACHE_BRANCH = Field("fast.cache_branch", "feature cache branch", "int", t2v_config.KEY_OPTIONS["fast.cache_branch"])
 FAST = (MERGING, MERGING_LEVELS, CACHE, CACHE_BRANCH)
 SEED = Field("seed", "seed", "int", "-1: a random seed (the seed used is shown with the result)")
+LORA = Field("lora", "LoRA files", "list", "FILE or FILE:SCALE, comma-separated: merged into the model's weights "
+             "(docs/lora.md)")
 
 TEXT_TO_VIDEO_JOB = Job(
     "Text-to-video", "generate", ("t2vz",), t2v_config.GenerateConfig, TEXT_TO_VIDEO,
@@ -127,7 +130,7 @@ TEXT_TO_VIDEO_JOB = Job(
         Field("method.smooth_bg", "background smoothing", "bool", "Sec. 3.3: blend the background towards the "
               "warped first frame"),
         Field("method.alpha", "α (background smoothing weight)", "slider", bounds=(0.0, 1.0, 0.05)),
-        DTYPE, *FAST,
+        DTYPE, *FAST, LORA,
         Field("output.fps", "frames per second", "number"),
     ))
 
@@ -146,7 +149,7 @@ CONTROL_JOB = Job(
         Field("control.num_frames", "frames", "int", conditional_runs.CONTROL_OPTIONS["control.num_frames"]),
         Field("control.resolution", "resolution", "int", conditional_runs.CONTROL_OPTIONS["control.resolution"]),
         Field("control.conditioning_scale", "ControlNet scale", "number"),
-        STEPS, GUIDANCE, NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, *FAST,
+        STEPS, GUIDANCE, NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, *FAST, LORA,
         Field("output.fps", "frames per second", "number"),
     ),
     fixed=("logger.enabled=false",))
@@ -161,7 +164,7 @@ INSTRUCT_JOB = Job(
         Field("source.resolution", "resolution", "int", conditional_runs.INSTRUCT_OPTIONS["source.resolution"]),
         STEPS, Field("sampler.guidance_scale", "text guidance scale", "number"),
         Field("sampler.image_guidance_scale", "image guidance scale", "number"),
-        NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, *FAST,
+        NEGATIVE, CROSS_FRAME, CHUNK, DTYPE, *FAST, LORA,
         Field("output.fps", "frames per second", "number"),
     ),
     fixed=("logger.enabled=false",))
@@ -204,7 +207,10 @@ def hydra_value(value: Any) -> str:
 
 def normalized(value: Any, default: Any, numeric: bool = False) -> Any:
     """A widget's value as the config holds it: "" is null, a whole float for an int key is an int, and the text of
-    a numeric field that may be empty (`numeric`) is the number it spells (else Hydra's type check names it)."""
+    a numeric field that may be empty (`numeric`) is the number it spells (else Hydra's type check names it); the
+    text of a list field is its comma-separated entries."""
+    if isinstance(default, list) and isinstance(value, str):
+        return [entry.strip() for entry in value.split(",") if entry.strip()]
     if isinstance(value, str) and not value.strip():
         return None
     if isinstance(value, str) and numeric:
@@ -501,6 +507,8 @@ def widget(gr, f: Field, default: Any, found: dict[str, list[str]], video_folder
         return [gr.Slider(low, high, value=default, step=step, label=f.label, info=info, elem_id=elem_id)]
     if f.kind == "text":
         return [gr.Textbox(value=default, label=f.label, info=info, elem_id=elem_id)]
+    if f.kind == "list":
+        return [gr.Textbox(value=", ".join(default), label=f.label, info=info, elem_id=elem_id, placeholder="none")]
     if default is None:  # a number that may be null: a text field, empty meaning null (a gr.Number sends 0)
         if f.key in ("method.motion_strength", "method.t0", "method.t1"):
             info = model_defaults_text(TOY_MODEL)

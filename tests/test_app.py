@@ -60,6 +60,15 @@ def test_overrides_are_the_changed_values_and_defaults_come_from_the_config():
     assert overrides(CONTROL_JOB, {"prompt": "p", "seed": 0})[-1] == "logger.enabled=false"  # the app logs nothing
 
 
+@pytest.mark.parametrize("job", [TEXT_TO_VIDEO_JOB, CONTROL_JOB, INSTRUCT_JOB], ids=lambda job: job.config_name)
+def test_lora_entries_become_the_command_lines_list(job):
+    values = {"lora": " loras/a style.safetensors:0.8, loras/b.safetensors ,", "seed": 0}
+    assert overrides(job, values)[1] == 'lora=["loras/a style.safetensors:0.8",loras/b.safetensors]'
+    assert list(compose_config(job, overrides(job, values)).lora) == ["loras/a style.safetensors:0.8",
+                                                                      "loras/b.safetensors"]
+    assert overrides(job, {"lora": "  ", "seed": 0}) == ["seed=0", *job.fixed]  # empty: no LoRA, no override
+
+
 def test_app_frames_equal_the_command_line_it_displays(tmp_path):
     result = run_job(TEXT_TO_VIDEO_JOB, TOY_SMALL, tmp_path / "app")
     assert result.error is None, result.error

@@ -41,17 +41,8 @@ SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_
 
 
 def diffusers_unet(cfg: UNetConfig, seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
-    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
-    model = UNet2DConditionModel(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, block_out_channels=cfg.block_out_channels,
-        down_block_types=down, up_block_types=up, layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.num_attention_heads, cross_attention_dim=cfg.cross_attention_dim,
-        norm_num_groups=cfg.norm_num_groups, norm_eps=cfg.norm_eps,
-    )
-    return perturb_(model, seed).eval()
+    """diffusers' UNet2DConditionModel of `cfg`'s shape, perturbed (`diffusers_sdxl_unet` builds SD 1.5 and SDXL)."""
+    return diffusers_sdxl_unet(cfg, seed)
 
 
 def diffusers_controlnet(cfg: ControlNetConfig, seed: int = 0):

@@ -51,9 +51,9 @@ def diffusers_reference(path: Path, unet_config, vae_config, ema: bool) -> dict:
     }
 
 
-def assert_same(out: Path, reference: dict, dtype: torch.dtype) -> None:
+def assert_same(out: Path, reference: dict, dtype: torch.dtype, components=COMPONENTS) -> None:
     """Every component: same key set, every tensor exactly equal, in the requested dtype."""
-    for c in COMPONENTS:
+    for c in components:
         ours = read_state_dict(out, c)
         assert ours.keys() == reference[c].keys(), (c, sorted(set(ours) ^ set(reference[c]))[:10])
         for k, ref in reference[c].items():

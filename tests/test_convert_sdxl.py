@@ -17,6 +17,7 @@ from sdxl_fixtures import (
     OPEN_CLIP, TINY_SDXL_BIGG, TINY_SDXL_CLIP_L, TINY_SDXL_FILE_UNET, TINY_SDXL_VAE, tiny_sdxl_checkpoint,
     tiny_sdxl_models, tiny_sdxl_state_dicts, write_sdxl_diffusers_folder,
 )
+from test_convert import assert_same as assert_same_components
 
 import t2vz
 from t2vz.sd.model_folder import read_model_config, read_state_dict
@@ -51,12 +52,8 @@ def diffusers_reference(path: Path, unet_config, vae_config, bigg) -> dict:
 
 
 def assert_same(out: Path, reference: dict, dtype: torch.dtype) -> None:
-    for c in COMPONENTS:
-        ours = read_state_dict(out, c)
-        assert ours.keys() == reference[c].keys(), (c, sorted(set(ours) ^ set(reference[c]))[:10])
-        for k, ref in reference[c].items():
-            assert ours[k].dtype == dtype, (c, k, ours[k].dtype)
-            assert torch.equal(ours[k], ref.to(dtype)), (c, k)
+    """Every SDXL component equal to the reference, tensor for tensor, in `dtype` (test_convert's check)."""
+    assert_same_components(out, reference, dtype, COMPONENTS)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,12 @@ diffusers' `TextToVideoZeroSDXLPipeline` for the same seed; SDXL-only keywords a
 the SD 1.5-only pipelines refuse SDXL models."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from conftest import assert_parity
 from reference_models import sd15_ddim_scheduler, tiny_reference_folder
 from sdxl_fixtures import tiny_sdxl_models, write_sdxl_diffusers_folder
+from test_pipeline import reference_frames
 
 import t2vz
 from t2vz.sd.text_encoder import load_sdxl_tokenizer_2, load_tokenizer
@@ -29,13 +29,6 @@ def sdxl(tmp_path_factory):
                                       add_watermarker=False)
     ref.set_progress_bar_config(disable=True)
     return t2vz.TextToVideoZero.from_pretrained(tmp / "t2vz"), ref, tmp / "t2vz"
-
-
-def reference_frames(pipe, prompt, seed, num_frames, motion_strength=12.0, direction=(1.0, 1.0), **kwargs):
-    out = pipe(prompt, video_length=num_frames, generator=torch.Generator().manual_seed(seed),
-               motion_field_strength_x=motion_strength * direction[0],
-               motion_field_strength_y=motion_strength * direction[1], **kwargs).images
-    return torch.from_numpy(np.asarray(out))
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +157,8 @@ CASES = {
     "convert-misshaped-key": (convert_cli("{root}/misshaped.safetensors"),
                               "first_stage_model.quant_conv.bias has shape (5,), expected (8,)"),
     "convert-missing-source": (convert_cli("{root}/nothing.safetensors"), "does not exist"),
-    "convert-folder-not-a-model": (convert_cli("{root}/not_a_model"), "neither a checkpoint file nor a diffusers folder"),
+    "convert-folder-not-a-model": (convert_cli("{root}/not_a_model"),
+                                   "neither a checkpoint file nor a diffusers folder"),
     "convert-output-under-a-file": (convert_cli("{root}/good.safetensors", "{root}/a_file.txt/m"),
                                     "cannot write {root}/a_file.txt/m: {root}/a_file.txt is a file"),
     "convert-output-exists": (convert_cli("{root}/good.safetensors", "{root}/model"), "exists"),

@@ -1,6 +1,6 @@
-"""`python -m t2vz` (t2vz/__main__.py, t2vz/experiment/config.py, t2vz/experiment/run.py): the config composes and rejects typos at
-composition; real subprocess runs on a random tiny model (32×32, 3 frames, 10 DDIM steps) write the run folder,
-repeat themselves under one seed, sweep with -m, explain themselves with --help and end bad input in one line."""
+"""`python -m t2vz` (t2vz/__main__.py, t2vz/experiment/config.py, t2vz/experiment/run.py): the config composes and
+rejects typos at composition; real subprocess runs on a random tiny model (32×32, 3 frames, 10 DDIM steps) write the
+run folder, repeat themselves under one seed, sweep with -m, explain themselves with --help and end bad input in one line."""
 from __future__ import annotations
 
 import dataclasses
@@ -150,7 +150,8 @@ def test_a_model_folder_sets_its_own_motion_defaults(tiny_model, tmp_path):
 def test_every_option_is_a_pipeline_argument():
     """Config field names equal the arguments they feed (`TextToVideoZero.__call__`'s own and the fields of
     `VideoOptions`, its **options), so the mapping is by name with no table."""
-    params = {*inspect.signature(TextToVideoZero.__call__).parameters, *(f.name for f in dataclasses.fields(VideoOptions))}
+    params = {*inspect.signature(TextToVideoZero.__call__).parameters,
+              *(f.name for f in dataclasses.fields(VideoOptions))}
     config = GenerateConfig(prompt="p", model="m")
     names = [f.name for group in (config.video, config.sampler, config.method, config.fast)
              for f in dataclasses.fields(group)]
@@ -246,7 +247,8 @@ def test_without_a_model_the_shipped_toy_model_makes_the_video(tmp_path):
                         "method.t0=6", "method.t1=8", "output.progress=false", f"hydra.run.dir={run_dir}"],
                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {"video.mp4", "video.gif", "video_sheet.png", "config.yaml", "run.json"} <= {p.name for p in run_dir.iterdir()}
+    written = {p.name for p in run_dir.iterdir()}
+    assert {"video.mp4", "video.gif", "video_sheet.png", "config.yaml", "run.json"} <= written
     assert "model: toyworld" in (run_dir / "config.yaml").read_text()
     assert iio.imread(run_dir / "video.gif").shape[1:3] == (64, 64)
 

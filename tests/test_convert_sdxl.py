@@ -20,7 +20,7 @@ from sdxl_fixtures import (
 from test_convert import assert_same as assert_same_components
 
 import t2vz
-from t2vz.sd.model_folder import read_model_config, read_state_dict
+from t2vz.sd.model_folder import read_model_config
 from t2vz.sd.text_encoder import SDXLTextEncoders, shipped_tokenizer_dir
 from weights_convert import ConversionError, convert
 from weights_convert.__main__ import DESCRIPTION, main

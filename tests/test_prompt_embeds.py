@@ -56,7 +56,8 @@ def tiny(tmp_path_factory):
 def test_text_to_video_zero_embeds_equal_text(toy, negative):
     encode = toy.sd.text_encoder
     text = toy(PROMPT, generator=seeded(), negative_prompt=negative, **VIDEO)
-    embeds = toy(prompt_embeds=encode([PROMPT]), negative_prompt_embeds=None if negative is None else encode([negative]),
+    embeds = toy(prompt_embeds=encode([PROMPT]),
+                 negative_prompt_embeds=None if negative is None else encode([negative]),
                  generator=seeded(), **VIDEO)
     assert torch.equal(text, embeds)
     if negative is not None:  # mixed: embeddings for one branch, text for the other

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_parity
 from reference_models import sd15_ddim_scheduler, tiny_reference_folder
 from sdxl_fixtures import tiny_sdxl_models, write_sdxl_diffusers_folder
-from test_pipeline import reference_frames
+from test_pipeline import assert_seed_compatible
 
 import t2vz
 from t2vz.sd.text_encoder import load_sdxl_tokenizer_2, load_tokenizer
@@ -44,14 +43,7 @@ def sdxl(tmp_path_factory):
 )
 @torch.no_grad()
 def test_seed_compatible_with_diffusers_sdxl(sdxl, kwargs):
-    ours_pipe, ref_pipe, _ = sdxl
-    ours = ours_pipe("a horse galloping", num_frames=4, ddpm_marginal="reference", progress=False,
-                     generator=torch.Generator().manual_seed(7), **kwargs)
-    motion = {k: kwargs.pop(k) for k in ("motion_strength", "direction") if k in kwargs}
-    ref = reference_frames(ref_pipe, "a horse galloping", 7, 4, **motion, **kwargs)
-    assert ours.shape == (4, kwargs["height"], kwargs["width"], 3)
-    assert_parity(ours, ref)
-    assert not torch.allclose(ours[0], ours[-1])  # frames differ: motion is not a no-op
+    assert_seed_compatible(*sdxl[:2], kwargs)
 
 
 @torch.no_grad()

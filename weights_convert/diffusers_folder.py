@@ -19,7 +19,9 @@ from t2vz.sd.vae import VAEConfig
 
 from weights_convert.checkpoint_io import ConversionError, read_weights
 from weights_convert.ldm import conv1x1_to_linear
-from weights_convert.target import CLIP_KEYS, SD2_CONTEXT_DIM, Source, check_keys, clip_config, expected_shapes, refuse_sd2, variant
+from weights_convert.target import (
+    CLIP_KEYS, SD2_CONTEXT_DIM, Source, check_keys, clip_config, expected_shapes, refuse_sd2, variant,
+)
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 SDXL_COMPONENTS = (*COMPONENTS, "text_encoder_2")

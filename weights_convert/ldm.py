@@ -18,7 +18,9 @@ from t2vz.sd.unet import UNetConfig
 from t2vz.sd.vae import VAEConfig
 
 from weights_convert.checkpoint_io import ConversionError, name_list, read_weights
-from weights_convert.target import SD2_CONTEXT_DIM, Source, check_keys, clip_config, expected_shapes, refuse_sd2, variant
+from weights_convert.target import (
+    SD2_CONTEXT_DIM, Source, check_keys, clip_config, expected_shapes, refuse_sd2, variant,
+)
 
 UNET, VAE, CLIP, EMA = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "model_ema."
 # LDM's noise-schedule buffers and EMA bookkeeping: saved in the file, not weights of the three networks.

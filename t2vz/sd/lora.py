@@ -154,9 +154,9 @@ def check_lora_file(file: Path) -> None:
 
 def lora_records(loras: list[LoRA]) -> list[dict]:
     """What run.json records of each LoRA: its file, sha256 and scale. LoraError for a file that is missing."""
-    for l in loras:
-        check_lora_file(l.file)
-    return [{"file": str(l.file), "sha256": file_sha256(l.file), "scale": l.scale} for l in loras]
+    for lora in loras:
+        check_lora_file(lora.file)
+    return [{"file": str(lora.file), "sha256": file_sha256(lora.file), "scale": lora.scale} for lora in loras]
 
 
 # ----------------------------------------------------------------------------------------------- reading a file

@@ -1,6 +1,7 @@
 """`python -m t2vz` (t2vz/__main__.py, t2vz/experiment/config.py, t2vz/experiment/run.py): the config composes and
 rejects typos at composition; real subprocess runs on a random tiny model (32×32, 3 frames, 10 DDIM steps) write the
-run folder, repeat themselves under one seed, sweep with -m, explain themselves with --help and end bad input in one line."""
+run folder, repeat themselves under one seed, sweep with -m, explain themselves with --help and end bad input in one
+line."""
 from __future__ import annotations
 
 import dataclasses

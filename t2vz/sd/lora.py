@@ -42,10 +42,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .model_folder import SD15, SDXL
 from .unet import UNetConfig
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-FAMILY_NAMES = {"sd15": "SD 1.5", "sdxl": "SDXL"}
+FAMILY_NAMES = {SD15: "SD 1.5", SDXL: "SDXL"}
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
@@ -340,7 +341,7 @@ def key_list(keys: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------- families
 def family_of(state_dicts: dict, cfg: UNetConfig) -> str:
     """"sdxl" for a model with a second text encoder or the text_time added embedding, else "sd15"."""
-    return "sdxl" if "text_encoder_2" in state_dicts or cfg.addition_embed_type == "text_time" else "sd15"
+    return SDXL if "text_encoder_2" in state_dicts or cfg.addition_embed_type == "text_time" else SD15
 
 
 SGM_BLOCKS = ("input_blocks_", "middle_block_", "output_blocks_")
@@ -353,15 +354,15 @@ def lora_families(groups: dict[tuple[str, str, str], dict]) -> set[str]:
     found = set()
     for (component, naming, name), group in groups.items():
         if component == "text_encoder_2" or any(k.startswith("lora_te1_") for k in group["keys"]):
-            found.add("sdxl")
+            found.add(SDXL)
         if any(k.startswith("lora_te_") for k in group["keys"]):
-            found.add("sd15")
+            found.add(SD15)
         if component == "unet" and ((naming == "kohya" and name.startswith(SGM_BLOCKS)) or "add_embedding" in name
                                     or "label_emb" in name):
-            found.add("sdxl")
+            found.add(SDXL)
         if component == "unet" and re.search(r"attn2[._]to_[kv]$", name):
             width = group["down"].flatten(1).shape[1]
-            found |= {"sdxl"} if width == 2048 else {"sd15"} if width == 768 else set()
+            found |= {SDXL} if width == 2048 else {SD15} if width == 768 else set()
     return found
 
 

@@ -57,8 +57,7 @@ SHIPPED_MODELS = ("toyworld",)  # model folders inside the package (t2vz/data/mo
 
 # The paper's motion settings (Sec. 4.1: λ = 12 along δ = (1, 1), t0 = 44, t1 = 47 of 50 DDIM steps). A model folder
 # may set its own in a "method" entry of t2vz_model.json (the toy model: warped late, at the step it follows a warp
-# best);
-# `method_defaults` merges the two, and the pipeline and `python -m t2vz` use them wherever no value is given.
+# best); `method_defaults` merges the two, and the pipeline and `python -m t2vz` use them wherever no value is given.
 PAPER_METHOD = {"motion_strength": 12.0, "t0": 44, "t1": 47}
 
 

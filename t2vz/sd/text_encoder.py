@@ -99,9 +99,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """list of b prompts → token ids (b, 77)."""
-        return self.tokenizer(
-            list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
-        ).input_ids
+        return tokenize(self.tokenizer, prompts)
 
     def forward(self, prompts: list[str] | str) -> torch.Tensor:
         if isinstance(prompts, str):

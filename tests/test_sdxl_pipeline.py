@@ -71,6 +71,11 @@ def test_sdxl_model_defaults(sdxl):
      r"pooled_prompt_embeds of shape \(1, 7\), expected \(1, 32\)"),
     (dict(prompt="a cat", original_size=(512,)), "original_size=.* must be two integers"),
     (dict(prompt="a cat", prompt_2=["a", "b"]), "2 prompt_2 for 1 prompts"),
+    (dict(prompt_embeds=torch.zeros(1, 77, 128), pooled_prompt_embeds=torch.zeros(1, 32), prompt_2="a dog"),
+     "give prompt_2 with text, not with prompt_embeds"),
+    (dict(prompt="a cat", negative_prompt_embeds=torch.zeros(1, 77, 128),
+          negative_pooled_prompt_embeds=torch.zeros(1, 32), negative_prompt_2="blurry"),
+     "give negative_prompt_2 with text, not with negative_prompt_embeds"),
 ])
 def test_sdxl_bad_input_names_the_value(sdxl, kwargs, match):
     pipe, _, _ = sdxl

@@ -134,6 +134,13 @@ def checked_embeds(sd: StableDiffusion, embeds, name: str, expected: tuple[int, 
 SDXL_TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
+def refuse_sdxl_options(given: Sequence[str], family: str) -> None:
+    """ValueError naming the SDXL-only options `given` (their names) unless the model's `family` is SDXL."""
+    if given and family != SDXL:
+        raise ValueError(f"{', '.join(given)}: SDXL option(s), and this model is SD 1.5 ({family}); leave them unset, "
+                         "or load an SDXL model")
+
+
 def encode_prompts(
     sd: StableDiffusion,
     prompt: str | Sequence[str] | None,
@@ -166,16 +173,19 @@ def encode_prompts(
     if unknown:
         raise TypeError(f"unknown text option(s) {', '.join(unknown)}")
     sdxl = {k: v for k, v in sdxl.items() if v is not None}
+    refuse_sdxl_options(sorted(sdxl), sd.family)
     is_sdxl = sd.family == SDXL
-    if sdxl and not is_sdxl:
-        raise ValueError(f"{', '.join(sorted(sdxl))}: SDXL option(s), and this model is SD 1.5 ({sd.family}); leave "
-                         "them unset, or load an SDXL model")
     if (prompt is None) == (prompt_embeds is None):
         d = sd.unet.config.cross_attention_dim
         raise ValueError(f"give {prompt_name} or prompt_embeds, not both" if prompt is not None else
                          f"no {prompt_name}: give {prompt_name} (text) or prompt_embeds (b, n_tokens, {d})")
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+    for second, name, embeds in (("prompt_2", "prompt_embeds", prompt_embeds),
+                                 ("negative_prompt_2", "negative_prompt_embeds", negative_prompt_embeds)):
+        if second in sdxl and embeds is not None:  # as diffusers' check_inputs
+            raise ValueError(f"give {second} with text, not with {name}: the embeddings already hold both text "
+                             "encoders' output")
     check_per_prompt(num_per_prompt)
     pooled = uncond_pooled = None
     if prompt_embeds is not None:

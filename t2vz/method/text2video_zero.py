@@ -23,14 +23,13 @@ from einops import rearrange, repeat
 
 from ..sd.attention import CrossFrame, check_cross_frame_levels, check_cross_frame_mode
 from ..sd.loading import StableDiffusion, load
-from ..sd.model_folder import SDXL
 from ..sd.schedulers import DDIM, DDPM, draw_noise
 from .chunks import check_chunking, eps_by_chunks
 from .fast import FastModes
 from .motion import translation_path, warp_latents
 from .sampling import (
     TextConditioning, chain, check_size, checked_latents, ddim_denoise, ddim_loop, decode_video, encode_prompts,
-    fold_frames, guided_eps, sdxl_time_ids, step_counter, unfold_frames,
+    fold_frames, guided_eps, refuse_sdxl_options, sdxl_time_ids, step_counter, unfold_frames,
 )
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
@@ -124,9 +123,7 @@ SDXL_SIZE_OPTIONS = ("original_size", "crops_coords_top_left", "target_size")
 def check_micro_conditioning(o: VideoOptions, family: str) -> None:
     """SDXL's size options: SDXL models only (ValueError naming them on SD 1.5), each two integers >= 0."""
     given = [name for name in SDXL_SIZE_OPTIONS if getattr(o, name) is not None]
-    if given and family != SDXL:
-        raise ValueError(f"{', '.join(given)}: SDXL option(s), and this model is SD 1.5 ({family}); leave them unset, "
-                         "or load an SDXL model")
+    refuse_sdxl_options(given, family)
     for name in given:
         value = getattr(o, name)
         ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(

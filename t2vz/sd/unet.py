@@ -134,10 +134,11 @@ class TextTimeEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
-def check_context_rows(n: int, context: torch.Tensor) -> None:
-    """A batch of n rows takes one text context per row, or one per group of consecutive rows (one per video)."""
+def check_context_rows(n: int, context: torch.Tensor, what: str = "context") -> None:
+    """A batch of n rows takes one text context (or added conditioning, `what`) per row, or one per group of
+    consecutive rows (one per video)."""
     if n % context.shape[0]:
-        raise ValueError(f"context has {context.shape[0]} rows for a batch of {n}: it needs one row per batch "
+        raise ValueError(f"{what} has {context.shape[0]} rows for a batch of {n}: it needs one row per batch "
                          "row, or one per group of consecutive rows (the frames of a video)")
 
 
@@ -168,9 +169,7 @@ def check_added_cond(cfg: UNetConfig, n: int, added_cond: dict | None) -> None:
         raise ValueError(f"added_cond gives {text.shape[1]} + {times.shape[1]}·{cfg.addition_time_embed_dim} = "
                          f"{width} features; this UNet's add_embedding takes "
                          f"projection_class_embeddings_input_dim={cfg.projection_class_embeddings_input_dim}")
-    if n % text.shape[0]:
-        raise ValueError(f"added_cond has {text.shape[0]} rows for a batch of {n}: it needs one row per batch row, "
-                         "or one per group of consecutive rows (the frames of a video)")
+    check_context_rows(n, text, "added_cond")
 
 
 def embed_time(module: nn.Module, t: torch.Tensor | int | float, x: torch.Tensor,

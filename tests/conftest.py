@@ -22,6 +22,16 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, rtol: float = PA
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (experiments/gpu_check.sh runs these on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from .model_folder import (
     read_model_config, read_state_dict, resolve_model_path,
 )
 from .model_folder import method_defaults as folder_method_defaults
-from .onednn import prepack_convolutions
+from .onednn import note_reduced_precision, onednn_supports, prepack_convolutions
 from .text_encoder import (
     SDXLTextEncoders, TextEncoder, build_clip_text_model, canonical_clip_state_dict, clip_state_dict_for,
     load_sdxl_tokenizer_2, load_tokenizer,
@@ -128,11 +128,15 @@ def channels_last_for(device: str | torch.device, dtype: torch.dtype) -> bool:
 def prepare_for_device(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     """`module` with its 4-D weights channels-last where `channels_last_for(device, dtype)` (a convolution's output
     takes its weight's layout, so the activations follow without converting the inputs), and its convolutions'
-    weights prepacked for oneDNN there (`onednn.PrepackedConv2d`). Values are unchanged."""
+    weights prepacked for oneDNN there (`onednn.PrepackedConv2d`) where the CPU's oneDNN supports the dtype
+    (`onednn_supports`); elsewhere they stay `nn.Conv2d`s and the one-line `reduced_precision_note` is logged once.
+    Values are unchanged."""
     if channels_last_for(device, dtype):
         module.to(memory_format=torch.channels_last)
-        if torch.backends.mkldnn.is_available():
+        if onednn_supports(dtype):
             prepack_convolutions(module)
+        else:
+            note_reduced_precision(dtype)
     return module
 
 

@@ -6,11 +6,63 @@ the feature map is small (SD 1.5's deepest levels are 4×4 and 2×2 for a 128×1
 of 1280 channels on 8 such maps takes 7.2 ms through `F.conv2d` and 3.6 ms prepacked, on a 2-core Xeon with AMX).
 `PrepackedConv2d` reorders once and keeps the result; the values are the same bit for bit (tested). This is what
 `torch.compile`'s CPU backend does with frozen weights, here without compiling.
+
+oneDNN's reduced-precision weight reorder exists only on CPUs that compute in that precision: bfloat16 needs
+AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, float16 AVX-512 FP16 or AVX-NE-CONVERT. Elsewhere the reorder raises, so
+`onednn_supports` asks PyTorch first (it also honours `ONEDNN_MAX_CPU_ISA`, the variable oneDNN reads to behave as
+an older CPU), and where the answer is no the convolutions stay plain `nn.Conv2d`s (`prepack_convolutions` leaves
+them, `PrepackedConv2d.forward` falls back). `reduced_precision_note` is the one line a user then sees.
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+# PyTorch's own question for each reduced precision: does oneDNN compute it on this CPU (natively or with
+# AVX-512 conversions), as opposed to refusing or leaving it to ATen's reference kernels
+_SUPPORT_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+_NEEDS = {torch.bfloat16: "AVX-512 BW/VL/DQ or AVX-NE-CONVERT", torch.float16: "AVX-512 FP16 or AVX-NE-CONVERT"}
+
+
+@functools.cache
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN computes convolutions in `dtype` on the running CPU (float32: wherever oneDNN is built in).
+    The checks are private PyTorch ops: where one is missing or fails, the answer is no (the plain path)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype not in _SUPPORT_CHECKS:
+        return dtype == torch.float32
+    try:
+        return bool(getattr(torch.ops.mkldnn, _SUPPORT_CHECKS[dtype])())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def reduced_precision_note(dtype: torch.dtype) -> str | None:
+    """One line for a CPU whose oneDNN does not compute `dtype` (bfloat16 or float16): PyTorch then runs its
+    reference kernels, several to a hundred times slower than float32 at SD 1.5's sizes (docs/performance.md, "On
+    CPUs without reduced-precision support"). None where oneDNN supports it, and for float32."""
+    if dtype not in _SUPPORT_CHECKS or onednn_supports(dtype):
+        return None
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    faster = "dtype=bf16 or dtype=fp32 is" if dtype == torch.float16 and onednn_supports(torch.bfloat16) \
+        else "dtype=fp32 is"
+    return (f"dtype={name}: this CPU's oneDNN has no {name} kernels (they need {_NEEDS[dtype]}; PyTorch runs at "
+            f"{torch.backends.cpu.get_cpu_capability()} here), so {name} runs in PyTorch's slow reference kernels; "
+            f"{faster} faster on this CPU")
+
+
+@functools.cache
+def note_reduced_precision(dtype: torch.dtype) -> None:
+    """Log `reduced_precision_note(dtype)` as a warning, once per process and dtype."""
+    note = reduced_precision_note(dtype)
+    if note:
+        log.warning(note)
 
 
 class PrepackedConv2d(nn.Conv2d):
@@ -29,7 +81,7 @@ class PrepackedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.device.type != "cpu" or self.padding_mode != "zeros" \
-                or isinstance(self.padding, str):
+                or isinstance(self.padding, str) or not onednn_supports(self.weight.dtype):
             return super().forward(x)
         return torch.ops.mkldnn._convolution_pointwise(
             x, self.packed_weight(x), self.bias, list(self.padding), list(self.stride), list(self.dilation),
@@ -46,7 +98,9 @@ class PrepackedConv2d(nn.Conv2d):
 
 
 def prepack_convolutions(module: nn.Module) -> nn.Module:
-    """`module` with every `nn.Conv2d` inside it replaced, in place, by a `PrepackedConv2d` sharing its parameters."""
+    """`module` with every `nn.Conv2d` inside it replaced, in place, by a `PrepackedConv2d` sharing its parameters.
+    (`PrepackedConv2d` takes the plain path for a dtype the CPU's oneDNN does not support; `prepare_for_device`
+    does not call this there.)"""
     for name, child in module.named_children():
         if type(child) is nn.Conv2d:
             setattr(module, name, PrepackedConv2d.of(child))

@@ -63,16 +63,54 @@ def test_translation_bitwise_equals_reference(h, w, lam, direction, ids):
     assert torch.equal(actual, expected), f"max |diff| {(actual - expected).abs().max().item()}"
 
 
+def _chosen_pixels(n: int, dtype: torch.dtype, lam: float, ids: list[int]) -> torch.Tensor:
+    """(f, 2, n, n): the (row, col) of the source pixel each latent pixel of an n×n warp of `dtype` copies, read
+    off by warping ramps of the row and column indices (n ≤ 256: bf16 holds the integers 0…256 exactly)."""
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    ramps = torch.stack([rows, cols]).to(dtype)[None].expand(len(ids), 2, n, n)
+    assert torch.equal(ramps.long(), torch.stack([rows, cols]).expand_as(ramps)), "the ramps must be exact"
+    return warp_latents(ramps, translation_path(ids, lam, (1.0, 1.0))).long()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_translation_bitwise_in_low_precision(dtype):
-    """Bitwise in fp16 and bf16 too: the grid is built in the latents' dtype, as the reference builds it."""
-    ids = [3, 4, 9]
-    x = torch.randn(len(ids), 4, 40, 72).to(dtype)
+@pytest.mark.parametrize("n", [64, 128])  # SD 1.5 at 512², SDXL at 1024²
+@pytest.mark.parametrize("lam", [12.0, 7.3])
+def test_low_precision_warp_samples_the_fp32_pixels(dtype, n, lam):
+    """fp16 and bf16 latents are moved exactly as fp32 ones: every latent pixel copies the same source pixel.
+    With the grid in the latents' dtype (the references' way) bf16 picked another pixel for 37% of them at 64²,
+    λ = 12, and fp16 for 11% at 128², λ = 7.3 (4 frames, δ = (1, 1))."""
+    ids = [0, 1, 2, 3]
+    expected = _chosen_pixels(n, torch.float32, lam, ids)
+    actual = _chosen_pixels(n, dtype, lam, ids)
+    off = (actual != expected).any(1)
+    assert not off.any(), f"{off.float().mean():.1%} of latent pixels sampled elsewhere than in fp32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_warp_equals_the_reference_in_fp32(dtype):
+    """fp16/bf16 latents warp bitwise as the reference warps their fp32 copy (cast back), not as the reference
+    warps them in their own dtype: that one moves bf16 frames by the wrong whole pixels (asserted here, so the
+    test shows the difference it guards)."""
+    ids = [1, 2, 3, 4]
+    x = torch.randn(len(ids), 4, 64, 64).to(dtype)
     for lam, (dx, dy) in [(12.0, (1.0, 1.0)), (7.3, (-0.4, 1.9))]:
-        expected = _reference().create_motion_field_and_warp_latents(lam * dx, lam * dy, ids, x)
+        in_fp32 = _reference().create_motion_field_and_warp_latents(lam * dx, lam * dy, ids, x.float()).to(dtype)
         actual = warp_latents(x, translation_path(ids, lam, (dx, dy)))
         assert actual.dtype == dtype
-        assert torch.equal(actual, expected), f"λ={lam}: max |diff| {(actual - expected).abs().max().item()}"
+        assert torch.equal(actual, in_fp32), f"λ={lam}: max |diff| {(actual - in_fp32).abs().max().item()}"
+    in_bf16 = _reference().create_motion_field_and_warp_latents(12.0, 12.0, ids, x.bfloat16())
+    assert not torch.equal(in_bf16, warp_latents(x.bfloat16(), translation_path(ids, 12.0)))
+
+
+def test_sampling_grid_refuses_half_precision_and_fp64_latents_warp_in_fp64():
+    """The grid is fp32 or fp64: fp64 latents warp in fp64, bitwise as the reference warps them."""
+    with pytest.raises(ValueError, match="bfloat16"):
+        sampling_grid(translation_path([1, 2], 12.0), (8, 8), dtype=torch.bfloat16)
+    ids = [1, 2]
+    x = torch.randn(len(ids), 4, 40, 72, dtype=torch.float64)
+    expected = _reference().create_motion_field_and_warp_latents(12.0, 12.0, ids, x)
+    warped = warp_latents(x, translation_path(ids, 12.0))
+    assert warped.dtype == torch.float64 and torch.equal(warped, expected)
 
 
 def test_sampling_grid_bitwise_equals_reference(monkeypatch):

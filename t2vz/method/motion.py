@@ -109,10 +109,17 @@ def compose(*paths: torch.Tensor) -> torch.Tensor:
 def warp_latents(latents: torch.Tensor, path: torch.Tensor, grid_size: int = 512) -> torch.Tensor:
     """Warp each frame by its affine map: T2V-Zero Sec. 3.3, Algorithm 1 step 3 (x̃_{T₀}ᵏ = W_k(x_{T₀}ᵏ)).
 
-    latents (f, c, h, w), path (f, 2, 3) → (f, c, h, w). The sampling grid is built on the grid_size² reference
-    grid in the latents' dtype, normalised to [−1, 1], resized bilinearly to (h, w) and applied with nearest
+    latents (f, c, h, w), path (f, 2, 3) → (f, c, h, w) in the latents' dtype. The sampling grid is built on the
+    grid_size² reference grid, normalised to [−1, 1], resized bilinearly to (h, w) and applied with nearest
     `grid_sample`, reflection padding: the references' `create_motion_field_and_warp_latents` in one batched call,
-    bitwise equal to it for translation paths.
+    bitwise equal to it for translation paths in fp32 (and fp64).
+
+    The grid and the sampling are in fp32 whatever the latents' dtype (fp64 stays fp64). The references build the
+    grid in the latents' dtype: bf16 holds only 75% of the grid's integers 0…511 exactly (above 256, every other
+    one) and fp16 rounds the shifted, normalised coordinates, so their frames land on other latent pixels than
+    fp32's: on an index grid, 4 frames, δ = (1, 1), bf16 moved 37% of the pixels of 64² latents at λ = 12 and 66%
+    of 128² ones at λ = 7.3 (up to 2 px), fp16 11% at 128², λ = 7.3 (docs/method.md). Nearest sampling copies
+    values, so sampling an fp32 copy and casting back gives values the latents' dtype holds exactly.
     """
     if latents.ndim != 4:
         raise ValueError(f"latents must be 4-D (f, c, h, w), got shape {tuple(latents.shape)}")
@@ -120,16 +127,18 @@ def warp_latents(latents: torch.Tensor, path: torch.Tensor, grid_size: int = 512
         raise ValueError(
             f"path must be (f, 2, 3) with f = {latents.shape[0]} frames of the latents, got {tuple(path.shape)}"
         )
-    grid = sampling_grid(path, latents.shape[-2:], grid_size, dtype=latents.dtype, device=latents.device)
-    return F.grid_sample(latents, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    work = torch.promote_types(latents.dtype, torch.float32)  # fp32 for fp32/fp16/bf16 latents, fp64 for fp64
+    grid = sampling_grid(path, latents.shape[-2:], grid_size, dtype=work, device=latents.device)
+    warped = F.grid_sample(latents.to(work), grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    return warped.to(latents.dtype)
 
 
-def applied_shifts(path: torch.Tensor, size: Sequence[int], grid_size: int = 512,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def applied_shifts(path: torch.Tensor, size: Sequence[int], grid_size: int = 512) -> torch.Tensor:
     """The whole-latent-pixel shift (dy, dx) at which `warp_latents` samples each frame of a translation path on
-    (h, w) latents of `dtype`: path (f, 2, 3) → (f, 2) float64. Nearest sampling rounds λ·k·δ·w/grid_size to a
-    whole latent pixel, so the content moves in whole latent pixels (by minus this shift); where λ·δ·w/grid_size
-    is not a whole number, frame to frame it moves by the two whole numbers around it, not by λ·δ·w/grid_size.
+    (h, w) latents of any dtype (the warp samples in fp32): path (f, 2, 3) → (f, 2) float64. Nearest sampling
+    rounds λ·k·δ·w/grid_size to a whole latent pixel, so the content moves in whole latent pixels (by minus this
+    shift); where λ·δ·w/grid_size is not a whole number, frame to frame it moves by the two whole numbers around
+    it, not by λ·δ·w/grid_size.
 
     Read off the warp itself: ramps of the row and column indices are warped and read at the corner the samples
     move away from, where none is reflected (so λ·k·|δ|·w/grid_size must stay within w − 1, h − 1)."""
@@ -144,7 +153,7 @@ def applied_shifts(path: torch.Tensor, size: Sequence[int], grid_size: int = 512
             raise ValueError("applied_shifts needs the path to move one way along each axis (a translation λ·k·δ)")
         if (b[:, axis].abs() * n / grid_size > n - 1).any():
             raise ValueError(f"the path shifts the {h}×{w} latents by a whole frame or more; no shift can be read off")
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     warped = warp_latents(torch.stack([ys, xs])[None].expand(len(path), 2, h, w), path, grid_size)
     y0 = 0 if (b[:, 1] >= 0).all() else h - 1
     x0 = 0 if (b[:, 0] >= 0).all() else w - 1
@@ -160,14 +169,22 @@ def sampling_grid(
     as pixel centres: every sample lands half a grid pixel (w/1024 latent pixels in x) before the latent pixel's
     centre. Kept for parity. With nearest sampling it rounds shifts of a half latent pixel down: λ = 12 at
     w = 64 (1.5 latent pixels a frame) moves frames 1…4 by 1, 3, 4, 6 pixels.
+
+    `dtype`: fp32 (what `warp_latents` uses for latents of any dtype up to fp32) or fp64; fp16 and bf16 are
+    refused, as they cannot hold the grid's coordinates (`warp_latents`). The path's numbers reach the kernels as
+    Python scalars (cast to `dtype`, as a path tensor in `dtype` would be), so no tensor is copied to `device`.
     """
     if int(grid_size) != grid_size or grid_size < 1:
         raise ValueError(f"grid_size must be a positive integer, got {grid_size}")
-    axis = torch.arange(grid_size, device=device).float().to(dtype)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"sampling grid dtype {dtype}: use torch.float32 or torch.float64; half precision cannot "
+                         "hold the grid's coordinates to a latent pixel (warp_latents samples fp16/bf16 in fp32)")
+    axis = torch.arange(grid_size, device=device).to(dtype)
     y, x = torch.meshgrid(axis, axis, indexing="ij")  # (g, g) each, as RAFT's coords_grid
     grids = []
-    for a in path.to(device=device, dtype=dtype)[:, :, :, None, None]:  # one frame at a time: a g² field per
-        coords = a[:, 0] * x + a[:, 1] * y + a[:, 2]  # frame is 2 MB at g = 512, so memory stays flat as the
-        coords = coords / grid_size * 2.0 - 1.0       # video grows; (2, g, g): 1·x + 0·y + b rounds as x + b
+    for (a00, a01, b0), (a10, a11, b1) in path.tolist():  # one frame at a time: a g² field per frame is 2 MiB in
+        coords = torch.stack([a00 * x + a01 * y + b0,  # fp32 at g = 512, so memory stays flat as the video grows;
+                              a10 * x + a11 * y + b1])  # (2, g, g): 1·x + 0·y + b rounds as x + b
+        coords = coords / grid_size * 2.0 - 1.0
         grids.append(F.interpolate(coords[None], size=tuple(size), mode="bilinear")[0].permute(1, 2, 0))
     return torch.stack(grids) if grids else torch.empty(0, *size, 2, device=device, dtype=dtype)

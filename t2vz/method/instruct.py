@@ -41,7 +41,8 @@ from ..video_io import load_frames, resize_frames, resized_shape
 from .chunks import check_chunking, eps_by_chunks
 from .fast import FastModes, loop_unet_kwargs
 from .sampling import (
-    TextConditioning, check_size, checked_latents, ddim_loop, decode_video, encode_prompts, step_counter,
+    TextConditioning, check_size, checked_latents, chunk_frames, ddim_loop, decode_video, encode_prompts,
+    step_counter,
 )
 
 
@@ -162,7 +163,7 @@ class VideoInstructPix2Pix:
         """
         fast = FastModes(merging_ratio, merging_max_downsample, merging_options, cache_interval,
                          cache_branch).checked(self.sd.unet.config)
-        merging = fast.token_merging(generator)  # forked before the first draw from `generator`
+        merging = fast.token_merging(generator, self.sd.device)  # forked before the first draw from `generator`
         self.check_inputs(instruction, video, negative_prompt, guidance_scale, image_guidance_scale, num_frames,
                           resolution, size_multiple, cross_frame, chunk_size)
         sd, factor = self.sd, self.sd.vae.downsample_factor
@@ -201,7 +202,8 @@ class VideoInstructPix2Pix:
         attention = CrossFrame(f, cross_frame)  # the 3f rows are three videos of f frames: one per branch
 
         def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
-            eps = self.sd.unet(branch_batch(x, source[ids]), t, context, cross_frame=frames, **unet_kwargs(ids))
+            eps = self.sd.unet(branch_batch(x, chunk_frames(source, ids)), t, context, cross_frame=frames,
+                               **unet_kwargs(ids))  # a view of E(x): no index tensor to the device per step
             return instruct_guidance(eps, guidance_scale, image_guidance_scale)
 
         return ddim_loop(x_T, scheduler, scheduler.timesteps, eps_by_chunks(predict_chunk, attention, chunk_size),

@@ -38,6 +38,16 @@ def unfold_frames(frames: torch.Tensor, f: int) -> torch.Tensor:
     return rearrange(frames, "(b f) c h w -> b c f h w", f=f)
 
 
+def chunk_frames(frames: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """frames[ids] for a chunk's frame ids (`chunks.frame_chunks`), frames (f, ...) → (len(ids), ...): a slice
+    (a view) when the ids are consecutive, as the chunks' are, so that no step sends an index tensor to the device;
+    an index (a copy) otherwise."""
+    start = ids[0] if ids else 0
+    if list(ids) == list(range(start, start + len(ids))):
+        return frames[start : start + len(ids)]
+    return frames[list(ids)]
+
+
 def check_size(height: int, width: int, multiple: int = 8) -> None:
     """Image sizes must be whole multiples of the VAE's downsampling factor (8 for SD 1.5)."""
     for name, value in (("height", height), ("width", width)):
@@ -302,9 +312,14 @@ def ddim_loop(
     progress: bool = True,
 ) -> torch.Tensor:
     """DDIM (Eq. 12) over `timesteps` with any noise prediction `predict_eps(x, t) -> ε` (guidance included):
-    x at timesteps[0] → x one DDIM step below timesteps[−1]. `step_callback(t, x)` may return a replacement x."""
-    for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
-        eps = predict_eps(x, t.to(x.device))
+    x at timesteps[0] → x one DDIM step below timesteps[−1]. `step_callback(t, x)` may return a replacement x.
+
+    `timesteps` stay on the CPU for the scheduler (it reads each t as a Python int, which on an accelerator would
+    wait for it); the UNet gets t from one copy of them on x's device, made here, so that no step copies a
+    timestep from the host."""
+    on_device = timesteps.to(x.device)  # (n,): one copy per loop; on_device[i] is a view, not a copy
+    for i, t in enumerate(tqdm(timesteps, desc=desc, disable=not progress, leave=False)):
+        eps = predict_eps(x, on_device[i])
         x, _ = scheduler.step(eps, t, x, generator=generator)
         replaced = step_callback(int(t), x) if step_callback is not None else None
         x = x if replaced is None else replaced

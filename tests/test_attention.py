@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import assert_parity, perturb_
 from einops import rearrange
 
-from t2vz.sd.attention import Attention, CrossFrame, at_level, check_cross_frame_levels
+from t2vz.sd.attention import Attention, CrossFrame, Transformer2D, at_level, check_cross_frame_levels, memory_layout
 
 
 def explicit(attn: Attention, x: torch.Tensor, f: int, anchors) -> torch.Tensor:
@@ -107,3 +107,24 @@ def test_cross_frame_levels_must_have_self_attention():
     check_cross_frame_levels([1, 2], "first", toy)
     check_cross_frame_levels([1], "first", (False, False))  # the mid block's
     check_cross_frame_levels([0], "first")  # no UNet given: only the level list and the mode are checked
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["conv-projections", "linear-projections"])
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, torch.contiguous_format),
+                                           (torch.bfloat16, torch.channels_last)])
+@torch.no_grad()
+def test_transformer_hands_on_the_layout_it_was_given(linear, dtype, layout):
+    """The transformer returns its input's layout (NCHW, or channels-last as t2vz runs CPU bf16/fp16,
+    `sd.loading.channels_last_for`), and its 1×1 `proj_out` conv (SD 1.5) sees that layout too. With linear
+    projections (SDXL) the tokens folded back to (b, c, h, w) are an NHWC-strided view, and an fp32 NCHW model's
+    transformer returned it channels-last (strides (960, 1, 160, 32) here), which cuDNN then carries on."""
+    model = perturb_(Transformer2D(32, heads=4, context_dim=16, groups=8, linear=linear)).eval().to(dtype)
+    model.to(memory_format=layout)
+    x = torch.randn(2, 32, 6, 5, dtype=dtype).contiguous(memory_format=layout)  # h ≠ w: the strides tell them apart
+    seen = []
+    model.proj_out.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    out = model(x, torch.randn(2, 7, 16, dtype=dtype))
+    assert out.is_contiguous(memory_format=layout) and out.stride() == x.stride(), out.stride()
+    if not linear:
+        assert seen[0].is_contiguous(memory_format=layout), seen[0].stride()
+    assert memory_layout(out) == layout

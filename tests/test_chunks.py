@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from t2vz.method.chunks import check_chunking, eps_by_chunks, frame_chunks
 from t2vz.method.text2video_zero import VideoOptions
@@ -63,3 +64,27 @@ def test_video_options_refuse_an_unknown_name():
     with pytest.raises(TypeError, match="unknown option.*num_frame\\b.*the options are num_frames"):
         VideoOptions.of({"num_frame": 4})
     assert VideoOptions.of({"num_frames": 4}).num_frames == 4
+
+
+class OpNames(TorchDispatchMode):
+    """The aten ops run inside, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_eps_by_chunks_takes_and_puts_each_chunk_by_a_slice():
+    """A chunk's frames are consecutive: read and written as slices of the latents, not through an index built from
+    its id list (which torch makes on the host and copies to the latents' device, twice per chunk and step).
+    Indexed by the lists, the loop ran aten::index and aten::index_put_ once per chunk."""
+    g, f = 2, 5
+    x = torch.randn(g * f, 4, 2, 2)
+    with OpNames() as ops:
+        eps = eps_by_chunks(lambda rows, t, ids, frames: rows * 2, CrossFrame(f), 2)(x, torch.tensor(1))
+    assert torch.equal(eps, x * 2)
+    assert not [name for name in ops.names if name.startswith(("aten::index", "aten::_index_put"))], ops.names

@@ -72,7 +72,7 @@ def test_attention_maps_are_probabilities(pipe):
         unet(x, 500, context)
     assert maps.count == 2 + 1 + 3  # tiny UNet, attention at level 0 only: 2 down, 1 mid, 3 up transformers
     torch.testing.assert_close(maps.mean(), torch.full((1, 8, 12), 1 / 77))
-    assert not unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2._forward_hooks  # hooks removed
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.recorder is None  # detached on exit
 
 
 COMMON = dict(num_frames=4, height=32, width=32, num_inference_steps=8, t0=1, t1=3, progress=False)
@@ -114,9 +114,9 @@ def test_bad_smoothing_arguments(pipe):
 
 
 def test_attention_masks_record_through_a_compiled_unet():
-    """With compile=true the UNet is torch.compile'd; the cross-attention recording hooks, added to its modules
-    after compilation, still see every call, and the frames equal eager ones. Dynamo's "eager" backend traces as
-    the real one does, without code generation, so this stays fast."""
+    """With compile=true the UNet is torch.compile'd; the cross-attention recorder, set on its modules after
+    compilation, still sees every call, and the frames equal eager ones. Dynamo's "eager" backend traces as the
+    real one does, without code generation, so this stays fast (two generations: tests/test_compile.py)."""
     from t2vz.experiment.run import load_pipeline
 
     assert isinstance(load_pipeline("toyworld", "cpu", "fp32", compile_unet=True).sd.unet,
@@ -129,3 +129,33 @@ def test_attention_masks_record_through_a_compiled_unet():
     assert compiled.sd.unet is wrapper
     reference = eager("a red circle on grass", generator=torch.Generator().manual_seed(0), **kwargs)
     torch.testing.assert_close(frames, reference, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_recording_builds_its_tensors_once_and_indexes_nothing(pipe):
+    """The token positions become averaging weights on the UNet's device when the recorder is first entered, so a
+    recorded call indexes nothing by a Python list (torch would build each such index on the host and copy it to
+    the device, in every layer at every step: aten::index, as the recorder did before). One recorder at a time."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpNames(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    unet = pipe.sd.unet
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, TINY_UNET.cross_attention_dim)
+    maps = CrossAttentionMaps(unet, [[1, 2], [3]], (8, 8), slice(0, 2))
+    with maps:
+        unet(x, 500, context)
+    weights = maps.weights
+    with OpNames() as ops, maps:
+        unet(x, 500, context)
+    assert maps.weights is weights and maps.count == 2 * 6
+    assert not [name for name in ops.names if name.startswith("aten::index")], sorted(set(ops.names))
+    with maps, pytest.raises(RuntimeError, match="already recording"):
+        CrossAttentionMaps(unet, [[1]], (8, 8), slice(0, 1)).__enter__()

@@ -51,6 +51,9 @@ def eps_by_chunks(predict_chunk: ChunkPredictor, cross_frame: CrossFrame | None,
     values, the later ones replay them."""
     f = 1 if cross_frame is None else cross_frame.num_frames
     chunks = frame_chunks(f, chunk_size)
+    # each chunk is a run of consecutive frames: indexed by a slice (a view), not by its id list, which would be
+    # copied to the latents' device as an index tensor twice per chunk and step
+    spans = [slice(ids[0], ids[-1] + 1) for ids in chunks]
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if len(chunks) == 1:
@@ -58,11 +61,11 @@ def eps_by_chunks(predict_chunk: ChunkPredictor, cross_frame: CrossFrame | None,
         frames = rearrange(x, "(g f) c h w -> g f c h w", f=f)
         eps = torch.empty_like(frames)
         anchor = AnchorKeys()
-        for i, ids in enumerate(chunks):
+        for i, (ids, span) in enumerate(zip(chunks, spans)):
             anchor.replaying = i > 0
-            rows = rearrange(frames[:, ids], "g f c h w -> (g f) c h w")
+            rows = rearrange(frames[:, span], "g f c h w -> (g f) c h w")
             chunk = replace(cross_frame, num_frames=len(ids), anchor=anchor)
-            eps[:, ids] = rearrange(predict_chunk(rows, t, ids, chunk), "(g f) c h w -> g f c h w", f=len(ids))
+            eps[:, span] = rearrange(predict_chunk(rows, t, ids, chunk), "(g f) c h w -> g f c h w", f=len(ids))
         return rearrange(eps, "g f c h w -> (g f) c h w")
     return predict
 

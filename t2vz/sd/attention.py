@@ -26,7 +26,11 @@ class AnchorKeys:
     the UNet once per step, and every frame attends to the same K¹, V¹ as in one unchunked call.
 
     With token merging (`sd.tome`), `destinations` keeps each transformer block's destination choice the same way:
-    drawn by the first chunk, replayed by the later ones, so every chunk is partitioned as one unchunked call is."""
+    drawn by the first chunk, replayed by the later ones, so every chunk is partitioned as one unchunked call is.
+
+    In a torch.compile'd UNet the dict writes are side effects that dynamo applies after the graph runs, and it
+    guards on `replaying` and on the dicts' sizes, not on which AnchorKeys a step makes: one graph records, one
+    replays (per chunk size), for every step and generation (tests/test_compile.py)."""
 
     def __init__(self):
         self.kv: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -115,12 +119,20 @@ class Attention(nn.Module):
     """Multi-head attention through `scaled_dot_product_attention` (Vaswani et al. 2017).
 
     Self-attention when `context` is None, cross-attention to `context` (text tokens) otherwise.
+
+    `recorder`: None, or an object whose `record(attn, x, context)` sees every cross-attention call's input, set
+    while it records (`method.smoothing.CrossAttentionMaps`, the foreground maps of background smoothing). An
+    attribute the forward consults rather than a forward hook: torch.compile inlines the hooks a module has when it
+    traces it and does not guard on them, so a compiled UNet would keep calling the first recorder's hook; the
+    attribute is guarded (None or not, and the recorder's type), so recording and plain calls each get their graph,
+    and a new recorder reuses it.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.recorder = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
@@ -138,6 +150,8 @@ class Attention(nn.Module):
         """x (b, n, c), context (b, m, c_ctx), (b/g, m, c_ctx) or None → (b, n, c). With `cross_frame`,
         b = videos · frames."""
         if context is not None:
+            if self.recorder is not None:
+                self.recorder.record(self, x, context)
             return self.to_out[0](self.text_attention(x, context))
         if cross_frame is None or cross_frame.mode == "off":
             return self.to_out[0](self.attend(self.to_q(x), self.to_k(x), self.to_v(x)))
@@ -277,6 +291,15 @@ class Transformer2D(nn.Module):
 
     (b, c, h, w), context (b, n, c_ctx) → (b, c, h, w). `merging` (token merging, `sd.tome`) is handed to the
     blocks with the token grid's h, w.
+
+    The output has the memory layout of the input (`memory_layout`): contiguous NCHW, or channels-last where the
+    model runs channels-last (CPU bf16/fp16, `sd.loading.channels_last_for`). Folding the tokens back to
+    (b, c, h, w) gives a view in whatever layout the tokens had: c-major tokens (a view of a 1×1 conv's NCHW
+    output, kept so by the blocks' residual adds) fold back to NCHW, but contiguous tokens (those of a linear
+    `proj_in`, SDXL) fold back to an NHWC-strided view, which the residual add and every later conv (cuDNN follows
+    its input's layout) would carry on, turning an NCHW model channels-last from its first transformer. So the
+    folded tensor is made contiguous in the input's layout (a no-op where it already is; diffusers calls
+    `.contiguous()`, which assumes NCHW).
     """
 
     def __init__(self, channels: int, heads: int, context_dim: int, groups: int = 32, depth: int = 1,
@@ -304,7 +327,15 @@ class Transformer2D(nn.Module):
             x = block(x, context, cross_frame, merging, (h, w))
         if self.linear:
             x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(memory_format=memory_layout(residual))
         if not self.linear:
             x = self.proj_out(x)
         return x + residual
+
+
+def memory_layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format x (b, c, h, w) is laid out in: channels_last where it is NHWC-strided and not NCHW-contiguous
+    (where both hold, c = 1 or h = w = 1, the two layouts are the same bytes), contiguous_format otherwise."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -346,3 +346,49 @@ def test_text_to_video_zero_matches_diffusers_with_tomesd(tmp_path):
         del unet.forward
     assert_parity(ours, torch.from_numpy(np.asarray(ref)))
     assert not torch.equal(merging.generator.get_state(), seeded(21).get_state())  # it merged, drawing on the way
+
+
+# ---- the stream's device, and the stream under torch.compile --------------------------------------------------------
+
+
+def test_a_cuda_unet_draws_from_a_cuda_stream_seeded_as_the_generator(monkeypatch):
+    """tomesd draws on the UNet's device, from its fork of that device's RNG: on CUDA the CUDA RNG, which
+    torch.manual_seed(s) seeds with s. So a merging for a CUDA UNet, given a CPU generator seeded with s, draws from
+    a CUDA generator seeded with s (tomesd's stream after torch.manual_seed(s)), whatever was drawn from the CPU
+    generator since; a generator of the UNet's device (the CPU's here) is copied as it stands. Before, the CPU
+    generator was copied on every device, and a CUDA UNet's destinations were drawn on the CPU. The CUDA generator
+    is stood in for by a CPU one here; tests/test_cuda_attention.py compares with tomesd on a GPU."""
+    from t2vz.method.fast import FastModes
+    from t2vz.sd import tome as tome_module
+
+    made = []
+
+    def seeded_on(device, seed):
+        made.append((device, seed))
+        return seeded(seed)
+
+    monkeypatch.setattr(tome_module, "seeded_generator", seeded_on)
+    g = seeded(7)
+    torch.randn(3, generator=g)  # the generation's stream moved on
+    merging = FastModes(merging_ratio=0.5).checked().token_merging(g, "cuda")
+    assert made == [(torch.device("cuda"), 7)]
+    assert torch.equal(merging.generator.get_state(), seeded(7).get_state())
+    for device in (None, "cpu", torch.device("meta")):
+        other = TokenMerging(device=device, generator=g)
+        assert made == [(torch.device("cuda"), 7)] and torch.equal(other.generator.get_state(), g.get_state())
+    assert not torch.equal(g.get_state(), seeded(7).get_state())  # read, never drawn from
+
+
+def test_the_stream_is_a_copy_the_merging_advances():
+    """`generator` is copied into the merging's stream (a state tensor the draws advance, `RandomStream`); each read
+    of `merging.generator` is a new generator in the stream's current state. The caller's generator stays where it
+    was, and the draws are the ones the generator itself would give."""
+    g = seeded(3)
+    merging = TokenMerging(generator=g)
+    first = merging.destination_choice(8, 8, 2, CPU)
+    assert torch.equal(g.get_state(), seeded(3).get_state())
+    assert torch.equal(first[..., None], torch.randint(4, (4, 4, 1), generator=g))
+    assert torch.equal(merging.generator.get_state(), g.get_state())
+    assert merging.generator is not merging.generator
+    with pytest.raises(ValueError, match="generator=3 must be a torch.Generator or None"):
+        TokenMerging(generator=3)

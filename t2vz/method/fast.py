@@ -48,18 +48,20 @@ class FastModes:
         check_branch(self.cache_branch, unet_config)
         return self
 
-    def token_merging(self, generator: torch.Generator | None) -> TokenMerging | None:
-        """One generation's token merging, None at ratio 0. Its random destination choices draw from a fork of
-        `generator` taken now, before the generation draws from it: the generation's own stream is untouched, and a
-        generator seeded with s gives the choices of tomesd after torch.manual_seed(s). Without a generator,
-        tomesd's own behaviour: a fork of torch's global RNG at the first UNet call."""
+    def token_merging(self, generator: torch.Generator | None,
+                      device: str | torch.device | None = None) -> TokenMerging | None:
+        """One generation's token merging for a UNet on `device`, None at ratio 0. Its random destination choices
+        draw from a fork of `generator` taken now, before the generation draws from it: the generation's own stream
+        is untouched, and a generator seeded with s gives the choices of tomesd after torch.manual_seed(s). On a
+        CUDA device that fork is a CUDA generator seeded with the generator's seed, as tomesd draws from the CUDA
+        RNG there (`TokenMerging`; without `device`, a CPU generator's choices are drawn on the CPU wherever the
+        UNet runs). Without a generator, tomesd's own behaviour: a fork of torch's global RNG at the first UNet
+        call (`loop_unet_kwargs` takes it just before that call where `device` is given)."""
+        exact = self.merging_ratio == 0
         merging = TokenMerging(ratio=self.merging_ratio, max_downsample=self.merging_max_downsample,
-                               **(self.merging_options or {}))
-        if self.merging_ratio == 0:
-            return None
-        if generator is not None:
-            merging.generator = torch.Generator(device=generator.device).set_state(generator.get_state())
-        return merging
+                               **(self.merging_options or {}), device=device,
+                               generator=None if exact else generator)  # checks the options
+        return None if exact else merging
 
     @property
     def cache(self) -> tuple[int, int] | None:
@@ -72,10 +74,16 @@ def loop_unet_kwargs(cache: tuple[int, int] | None, merging: TokenMerging | None
                      ) -> Callable[[list[int]], dict]:
     """`kwargs(ids)`: the UNet keywords of one denoising loop's chunk of frames `ids`: the generation's `merging`,
     and the chunk's own `FeatureCache` (`chunks.chunk_caches`: made on the chunk's first call, so a new loop starts
-    on a full pass). Empty on the exact path, so a wrapped or compiled UNet need not know either keyword."""
+    on a full pass). Empty on the exact path, so a wrapped or compiled UNet need not know either keyword.
+
+    A merging without a stream yet, whose device is known, forks its stream here, just before the UNet call in
+    which its first block would (nothing draws in between): the same fork, taken outside a torch.compile'd UNet,
+    which cannot trace it."""
     caches = chunk_caches(cache)
 
     def kwargs(ids: list[int]) -> dict:
+        if merging is not None and merging.device is not None:
+            merging.random_stream(merging.device)
         found = {} if merging is None else {"merging": merging}
         kept = caches(ids)
         return found if kept is None else {**found, "cache": kept}

@@ -287,7 +287,7 @@ class TextToVideoZero:
         """
         o = VideoOptions.of(options).resolve(self.sd)
         fast = FastModes.of(o)
-        merging = fast.token_merging(generator)  # forked before the first draw from `generator`
+        merging = fast.token_merging(generator, self.sd.device)  # forked before the first draw from `generator`
         sd, f = self.sd, int(o.num_frames)
         text = encode_prompts(sd, prompt, o.negative_prompt, o.guidance_scale > 1.0, o.num_videos_per_prompt,
                               prompt_embeds, negative_prompt_embeds, prompt_2=prompt_2,

@@ -48,11 +48,25 @@ class TokenMerging:
                       cannot share the batch (and so its draw); so does this.
       merge_attn / merge_crossattn / merge_mlp   which sublayers run on the merged tokens (self-attention,
                       text cross-attention, feed-forward).
+      device          the device the UNet runs on, where known when the merging is made
+                      (`FastModes.token_merging(generator, device)`): the random stream is made for it (below).
+                      None: the device of the first block call (a fork made there, inside a torch.compile'd UNet,
+                      breaks that call's graph; with `device` the pipelines' loop makes it before the call).
       generator       the stream of the random destination choices. None: forked from torch's global RNG (that
                       of the device the UNet runs on; the CPU's for devices other than CUDA) at the first block
                       call that merges, and kept here, so later calls continue it: tomesd's `init_generator`,
-                      whose fork lives as long as the patch. A supplied generator is drawn from on its own device
-                      (tomesd, whose generator is always its own fork, re-forks when the device changes).
+                      whose fork lives as long as the patch. A supplied generator is copied (`merging.generator`
+                      then reads the copy's current state; the caller's generator never advances). On a CUDA
+                      `device` a generator of another device is replaced by a CUDA one seeded with its
+                      `initial_seed()`: tomesd draws there from its fork of the CUDA RNG, which
+                      torch.manual_seed(s) seeds with s, so a generator seeded with s gives tomesd's choices after
+                      torch.manual_seed(s) on CUDA as on the CPU (on CUDA whatever was drawn from it since).
+
+    The stream is kept as its state tensor (`RandomStream`) and drawn from through a custom op, so that a
+    torch.compile'd UNet traces the draws into its graph: dynamo cannot take a `torch.Generator` into a graph, and
+    `torch.randint(generator=…)` broke the graph inside every merging block, leaving dynamo to compile the blocks
+    one by one until its recompile limit: 37 graphs over one toy-model generation (4 frames, 10 steps, merging at
+    levels 1 and 2), where the UNet now makes 2, one per batch shape (tests/test_compile.py).
     """
 
     ratio: float = 0.5
@@ -63,7 +77,9 @@ class TokenMerging:
     merge_attn: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
-    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+    device: torch.device | None = field(default=None, repr=False, compare=False)
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)  # a property, below
+    _stream = None  # not a field: the RandomStream, set through `generator` or at the first draw
 
     def __post_init__(self):
         ratio = self.ratio
@@ -81,12 +97,24 @@ class TokenMerging:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
 
-    def random_stream(self, device: torch.device) -> torch.Generator:
-        """The generator the destination choices are drawn from: `generator`, forked from the global RNG on first
-        use when None."""
-        if self.generator is None:
-            self.generator = fork_global_rng(device)
-        return self.generator
+    def random_stream(self, device: torch.device) -> RandomStream:
+        """The stream the destination choices are drawn from: the supplied generator's, or forked from the global
+        RNG of `self.device` (else `device`) on first use."""
+        if self._stream is None:
+            self._stream = RandomStream(fork_global_rng(torch.device(self.device or device)))
+        return self._stream
+
+    def get_generator(self) -> torch.Generator | None:
+        """`merging.generator`: a generator in the stream's current state (a copy: drawing from it does not
+        advance the stream); None before a stream exists."""
+        return None if self._stream is None else self._stream.generator()
+
+    def set_generator(self, generator: torch.Generator | None) -> None:
+        """`merging.generator = g`: the stream becomes a copy of g (a CUDA one seeded alike where `device` is CUDA
+        and g is not, see the class); None: forked from the global RNG at first use."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator={generator!r} must be a torch.Generator or None")
+        self._stream = None if generator is None else RandomStream(stream_generator(generator, self.device))
 
     def destination_choice(self, h: int, w: int, b: int, device: torch.device) -> torch.Tensor:
         """(h // sy, w // sx): the destination of each whole sy×sx cell, as the index i·sx + j of its row i, column j
@@ -95,9 +123,8 @@ class TokenMerging:
         cells = (h // self.sy, w // self.sx)
         if not self.use_rand or b % 2:
             return torch.zeros(cells, dtype=torch.long, device=device)
-        stream = self.random_stream(device)
-        # tomesd's draw exactly (its shape, its device), so the two take the same numbers from one stream
-        draw = torch.randint(self.sy * self.sx, size=(*cells, 1), device=stream.device, generator=stream)
+        # tomesd's draw exactly (its shape, on the stream's device), so the two take the same numbers from one stream
+        draw = self.random_stream(device).randint(self.sy * self.sx, (*cells, 1))
         return draw[..., 0].to(device)
 
     def plan(self, x: torch.Tensor, h: int, w: int, anchor: AnchorKeys | None = None,
@@ -123,6 +150,58 @@ class TokenMerging:
                 anchor.destinations[key] = choice
         src, dst = partition(h, w, self.sx, self.sy, choice)
         return bipartite_soft_matching(x, src, dst, r)
+
+
+# `generator` is the stream's state seen as a torch.Generator: the dataclass's __init__ assigns it through this
+# property, so TokenMerging(generator=g) keeps g's state in `_stream`
+TokenMerging.generator = property(TokenMerging.get_generator, TokenMerging.set_generator)
+
+
+@torch.library.custom_op("t2vz::randint_from_state", mutates_args=("state",))
+def randint_from_state(state: torch.Tensor, high: int, size: list[int], device: torch.device) -> torch.Tensor:
+    """torch.randint(high, size, generator=g) on `device` for the generator g of `device` whose state is `state`
+    (`Generator.get_state()`, a uint8 tensor on the CPU), advancing `state` in place as the draw advances g: the same
+    numbers as drawing from g itself, in an op torch.compile can put in a graph."""
+    stream = torch.Generator(device=device).set_state(state)
+    draw = torch.randint(high, tuple(size), device=device, generator=stream)
+    state.copy_(stream.get_state())
+    return draw
+
+
+@randint_from_state.register_fake
+def _(state: torch.Tensor, high: int, size: list[int], device: torch.device) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.long, device=device)
+
+
+class RandomStream:
+    """A torch.Generator held as its device and its state tensor: `randint` draws what the generator would and
+    advances the state, through `randint_from_state`, so the draws trace into a torch.compile graph (the state
+    tensor is one of its inputs) where a Generator would break it."""
+
+    def __init__(self, generator: torch.Generator):
+        self.device = generator.device
+        self.state = generator.get_state()
+
+    def randint(self, high: int, size: tuple[int, ...]) -> torch.Tensor:
+        return randint_from_state(self.state, high, list(size), self.device)
+
+    def generator(self) -> torch.Generator:
+        """A new generator in the stream's current state."""
+        return torch.Generator(device=self.device).set_state(self.state)
+
+
+def stream_generator(generator: torch.Generator, device: torch.device | str | None) -> torch.Generator:
+    """The generator whose stream a TokenMerging given `generator` for a UNet on `device` draws (from a copy):
+    `generator`, or on a CUDA device, for a generator of another device, a CUDA generator seeded with its initial
+    seed (the CUDA RNG that tomesd forks there, as torch.manual_seed(s) leaves it)."""
+    if device is not None and torch.device(device).type == "cuda" and generator.device.type != "cuda":
+        return seeded_generator(torch.device(device), generator.initial_seed())
+    return generator
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A new generator of `device` seeded with `seed`."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def fork_global_rng(device: torch.device) -> torch.Generator:

@@ -81,16 +81,33 @@ def build_diffusers_folder(path: str | os.PathLike, size: str, seed: int = 0) ->
     return path
 
 
-def load_pipeline(folder: str | os.PathLike, device: torch.device, dtype: torch.dtype):
-    """TextToVideoZeroPipeline.from_pretrained(folder), local files only, no safety checker, on device in dtype."""
+def load_pipeline(folder: str | os.PathLike, device: torch.device, dtype: torch.dtype,
+                  vae_dtype: torch.dtype | None = None):
+    """TextToVideoZeroPipeline.from_pretrained(folder), local files only, no safety checker, on device in dtype,
+    its VAE in `vae_dtype` (None: `dtype`, diffusers' own choice)."""
     import diffusers
 
     pipe = getattr(diffusers, PIPELINE_CLASS).from_pretrained(
         str(folder), torch_dtype=dtype, local_files_only=True, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe = pipe.to(device)
+    if vae_dtype is not None and vae_dtype != dtype:
+        cast_vae(pipe, vae_dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def cast_vae(pipe, vae_dtype: torch.dtype) -> None:
+    """The pipeline's VAE in `vae_dtype`, its latents cast to it at `vae.decode`: the pipeline's `decode_latents`
+    hands the VAE the UNet's latents as they are, and a float32 convolution refuses float16 input. (t2vz casts
+    latents at the VAE's door the same way.)"""
+    pipe.vae.to(dtype=vae_dtype)
+    decode = pipe.vae.decode
+
+    def decode_in_vae_dtype(z, *args, **kwargs):
+        return decode(z.to(vae_dtype), *args, **kwargs)
+
+    pipe.vae.decode = decode_in_vae_dtype
 
 
 def generate(pipe, prompt: str, seed: int, num_frames: int, height: int, width: int, num_inference_steps: int,

@@ -21,9 +21,14 @@ What it does:
   3. `repeats` rounds; every round runs each implementation once, alternating which goes first (round 1:
      t2vz then diffusers, round 2: diffusers then t2vz, ...). Every run is a fresh Python subprocess
      (this file with --worker), so that its peak memory is its own. Inside it: import, load the model (timed:
-     `load`), warm up with one short generation (same prompt, frames and size, `warmup_steps` DDIM steps: first
-     calls, kernel selection, allocator growth), reset the memory peak, then time one full generation (`wall`,
-     from the prompt to frames on the CPU, with CUDA synchronised). Loading is excluded from `wall`.
+     `load`), warm up with one generation (same prompt, frames and size: first calls, kernel selection,
+     allocator growth, compilation), reset the memory peak, then time one full generation (`wall`, from the
+     prompt to frames on the CPU, with CUDA synchronised). Loading is excluded from `wall`.
+     The warm-up must take every path the timed run takes (warmup_settings): eager, `warmup_steps` DDIM steps,
+     at least 4 with feature caching (cN), so that each of its denoising loops runs a full and a cached UNet
+     pass, on frame 1 alone and on all frames; with compile=true, the timed run's own settings, since compiled
+     graphs are specialised on the batch size, on full vs cached passes and on values that turn dynamic only
+     after a recompile, and only a run of the same length is sure to meet all of them.
   4. One more t2vz subprocess counts the run's FLOPs with torch.utils.flop_counter.FlopCounterMode
      (matmuls, convolutions, attention; not elementwise ops), untimed.
   5. Writes benchmark.md, benchmark.csv (one row per implementation) and benchmark.json (every run, the machine)
@@ -50,6 +55,10 @@ What is measured:
                 (t2vz.experiment.benchmark.PEAK_TFLOPS: H100 SXM/PCIe/NVL, H200; n/a elsewhere)
   parity        max |t2vz - diffusers| over the frames (in [0, 1]) of the first round, at the run's dtype
                 (~1e-6 in fp32 on CPU)
+  machine       CPU model, cores, memory, and the CPU features reduced precision depends on: the AMX, AVX-512
+                BF16/FP16, AVX_NE_CONVERT, AVX-512 and AVX2 flags of /proc/cpuinfo, the ISA ATen dispatches to
+                (ATEN_CPU_CAPABILITY caps it) and whether oneDNN runs bf16 / fp16 natively (ONEDNN_MAX_CPU_ISA
+                caps it); torch, diffusers and Python versions
 
 Fast modes (modes=[exact,m0.5,c3,m0.5_c3]): every mode is one more t2vz row, generated with its keywords
 (exact: none; mR: merging_ratio=R, token merging; cN: cache_interval=N, feature caching, cNbB with
@@ -64,7 +73,14 @@ Presets (preset=NAME sets the keys below; any key can be overridden after it):
   sd15-256        model=sd15 device=cpu dtype=fp32, 8 frames at 256x256, 10 steps, t0=4 t1=7, 2 rounds,
                   modes exact, m0.5, c3, m0.5_c3 (attention at 1024 tokens a frame: where merging acts)
   sd15-128-bf16   model=sd15 device=cpu dtype=bf16, 4 frames at 128x128, 10 steps, t0=4 t1=7, 2 rounds
-  sd15-512        model=sd15 device=cuda dtype=fp16, 8 frames at 512x512, 50 steps, t0=44 t1=47, the four modes
+  sd15-512        model=sd15 device=cuda dtype=fp16 vae_dtype=fp32, 8 frames at 512x512, 50 steps, t0=44 t1=47,
+                  the four modes
+
+Precision and kernels: `dtype` is the UNet's and text encoder's; `vae_dtype=auto|fp32|fp16|bf16` the VAE's for both
+implementations (auto: each one's default, t2vz float32 under fp16 (t2vz.sd.loading.vae_dtype_for), diffusers the
+pipeline's dtype; diffusers' latents are then cast to the VAE's dtype at decode). `sdpa=flash|efficient|math|cudnn`
+forces that scaled_dot_product_attention backend inside the UNet's forward only (t2vz.experiment.benchmark
+.ForcedSDPA): the text encoder's masked attention and the VAE's attention keep the default dispatch.
 
 long_video=true adds a t2vz-only table: peak memory at num_frames, at long_frames (48) in chunks of chunk_size
 (8), and at long_frames all at once, one fresh process each.
@@ -82,7 +98,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -95,6 +111,8 @@ WORKER_FLAG = "--worker"
 IMPLEMENTATIONS = ("t2vz", "diffusers", "diffusers+tomesd")
 MODELS = ("tiny", "sd15")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+VAE_DTYPE_NAMES = ("auto", *DTYPE_NAMES)
+# = t2vz.experiment.benchmark.SDPA_BACKENDS (a test checks), repeated so that the config and --help need no torch
 SDPA_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
 PRESETS = {
     "small": dict(model="tiny", device="cpu", dtype="fp32", num_frames=8, height=64, width=64,
@@ -105,8 +123,12 @@ PRESETS = {
                      num_inference_steps=10, t0=4, t1=7, modes=["exact", "m0.5", "c3", "m0.5_c3"], repeats=2),
     "sd15-128-bf16": dict(model="sd15", device="cpu", dtype="bf16", num_frames=4, height=128, width=128,
                           num_inference_steps=10, t0=4, t1=7, repeats=2),
-    "sd15-512": dict(model="sd15", device="cuda", dtype="fp16", num_frames=8, height=512, width=512,
-                     num_inference_steps=50, t0=44, t1=47, modes=["exact", "m0.5", "c3", "m0.5_c3"]),
+    # vae_dtype=fp32 for both: t2vz's own fp16 default (vae_dtype_for: SD's decoder can overflow float16 into
+    # black frames), given to diffusers too, so that both decode alike; diffusers alone would decode in fp16, and
+    # the row would then compare t2vz's fp32 decoding with diffusers' fp16 one. vae_dtype=fp16 gives the other
+    # like-for-like table (diffusers' default).
+    "sd15-512": dict(model="sd15", device="cuda", dtype="fp16", vae_dtype="fp32", num_frames=8, height=512,
+                     width=512, num_inference_steps=50, t0=44, t1=47, modes=["exact", "m0.5", "c3", "m0.5_c3"]),
 }
 FAST_MODE = re.compile(r"^(?:m(?P<ratio>0?\.\d+|0))?_?(?:c(?P<interval>\d+)(?:b(?P<branch>\d+))?)?$")
 SETTING_KEYS = ("prompt", "seed", "num_frames", "height", "width", "num_inference_steps", "guidance_scale",
@@ -133,12 +155,15 @@ class BenchmarkConfig:
     t1: int = 7
     device: str = "cpu"  # auto | cpu | cuda | cuda:N
     dtype: str = "fp32"  # fp32 | fp16 | bf16
+    vae_dtype: str = "auto"  # auto (each implementation's default) | fp32 | fp16 | bf16: the VAE's, for both
     repeats: int = 3  # rounds; each round runs every implementation once, alternating the order
-    warmup_steps: int = 2  # DDIM steps of the warm-up generation in every subprocess (0: no warm-up)
+    # DDIM steps of the warm-up generation in every subprocess (0: no warm-up); raised to 4 with feature caching,
+    # and the timed run's own settings with compile=true (warmup_settings)
+    warmup_steps: int = 2
     threads: Optional[int] = None  # torch threads (and OMP_NUM_THREADS) of the subprocesses; None: inherited
     flops: bool = True  # count the FLOPs of one t2vz generation (an extra, untimed subprocess)
     compile: bool = False  # torch.compile both implementations' UNets (the warm-up pays the compile time)
-    sdpa: str = "auto"  # SDPA backend for both: auto (PyTorch picks) | flash | efficient | math | cudnn
+    sdpa: str = "auto"  # SDPA backend in both UNets: auto (PyTorch picks) | flash | efficient | math | cudnn
     long_video: bool = False  # also measure t2vz's peak memory at long_frames frames, chunked and not
     long_frames: int = 48
     chunk_size: int = 8  # frames per chunk of the long video (frame 1 plus chunk_size - 1 new frames)
@@ -158,6 +183,9 @@ class BenchmarkConfig:
             raise ValueError(f"model={self.model!r} is not one of {', '.join(MODELS)}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+        if self.vae_dtype not in VAE_DTYPE_NAMES:
+            raise ValueError(f"vae_dtype={self.vae_dtype!r} is not one of {', '.join(VAE_DTYPE_NAMES)} (auto: each "
+                             "implementation's default)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         for key, low in (("num_frames", 2), ("height", 8), ("width", 8), ("num_inference_steps", 1),
@@ -230,38 +258,55 @@ register()
 
 
 # ------------------------------------------------------------------------------------------------ the worker
-def with_sdpa_backend(generate, backend: str):
-    """generate, run under torch.nn.attention.sdpa_kernel(backend) unless backend is "auto"."""
-    if backend == "auto":
-        return generate
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-              "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-
-    def run(settings: dict):
-        with sdpa_kernel(chosen):
-            return generate(settings)
-    return run
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = False, mode: str = "exact"):
-    """(unet module, generate(settings) -> frames (F, H, W, 3) float32 on the CPU) for `impl` in `mode`
-    (`parse_mode`); with compile_unet the pipeline's UNet is torch.compile'd (the returned module is the uncompiled
-    one, for hooks). diffusers+tomesd: diffusers' pipeline with tomesd.apply_patch at the mode's ratio; its random
-    stream is forked from torch's global one at the first UNet call, which every generation reseeds with its seed,
-    as t2vz forks its own from the generation's generator."""
+def torch_dtype(name: str):
+    """A name of DTYPE_NAMES ("fp32", "fp16", "bf16") → the torch dtype."""
     import torch
+
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype → "fp32" | "fp16" | "bf16" (its str for anything else)."""
+    return {v: k for k, v in TORCH_DTYPES.items()}.get(str(dtype).removeprefix("torch."), str(dtype))
+
+
+class Runner(NamedTuple):
+    """A loaded implementation: `unet`, the uncompiled UNet module (for hooks); `generate(settings)` → frames
+    (F, H, W, 3) float32 on the CPU; `vae_dtype`, the dtype its VAE decodes in ("fp32", ...)."""
+    unet: Any
+    generate: Any
+    vae_dtype: str
+
+
+def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = False, mode: str = "exact",
+                sdpa: str = "auto", vae_dtype=None) -> Runner:
+    """`impl` loaded from `folder` in `mode` (`parse_mode`), its UNet and text encoder in `dtype`, its VAE in
+    `vae_dtype` (None: the implementation's default). With compile_unet the pipeline's UNet is torch.compile'd
+    (`Runner.unet` stays the uncompiled one, for hooks); with `sdpa` other than "auto" that backend is forced
+    around the UNet's forward only (`ForcedSDPA`, installed on the module the pipeline calls, compiled or not).
+    diffusers+tomesd: diffusers' pipeline with tomesd.apply_patch at the mode's ratio; its random stream is forked
+    from torch's global one at the first UNet call, which every generation reseeds with its seed, as t2vz forks
+    its own from the generation's generator."""
+    import torch
+
+    from t2vz.experiment.benchmark import ForcedSDPA
 
     fast = parse_mode(mode)
 
     if impl == "t2vz":
-        from t2vz import TextToVideoZero
+        from t2vz import TextToVideoZero, load
 
-        pipe = TextToVideoZero.from_pretrained(folder, device=device, dtype=dtype)
+        # TextToVideoZero.from_pretrained(folder, device, dtype) is this with vae_dtype=None; it does not take
+        # vae_dtype itself, t2vz.load does
+        pipe = TextToVideoZero(load(folder, device=device, dtype=dtype, vae_dtype=vae_dtype))
         unet = pipe.sd.unet
         if compile_unet:
             pipe.sd.unet = torch.compile(unet)
+        if sdpa != "auto":
+            ForcedSDPA(pipe.sd.unet, sdpa)
 
         def generate(s: dict) -> torch.Tensor:
             return pipe(s["prompt"], num_frames=s["num_frames"], height=s["height"], width=s["width"],
@@ -270,11 +315,11 @@ def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = Fals
                         ddpm_marginal="reference", generator=torch.Generator().manual_seed(s["seed"]),
                         chunk_size=s.get("chunk_size"), progress=False, **fast).float()
 
-        return unet, generate
+        return Runner(unet, generate, dtype_name(next(pipe.sd.vae.parameters()).dtype))
     if impl in ("diffusers", "diffusers+tomesd"):
         import bench_reference
 
-        pipe = bench_reference.load_pipeline(folder, device, dtype)
+        pipe = bench_reference.load_pipeline(folder, device, dtype, vae_dtype)
         unet = pipe.unet
         if impl == "diffusers+tomesd":
             import tomesd
@@ -282,6 +327,8 @@ def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = Fals
             tomesd.apply_patch(pipe, ratio=fast["merging_ratio"])
         if compile_unet:
             pipe.unet = torch.compile(unet)
+        if sdpa != "auto":
+            ForcedSDPA(pipe.unet, sdpa)
 
         def generate(s: dict) -> torch.Tensor:
             if impl == "diffusers+tomesd":
@@ -289,12 +336,37 @@ def load_runner(impl: str, folder: str, device, dtype, compile_unet: bool = Fals
                 torch.manual_seed(s["seed"])
             return bench_reference.generate(pipe, **s)
 
-        return unet, generate
+        return Runner(unet, generate, dtype_name(pipe.vae.dtype))
     raise ValueError(f"implementation {impl!r} is not one of {IMPLEMENTATIONS}")
 
 
-def warmup_settings(settings: dict, steps: int) -> dict:
-    """The warm-up generation: the same prompt, frames and size, `steps` DDIM steps, t0 = 0, t1 = min(1, steps−1)."""
+# With feature caching the eager warm-up has at least this many DDIM steps: at t0 = 0, t1 = 1 frame 1's T → T1
+# loop then has steps − 2 >= 2 UNet calls and the all-frames loop 2, so that each runs a full and a cached pass.
+CACHED_WARMUP_STEPS = 4
+
+
+def warmup_settings(settings: dict, steps: int, cache_interval: int = 1, compile: bool = False) -> dict | None:
+    """The warm-up generation before the timed one, or None for no warm-up (steps = 0). It must take every path
+    through the UNet that the timed run takes, or the first use of a path (new kernels, a new shape, and above
+    all a compilation) lands in the timed run:
+
+    - compile: the timed run's own settings. A compiled UNet is specialised on the batch size (2 rows for frame
+      1 alone, 2·frames for the video), on full vs cached passes (feature caching), and on values that become
+      dynamic only after a first recompile (a cache's call count, the batch size); a shorter run may meet only
+      some of those graphs, and only a run of the same length is sure to meet all of them. It costs one more
+      untimed generation.
+    - eager: `steps` DDIM steps with t0 = 0, t1 = min(1, steps − 1), the same prompt, frames and size. Text2Video-
+      Zero runs three denoising loops (frame 1 T → T1, frame 1 T1 → T0, all frames T1 → 0), and feature caching
+      starts each on a full pass; with cache_interval > 1 the steps are raised to CACHED_WARMUP_STEPS so that
+      a loop at each batch size (frame 1's T → T1 and the all-frames one) runs a full pass and then a cached one.
+      Eager kernels depend on shapes and on which layers run, not on the call count, so one cached pass each is
+      every path."""
+    if steps == 0:
+        return None
+    if compile:
+        return dict(settings)
+    if cache_interval > 1:
+        steps = max(steps, CACHED_WARMUP_STEPS)
     return {**settings, "num_inference_steps": steps, "t0": 0, "t1": min(1, steps - 1)}
 
 
@@ -316,18 +388,19 @@ def worker(spec: dict) -> dict:
         diffusers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.disable_progress_bar()
     device = torch.device(spec["device"])
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec["dtype"]]
+    dtype = torch_dtype(spec["dtype"])
+    vae_dtype = None if spec.get("vae_dtype", "auto") == "auto" else torch_dtype(spec["vae_dtype"])
     import_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    unet, generate = load_runner(spec["impl"], spec["folder"], device, dtype, spec.get("compile", False),
-                                 spec.get("fast", "exact"))
+    unet, generate, vae_dtype_used = load_runner(spec["impl"], spec["folder"], device, dtype,
+                                                 spec.get("compile", False), spec.get("fast", "exact"),
+                                                 spec.get("sdpa", "auto"), vae_dtype)
     bench.synchronize(device)
     load_s = time.perf_counter() - start
-    generate = with_sdpa_backend(generate, spec.get("sdpa", "auto"))
     settings = spec["settings"]
     record = {"impl": spec["impl"], "mode": spec["mode"], "fast": spec.get("fast", "exact"), "import_s": import_s,
-              "load_s": load_s,
+              "load_s": load_s, "vae_dtype": vae_dtype_used,
               "machine": bench.machine_info(device)}
     if spec["impl"].startswith("diffusers"):
         record["diffusers"] = diffusers.__version__
@@ -343,9 +416,11 @@ def worker(spec: dict) -> dict:
         return record
 
     warmup_s = 0.0
-    if spec["warmup_steps"] > 0:
+    warmup = warmup_settings(settings, spec["warmup_steps"],
+                             parse_mode(spec.get("fast", "exact")).get("cache_interval", 1), spec.get("compile", False))
+    if warmup is not None:
         start = time.perf_counter()
-        generate(warmup_settings(settings, spec["warmup_steps"]))
+        generate(warmup)
         bench.synchronize(device)
         warmup_s = time.perf_counter() - start
     rss_reset = bench.reset_peak_memory(device)
@@ -357,7 +432,8 @@ def worker(spec: dict) -> dict:
         bench.synchronize(device)
         wall_s = time.perf_counter() - start
     record.update(
-        warmup_s=warmup_s, wall_s=wall_s, unet_calls=calls.calls, unet_rows=calls.rows,
+        warmup_s=warmup_s, warmup_steps=warmup["num_inference_steps"] if warmup else 0, wall_s=wall_s,
+        unet_calls=calls.calls, unet_rows=calls.rows,
         peak_memory_mib=bench.peak_memory_mib(device), peak_rss_mib=bench.peak_rss_mib(), rss_peak_reset=rss_reset,
         rss_at_reset_mib=rss_at_reset,
         memory_kind="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
@@ -446,7 +522,8 @@ def run_benchmark(config: BenchmarkConfig, out_dir: str | os.PathLike, preset: s
     def spec(impl: str, mode: str, tag: str, frames: bool = False, fast: str = "exact") -> dict:
         return {"impl": impl, "mode": mode, "fast": fast, "folder": str(folders[impl].resolve()),
                 "device": str(device),
-                "dtype": config.dtype, "settings": settings, "warmup_steps": config.warmup_steps,
+                "dtype": config.dtype, "vae_dtype": config.vae_dtype, "settings": settings,
+                "warmup_steps": config.warmup_steps,
                 "threads": config.threads, "compile": config.compile, "sdpa": config.sdpa,
                 "result_path": str((runs_dir / f"{tag}.json").resolve()),
                 "frames_path": str((runs_dir / f"frames_{variant_name(impl, fast)}.npy").resolve()) if frames else None}
@@ -545,8 +622,10 @@ def summarize(summary: dict) -> list[dict]:
             "parity_max_abs_diff": summary["parity_max_abs_diff"],
             "deviation_max": deviation.get("max"), "deviation_mean": deviation.get("mean"),
             "max_diff_vs_tomesd": deviation.get("max_vs_tomesd"),
+            "vae_dtype": runs[0].get("vae_dtype"),
             "torch": machine["torch"], "diffusers": machine["diffusers"], "cpu": machine["cpu"],
-            "cpu_cores": machine["cpu_cores"], "torch_threads": machine["torch_threads"],
+            "cpu_cores": machine["cpu_cores"], "cpu_flags": machine.get("cpu_flags_line"),
+            "torch_threads": machine["torch_threads"],
         })
     by = {r["variant"]: r for r in rows}
     for r in rows:
@@ -590,9 +669,10 @@ def markdown(summary: dict) -> str:
         f"{summary['device']}; prompt \"{cfg['prompt']}\", seed {cfg['seed']}, {cfg['num_frames']} frames "
         f"{cfg['height']}x{cfg['width']}, {cfg['num_inference_steps']} DDIM steps, guidance {cfg['guidance_scale']}, "
         f"λ = {cfg['motion_strength']}, t0 = {cfg['t0']}, t1 = {cfg['t1']}; UNets "
-        f"{'torch.compile' if cfg.get('compile') else 'eager'}, SDPA backend {cfg.get('sdpa', 'auto')}",
+        f"{'torch.compile' if cfg.get('compile') else 'eager'}, SDPA backend {cfg.get('sdpa', 'auto')}"
+        f"{' (forced in the UNets only)' if cfg.get('sdpa', 'auto') != 'auto' else ''}; {vae_note(cfg, rows)}",
         f"- {rounds} round{'s' if rounds != 1 else ''}, alternating which implementation runs first; each run a "
-        f"fresh process: load, a {cfg['warmup_steps']}-step warm-up generation, then the timed generation (wall: "
+        f"fresh process: load, {warmup_note(cfg, rows)}, then the timed generation (wall: "
         f"median over the rounds, load excluded)",
         f"- UNet calls (counted; one per DDIM step, cond + uncond batched): {steps['first_frame']} on frame 1 "
         f"(T → T0) + {steps['all_frames']} on all frames (T1 → 0) = {steps['total']}; s / step = wall / UNet calls",
@@ -610,9 +690,33 @@ def markdown(summary: dict) -> str:
         f"cores ({machine['cpu_cores_usable']} usable), {machine['memory_gib']} GiB; torch {machine['torch']} "
         f"({machine['torch_threads']} threads), diffusers {machine['diffusers']}, Python {machine['python']}, "
         f"{machine['platform']}",
+        f"- {machine.get('cpu_flags_line', 'CPU flags: not recorded')}",
     ]
     title = "# t2vz vs diffusers TextToVideoZeroPipeline"
     return "\n".join([title, "", *lines, "", *notes, "", *long_video_table(summary)])
+
+
+def vae_note(cfg: dict, rows: list[dict]) -> str:
+    """The VAE's dtype as asked (`vae_dtype`) and as each implementation ran it: "VAE fp32" when all agree,
+    else "VAE auto: t2vz fp32, diffusers fp16"."""
+    used = {r["implementation"]: r.get("vae_dtype") for r in rows}
+    asked = cfg.get("vae_dtype", "auto")
+    if len(set(used.values())) == 1:
+        return f"VAE {next(iter(used.values()))}" + (" (auto)" if asked == "auto" else "")
+    return f"VAE {asked}: " + ", ".join(f"{impl} {dtype}" for impl, dtype in used.items())
+
+
+def warmup_note(cfg: dict, rows: list[dict]) -> str:
+    """How the runs warmed up (warmup_settings): "a 2-step warm-up generation (4 with feature caching: ...)" where
+    a mode caches, or the timed run's settings when compiling."""
+    if cfg["warmup_steps"] == 0:
+        return "no warm-up"
+    if cfg.get("compile"):
+        return "a warm-up generation with the timed run's settings (compiled UNets: every graph compiled there)"
+    cached = any(parse_mode(r["mode"]).get("cache_interval", 1) > 1 for r in rows)
+    extra = (f" ({max(cfg['warmup_steps'], CACHED_WARMUP_STEPS)} with feature caching: a full and a cached pass at "
+             "each batch size)") if cached and cfg["warmup_steps"] < CACHED_WARMUP_STEPS else ""
+    return f"a {cfg['warmup_steps']}-step warm-up generation{extra}"
 
 
 def tomesd_parity_notes(rows: list[dict]) -> list[str]:

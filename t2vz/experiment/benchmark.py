@@ -1,5 +1,6 @@
 """Measurement helpers for experiments/benchmark.py: denoising steps, UNet calls, peak memory, FLOPs, the device's
-peak FLOP/s and machine info. Implementation-agnostic (they measure any nn.Module / callable); no diffusers here.
+peak FLOP/s, machine info with the CPU features that reduced precision depends on, and the SDPA backend forced on
+one module. Implementation-agnostic (they measure any nn.Module / callable); no diffusers here.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import platform
 import resource
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -179,8 +180,85 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The /proc/cpuinfo flags that reduced-precision speed on the CPU depends on, most specific first: AMX tiles with
+# bf16/fp16 matmul units (Sapphire Rapids and later), AVX-512 dot products and conversions in bf16 and arithmetic in
+# fp16, AVX-NE-CONVERT (bf16/fp16 loads on AVX2-only parts), and the AVX-512 / AVX2 baselines that ATen's kernels
+# are built for. A missing flag is as informative as a present one: it says which path cannot run here.
+CPU_FLAGS = ("amx_bf16", "amx_fp16", "amx_tile", "avx512_bf16", "avx512_fp16", "avx_ne_convert", "avx512f",
+             "avx512bw", "avx512vl", "avx2")
+# Environment variables that cap what PyTorch uses below what the CPU has: ATen's vectorised kernels
+# (ATEN_CPU_CAPABILITY=default|avx2|avx512) and oneDNN's (ONEDNN_MAX_CPU_ISA=AVX2, AVX512_CORE_BF16, ...).
+CPU_ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpuinfo_flags(path: str | os.PathLike = "/proc/cpuinfo") -> set[str] | None:
+    """The first processor's flags in `path` (Linux's /proc/cpuinfo), or None where there is no such file (macOS,
+    Windows) or it lists no flags (some non-x86 kernels call them "Features"; those are not x86 flags anyway)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _onednn_supports(kind: str) -> bool | None:
+    """oneDNN's own answer to "will bf16 (or fp16) run natively?", which honours ONEDNN_MAX_CPU_ISA; None where
+    this torch lacks the private probe (`torch.ops.mkldnn._is_mkldnn_<kind>_supported`) or it fails."""
+    try:
+        return bool(getattr(torch.ops.mkldnn, f"_is_mkldnn_{kind}_supported")())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> dict[str, Any]:
+    """What the CPU offers and what PyTorch will use of it:
+
+    - `flags`: the CPU_FLAGS present in /proc/cpuinfo, `missing`: those absent (both None without /proc/cpuinfo);
+    - `aten_isa`: `torch.backends.cpu.get_cpu_capability()`, the instruction set ATen's kernels dispatch to
+      ("AVX512", "AVX2", "DEFAULT", ...; it honours ATEN_CPU_CAPABILITY);
+    - `onednn_bf16`, `onednn_fp16`: whether oneDNN runs bf16 / fp16 natively (honours ONEDNN_MAX_CPU_ISA; with
+      ONEDNN_MAX_CPU_ISA=AVX2 both are False even on an AMX machine), None if unknown;
+    - `env`: the CPU_ISA_ENV variables that are set.
+
+    The flags alone can mislead: an AMX CPU capped by ONEDNN_MAX_CPU_ISA runs bf16 as slowly as one without AMX."""
+    present = cpuinfo_flags(cpuinfo)
+    try:
+        aten_isa = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        aten_isa = None
+    return {
+        "flags": None if present is None else [f for f in CPU_FLAGS if f in present],
+        "missing": None if present is None else [f for f in CPU_FLAGS if f not in present],
+        "aten_isa": aten_isa, "onednn_bf16": _onednn_supports("bf16"), "onednn_fp16": _onednn_supports("fp16"),
+        "env": {k: os.environ[k] for k in CPU_ISA_ENV if k in os.environ},
+    }
+
+
+def cpu_features_line(features: dict[str, Any]) -> str:
+    """`cpu_features` in one line: "CPU flags: amx_bf16 amx_tile avx512_bf16 ... (no amx_fp16, avx_ne_convert);
+    ATen ISA AVX512; oneDNN bf16 yes, fp16 yes" (and the ISA-capping variables where set)."""
+    def yes_no(value: bool | None) -> str:
+        return "unknown" if value is None else ("yes" if value else "no")
+
+    if features["flags"] is None:
+        flags = "unknown (no /proc/cpuinfo flags)"
+    else:
+        flags = " ".join(features["flags"]) or "none of " + " ".join(CPU_FLAGS)
+        if features["flags"] and features["missing"]:
+            flags += f" (no {', '.join(features['missing'])})"
+    line = (f"CPU flags: {flags}; ATen ISA {features['aten_isa'] or 'unknown'}; "
+            f"oneDNN bf16 {yes_no(features['onednn_bf16'])}, fp16 {yes_no(features['onednn_fp16'])}")
+    if features["env"]:
+        line += "; " + ", ".join(f"{k}={v}" for k, v in features["env"].items())
+    return line
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """What ran the benchmark: CPU model and cores, memory, torch version and threads, the device's name."""
+    """What ran the benchmark: CPU model, cores and features (`cpu_features`, and `cpu_flags_line`, its text),
+    memory, torch version and threads, the device's name."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -189,8 +267,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         memory_gib = None
+    features = cpu_features()
     info = {
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "cpu_cores_usable": usable, "memory_gib": memory_gib,
+        "cpu_features": features, "cpu_flags_line": cpu_features_line(features),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
@@ -198,3 +278,49 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
     return info
+
+
+# ------------------------------------------------------------------------------------------- SDPA backend scope
+SDPA_BACKENDS = ("auto", "flash", "efficient", "math", "cudnn")
+
+
+def sdpa_backend(name: str):
+    """The `torch.nn.attention.SDPBackend` of a name in SDPA_BACKENDS other than "auto"; ValueError otherwise."""
+    from torch.nn.attention import SDPBackend
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    if name not in backends:
+        raise ValueError(f"sdpa backend {name!r} is not one of {', '.join(backends)} (auto forces none)")
+    return backends[name]
+
+
+class ForcedSDPA:
+    """`module`'s forward run under `torch.nn.attention.sdpa_kernel(backend)`, and nothing else: installed on a
+    pipeline's UNet, the text encoder (CLIP's causal-masked attention) and the VAE's attention (one 512-wide head
+    in SD) keep PyTorch's default dispatch, where a forced flash or efficient kernel may have "No available
+    kernel" for them. `ForcedSDPA(pipe.unet, "flash")`; `.remove()` restores the module's own forward.
+
+    It wraps the instance's `forward` rather than using hooks, so that the context manager is a plain `with` (left
+    on an exception too). Installed on a `torch.compile`d module (an OptimizedModule, whose instance `forward` is
+    the compiled one), the backend is set outside the compiled code, before dynamo reads it when it traces."""
+
+    def __init__(self, module: torch.nn.Module, backend: str):
+        from torch.nn.attention import sdpa_kernel
+
+        chosen = sdpa_backend(backend)
+        self.module, self.backend = module, backend
+        self._own = module.__dict__.get("forward")  # an OptimizedModule's compiled forward, or None
+        inner = module.forward
+
+        def forward(*args, **kwargs):
+            with sdpa_kernel(chosen):
+                return inner(*args, **kwargs)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self._own is not None:
+            self.module.forward = self._own
+        else:
+            del self.module.forward

@@ -409,9 +409,15 @@ def worker(spec: dict) -> dict:
         with bench.CallCounter(unet) as calls:
             frames, flops = bench.count_flops(lambda: generate(settings))
         from t2vz.experiment.roofline import matmul_peak_flops
+        from t2vz.sd.onednn import onednn_supports
 
+        # bf16 only where it has fast kernels: on a CPU whose oneDNN has none, PyTorch's reference bf16 matmul
+        # takes minutes at 2048³ (and would say nothing about the machine's peak)
+        peak_dtypes = [("fp32", torch.float32)]
+        if torch.device(device).type != "cpu" or onednn_supports(torch.bfloat16):
+            peak_dtypes.append(("bf16", torch.bfloat16))
         peaks = {name: matmul_peak_flops(dt, device=device, sync=lambda: bench.synchronize(device)) / 1e9
-                 for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+                 for name, dt in peak_dtypes}
         record.update(flops=flops, unet_calls=calls.calls, unet_rows=calls.rows, matmul_peak_gflops=peaks)
         return record
 
@@ -733,6 +739,8 @@ def roofline_notes(summary: dict, rows: list[dict]) -> list[str]:
     achieved = ", ".join(f"{r['variant']} {r['achieved_tflops'] * 1e3:.0f} GFLOP/s"
                          for r in rows if r["achieved_tflops"])
     measured = ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+    if "bf16" not in peaks:
+        measured += " (bf16 not measured: this CPU's oneDNN has no bf16 kernels)"
     return [f"- roofline: achieved (the exact path's FLOPs / wall, text encoder and VAE included) {achieved}; "
             f"this machine's 2048³ matmul: {measured} GFLOP/s (experiments/roofline.py times the UNet's own kernels)"]
 

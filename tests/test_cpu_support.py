@@ -21,7 +21,7 @@ from torch import nn
 
 import t2vz
 from t2vz.sd import loading, onednn
-from t2vz.sd.onednn import PrepackedConv2d, onednn_supports, reduced_precision_note
+from t2vz.sd.onednn import PrepackedConv2d, native_arithmetic, onednn_supports, reduced_precision_note
 
 REPO = Path(__file__).resolve().parents[1]
 RESTRICTED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -55,7 +55,7 @@ def test_convolutions_are_prepacked_only_where_the_cpu_supports_the_dtype(dtype)
     for c in convs:
         reduced = loading.channels_last_for("cpu", c.weight.dtype)
         assert isinstance(c, PrepackedConv2d) == (reduced and onednn_supports(c.weight.dtype))
-    assert (reduced_precision_note(dtype) is None) == onednn_supports(dtype)
+    assert (reduced_precision_note(dtype) is None) == (onednn_supports(dtype) and native_arithmetic(dtype))
 
 
 @pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bf16"), (torch.float16, "fp16")])
@@ -72,8 +72,31 @@ def test_an_unsupported_dtype_takes_the_plain_path_with_one_note(unsupported, ca
 
 def test_the_note_names_bf16_for_fp16_where_only_bf16_is_supported(monkeypatch):
     monkeypatch.setattr(onednn, "onednn_supports", lambda dtype: dtype != torch.float16)
+    monkeypatch.setattr(onednn, "native_arithmetic", lambda dtype: True)
     assert reduced_precision_note(torch.float16).endswith("dtype=bf16 or dtype=fp32 is faster on this CPU")
     assert reduced_precision_note(torch.bfloat16) is None and reduced_precision_note(torch.float32) is None
+
+
+def test_kernels_without_the_fast_instructions_get_their_own_note(monkeypatch):
+    """oneDNN runs bf16 on AVX-512 without AVX-512 BF16 or AMX, but slower than fp32, and fp16 on AVX-512 FP16
+    without AMX-FP16 no faster than it (docs/performance.md)."""
+    monkeypatch.setattr(onednn, "onednn_supports", lambda dtype: True)
+    monkeypatch.setattr(onednn, "native_arithmetic", lambda dtype: dtype == torch.float32)
+    assert reduced_precision_note(torch.bfloat16) == (
+        "dtype=bf16: this CPU has no AVX-512 BF16 or AMX, without which bf16 is no faster than fp32 "
+        "(docs/performance.md, bf16 on the CPU); dtype=fp32 is as fast or faster on this CPU")
+    assert reduced_precision_note(torch.float16).startswith("dtype=fp16: this CPU has no AMX-FP16")
+    monkeypatch.setattr(onednn, "native_arithmetic", lambda dtype: dtype != torch.float16)  # bf16 is fast
+    assert reduced_precision_note(torch.float16).endswith("dtype=bf16 is faster on this CPU")
+
+
+def test_onednn_isa_cap_is_read_as_onednn_orders_its_instruction_sets(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")  # the CPU of AVX-512 without BF16, FP16 or AMX
+    assert onednn._isa_allows("AVX512_CORE") and not onednn._isa_allows("AVX512_CORE_BF16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX10_1_512_AMX")  # a synonym of AVX512_CORE_AMX
+    assert onednn._isa_allows("AVX512_CORE_AMX") and not onednn._isa_allows("AVX512_CORE_AMX_FP16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "NOT_AN_ISA")  # oneDNN ignores names it does not know
+    assert onednn._isa_allows("AVX512_CORE_AMX_FP16")
 
 
 @torch.no_grad()
@@ -98,8 +121,9 @@ def test_the_command_line_writes_the_video_in_reduced_precision(tmp_path, dtype)
     frames = iio.imread(tmp_path / "video.gif")
     assert frames.shape[0] == 3 and frames.std() > 1  # three frames with something drawn in them
     output = proc.stdout + proc.stderr  # Hydra logs to the console (stdout) and to t2vz.log
-    notes = output.count(f"dtype={dtype}: this CPU's oneDNN has no {dtype} kernels")
-    assert notes == (0 if onednn_supports(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype])) else 1)
+    note = reduced_precision_note(getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype]))
+    assert output.count(f"dtype={dtype}: this CPU") == (0 if note is None else 1)
+    assert note is None or note in output
     assert "Traceback" not in output
 
 

@@ -129,14 +129,14 @@ def prepare_for_device(module: nn.Module, device: str | torch.device, dtype: tor
     """`module` with its 4-D weights channels-last where `channels_last_for(device, dtype)` (a convolution's output
     takes its weight's layout, so the activations follow without converting the inputs), and its convolutions'
     weights prepacked for oneDNN there (`onednn.PrepackedConv2d`) where the CPU's oneDNN supports the dtype
-    (`onednn_supports`); elsewhere they stay `nn.Conv2d`s and the one-line `reduced_precision_note` is logged once.
+    (`onednn_supports`), elsewhere left `nn.Conv2d`s; where the dtype is slow on this CPU (no oneDNN kernels, or
+    not the instructions that make them fast), the one-line `reduced_precision_note` is logged once.
     Values are unchanged."""
     if channels_last_for(device, dtype):
         module.to(memory_format=torch.channels_last)
         if onednn_supports(dtype):
             prepack_convolutions(module)
-        else:
-            note_reduced_precision(dtype)
+        note_reduced_precision(dtype)  # one line, once, where this dtype is slow on this CPU
     return module
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 # AVX-512 conversions), as opposed to refusing or leaving it to ATen's reference kernels
 _SUPPORT_CHECKS = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
 _NEEDS = {torch.bfloat16: "AVX-512 BW/VL/DQ or AVX-NE-CONVERT", torch.float16: "AVX-512 FP16 or AVX-NE-CONVERT"}
+_NATIVE = {torch.bfloat16: "AVX-512 BF16 or AMX", torch.float16: "AMX-FP16"}
 
 
 @functools.cache
@@ -43,18 +45,59 @@ def onednn_supports(dtype: torch.dtype) -> bool:
         return False
 
 
+# oneDNN's instruction sets in order (ONEDNN_MAX_CPU_ISA caps it at one of them; synonyms share a rank)
+_ISA_RANK = {name: rank for rank, names in enumerate([
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16 AVX10_1_512", "AVX512_CORE_AMX AVX10_1_512_AMX", "AVX512_CORE_AMX_FP16 AVX10_1_512_AMX_FP16",
+    "ALL"]) for name in names.split()}
+
+
+def _isa_allows(level: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA), where set to a name oneDNN knows, lets oneDNN
+    use the instructions of `level`."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return _ISA_RANK.get(cap, _ISA_RANK["ALL"]) >= _ISA_RANK[level]
+
+
+def _cpu_has(check: str) -> bool:
+    """torch.cpu's private CPUID check `check` (False where missing)."""
+    try:
+        return bool(getattr(torch.cpu, check)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def native_arithmetic(dtype: torch.dtype) -> bool:
+    """Whether the CPU has the instructions that make `dtype` faster than float32 in oneDNN: bfloat16 AVX-512 BF16
+    or AMX, float16 AMX-FP16, within oneDNN's ISA cap. Without them the dtype was no faster than float32 on the
+    SD 1.5 UNet (2-core Xeon, one forward at a 16×16 latent, batch 8: fp32 1.93 s, fp16 with AVX-512 FP16 but no
+    AMX-FP16 1.96 s, bf16 with AMX 0.48 s, bf16 capped at AVX-512 VNNI 5.38 s; docs/performance.md)."""
+    if dtype == torch.bfloat16:
+        return (_cpu_has("_is_avx512_bf16_supported") and _isa_allows("AVX512_CORE_BF16")) or \
+            (_cpu_has("_is_amx_tile_supported") and _isa_allows("AVX512_CORE_AMX"))
+    if dtype == torch.float16:
+        return _cpu_has("_is_amx_fp16_supported") and _isa_allows("AVX512_CORE_AMX_FP16")
+    return True
+
+
 def reduced_precision_note(dtype: torch.dtype) -> str | None:
-    """One line for a CPU whose oneDNN does not compute `dtype` (bfloat16 or float16): PyTorch then runs its
-    reference kernels, several to a hundred times slower than float32 at SD 1.5's sizes (docs/performance.md, "On
-    CPUs without reduced-precision support"). None where oneDNN supports it, and for float32."""
-    if dtype not in _SUPPORT_CHECKS or onednn_supports(dtype):
+    """One line for a CPU on which `dtype` (bfloat16 or float16) is slow, naming the faster choice; None where it
+    is fast, and for float32. Slow: oneDNN has no kernels for it, so PyTorch runs its reference kernels (4 to 180
+    times slower than float32 per convolution or matmul at SD 1.5's sizes, measured capped at AVX2), or oneDNN has them but the CPU lacks the instructions
+    that make them fast (`native_arithmetic`; docs/performance.md, "bf16 on the CPU")."""
+    if dtype not in _SUPPORT_CHECKS or (onednn_supports(dtype) and native_arithmetic(dtype)):
         return None
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    faster = "dtype=bf16 or dtype=fp32 is" if dtype == torch.float16 and onednn_supports(torch.bfloat16) \
-        else "dtype=fp32 is"
-    return (f"dtype={name}: this CPU's oneDNN has no {name} kernels (they need {_NEEDS[dtype]}; PyTorch runs at "
-            f"{torch.backends.cpu.get_cpu_capability()} here), so {name} runs in PyTorch's slow reference kernels; "
-            f"{faster} faster on this CPU")
+    bf16_fast = onednn_supports(torch.bfloat16) and native_arithmetic(torch.bfloat16)
+    faster = "dtype=bf16 or dtype=fp32 is" if dtype == torch.float16 and bf16_fast else "dtype=fp32 is"
+    if not onednn_supports(dtype):
+        return (f"dtype={name}: this CPU's oneDNN has no {name} kernels (they need {_NEEDS[dtype]}; PyTorch runs at "
+                f"{torch.backends.cpu.get_cpu_capability()} here), so {name} runs in PyTorch's slow reference "
+                f"kernels; {faster} faster on this CPU")
+    advice = "dtype=bf16 is faster" if dtype == torch.float16 and bf16_fast else "dtype=fp32 is as fast or faster"
+    return (f"dtype={name}: this CPU has no {_NATIVE[dtype]}, without which {name} is no faster than fp32 "
+            f"(docs/performance.md, bf16 on the CPU); {advice} on this CPU")
 
 
 @functools.cache

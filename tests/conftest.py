@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
 from reference_models import perturb_  # noqa: F401  (re-exported for the tests)
+from torch.utils._python_dispatch import TorchDispatchMode
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
@@ -36,3 +38,28 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@contextmanager
+def without_tf32():
+    """No TF32 inside (cuDNN allows it for convolutions by default), restored afterwards: the CUDA tests compare
+    fp32 with fp32. The legacy flags on purpose: mixing them with the new `fp32_precision` API makes the legacy
+    getters raise."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class OpNames(TorchDispatchMode):
+    """The aten ops run inside, by name (`names`): to check what a piece of code does, not what it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))

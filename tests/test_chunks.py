@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import OpNames
 
 from t2vz.method.chunks import check_chunking, eps_by_chunks, frame_chunks
 from t2vz.method.text2video_zero import VideoOptions
@@ -64,18 +64,6 @@ def test_video_options_refuse_an_unknown_name():
     with pytest.raises(TypeError, match="unknown option.*num_frame\\b.*the options are num_frames"):
         VideoOptions.of({"num_frame": 4})
     assert VideoOptions.of({"num_frames": 4}).num_frames == 4
-
-
-class OpNames(TorchDispatchMode):
-    """The aten ops run inside, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def test_eps_by_chunks_takes_and_puts_each_chunk_by_a_slice():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, without_tf32
 from reference_models import TINY_UNET, diffusers_unet
 
 from t2vz.method.fast import FastModes
@@ -30,11 +30,8 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(autouse=True, scope="module")
 def _full_fp32():
-    """No TF32 while these tests run (as tests/test_cuda_parity.py), restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with without_tf32():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, without_tf32
 
 import t2vz
 from t2vz.method.motion import translation_path, warp_latents
@@ -36,11 +36,8 @@ TOY_RUN = dict(num_frames=2, num_inference_steps=3, t0=0, t1=1, progress=False) 
 
 @pytest.fixture(autouse=True, scope="module")
 def _full_fp32():
-    """No TF32 while these tests run (as tests/test_cuda_parity.py), restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with without_tf32():
+        yield
 
 
 @contextlib.contextmanager

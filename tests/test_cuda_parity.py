@@ -33,7 +33,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import assert_parity, without_tf32
 from reference_models import (
     TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, text_to_video_zero_pipeline, tiny_reference_folder,
 )
@@ -65,12 +65,8 @@ SDPA_CASES = ([(torch.float32, b) for b in ("math", "efficient")]
 
 @pytest.fixture(autouse=True, scope="module")
 def _full_fp32():
-    """No TF32 while these tests run (cuDNN allows it for convolutions by default), restored afterwards. The legacy
-    flags on purpose: mixing them with the new `fp32_precision` API makes the legacy getters raise."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with without_tf32():
+        yield
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -2,7 +2,7 @@
 pipeline with smoothing on."""
 import pytest
 import torch
-from conftest import assert_parity
+from conftest import OpNames, assert_parity
 from reference_models import TINY_UNET, tiny_reference_folder
 
 from t2vz import TextToVideoZero
@@ -136,16 +136,6 @@ def test_recording_builds_its_tensors_once_and_indexes_nothing(pipe):
     """The token positions become averaging weights on the UNet's device when the recorder is first entered, so a
     recorded call indexes nothing by a Python list (torch would build each such index on the host and copy it to
     the device, in every layer at every step: aten::index, as the recorder did before). One recorder at a time."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpNames(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.name())
-            return func(*args, **(kwargs or {}))
 
     unet = pipe.sd.unet
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, TINY_UNET.cross_attention_dim)

@@ -7,8 +7,8 @@ the CPU, again where the transfers and the kernels are real.
 - The warp of fp16 and bf16 latents moves every latent pixel as the fp32 warp does on the device (index grids,
   64² and 128² latents, λ = 12 and 7.3), and the toy pipeline on the device gives the CPU's frames from the same
   CPU generator, fp32, within conftest.PARITY_RTOL (the CPU parity tests' tolerance; TF32 off, as in
-  tests/test_cuda_parity.py). That tolerance is not yet measured between the two devices: the session that
-  wrote these tests had no GPU.
+  tests/test_cuda_parity.py). That tolerance has not yet been measured between the two devices: these tests have
+  not yet run on a GPU.
 
 The tests carry the `cuda` marker (skipped without a CUDA device; experiments/gpu_check.sh runs them). A dry run of
 the same bodies elsewhere: `T2VZ_TEST_DEVICE=cpu .venv/bin/python -m pytest tests/test_cuda_method.py` (the

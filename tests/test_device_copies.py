@@ -22,8 +22,9 @@ from torch.utils._pytree import tree_leaves
 import t2vz
 from t2vz import ControlNet, ControlNetConfig, UNet
 from t2vz.method import controlvideo, instruct, text2video_zero
+from t2vz.method.chunks import frame_span
 from t2vz.method.motion import translation_path, warp_latents
-from t2vz.method.sampling import chunk_frames, ddim_loop
+from t2vz.method.sampling import ddim_loop
 from t2vz.sd.loading import StableDiffusion
 from t2vz.sd.schedulers import DDIM
 
@@ -133,13 +134,14 @@ def test_the_counter_sees_every_kind_of_copy_and_no_scalar():
     assert torch.Tensor.__getitem__ is HostToDevice().saved[torch.Tensor, "__getitem__"]  # restored
 
 
-def test_chunk_frames_is_a_view_for_consecutive_ids():
-    """A chunk's frames (consecutive ids, `chunks.frame_chunks`) are a slice of the tensor; other ids, an index."""
+def test_frame_span_takes_a_chunk_as_a_view():
+    """A chunk's frames (consecutive ids, `chunks.frame_chunks`) are a slice of the tensor; other ids are refused."""
     frames = torch.arange(5.0)[:, None].expand(5, 3)
-    assert torch.equal(chunk_frames(frames, [2, 3, 4]), frames[2:5])
-    assert chunk_frames(frames, [2, 3, 4]).data_ptr() == frames[2].data_ptr()
-    assert torch.equal(chunk_frames(frames, [0, 3]), frames[[0, 3]])
-    assert copies(lambda: chunk_frames(torch.zeros(5, 3, device=META), [1, 2, 3])).count == 0
+    assert torch.equal(frames[frame_span([2, 3, 4])], frames[2:5])
+    assert frames[frame_span([2, 3, 4])].data_ptr() == frames[2].data_ptr()
+    with pytest.raises(ValueError, match="not consecutive"):
+        frame_span([0, 3])
+    assert copies(lambda: torch.zeros(5, 3, device=META)[frame_span([1, 2, 3])]).count == 0
 
 
 def test_ddim_loop_copies_the_timesteps_once():

@@ -31,6 +31,14 @@ def frame_chunks(f: int, chunk_size: int | None) -> list[list[int]]:
     return [list(range(start, min(start + chunk_size, f))) for start in range(0, f, chunk_size)]
 
 
+def frame_span(ids: list[int]) -> slice:
+    """The slice of a chunk's frame ids (consecutive, as `frame_chunks` makes them): indexing by it takes a view,
+    where indexing by the id list would copy the list to the tensor's device as an index at every step."""
+    if list(ids) != list(range(ids[0], ids[0] + len(ids))):
+        raise ValueError(f"frame ids {ids} are not consecutive")
+    return slice(ids[0], ids[0] + len(ids))
+
+
 def check_chunking(chunk_size: int | None, cross_frame: str, num_frames: int) -> None:
     """Chunks need chunk_size ≥ 2 (the first chunk holds frame 1 plus new frames), and a cross-frame mode in which a
     frame depends on frame 1 and itself only."""
@@ -51,9 +59,7 @@ def eps_by_chunks(predict_chunk: ChunkPredictor, cross_frame: CrossFrame | None,
     values, the later ones replay them."""
     f = 1 if cross_frame is None else cross_frame.num_frames
     chunks = frame_chunks(f, chunk_size)
-    # each chunk is a run of consecutive frames: indexed by a slice (a view), not by its id list, which would be
-    # copied to the latents' device as an index tensor twice per chunk and step
-    spans = [slice(ids[0], ids[-1] + 1) for ids in chunks]
+    spans = [frame_span(ids) for ids in chunks]  # views, not index lists copied to the device per chunk and step
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if len(chunks) == 1:

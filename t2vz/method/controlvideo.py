@@ -30,11 +30,9 @@ from ..sd.loading import StableDiffusion, load, load_controlnet, require_sd15
 from ..sd.model_folder import ModelFolderError
 from ..sd.schedulers import DDIM
 from ..video_io import load_frames, resize_frames, resized_shape
-from .chunks import check_chunking, eps_by_chunks
+from .chunks import check_chunking, eps_by_chunks, frame_span
 from .fast import FastModes, loop_unet_kwargs
-from .sampling import (
-    check_size, checked_latents, chunk_frames, ddim_loop, decode_video, encode_prompts, guided_eps, step_counter,
-)
+from .sampling import check_size, checked_latents, ddim_loop, decode_video, encode_prompts, guided_eps, step_counter
 from .text2video_zero import draw_first_frame_noise
 
 # the UNet fields a ControlNet copies: they must be equal for its residuals to fit the UNet's skips
@@ -168,7 +166,7 @@ class ControlVideo:
         shape = (b, sd.unet.config.out_channels, height // factor, width // factor)
         x_T = (draw_video_noise(shape, generator, sd.device, sd.dtype) if latents is None
                else checked_latents(sd, latents, shape, " (one x_T per video)"))
-        # (f, 3, H, W), moved to the device once: per step, each chunk takes its maps as a view (`chunk_frames`),
+        # (f, 3, H, W), moved to the device once: per step, each chunk takes its maps as a view (`frame_span`),
         # where copying them from the host at every step would wait on the transfer; f·3·H·W values, the size of
         # the decoded video, small beside the UNet's activations
         maps = maps.permute(0, 3, 1, 2).to(device=sd.device, dtype=sd.dtype)
@@ -178,7 +176,7 @@ class ControlVideo:
         unet_kwargs = loop_unet_kwargs(fast.cache, merging)
 
         def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
-            unet = self.controlled_unet(chunk_frames(maps, ids), controlnet_conditioning_scale)
+            unet = self.controlled_unet(maps[frame_span(ids)], controlnet_conditioning_scale)
             return guided_eps(unet, x, t, context, guidance_scale, cross_frame=frames, **unet_kwargs(ids))
 
         x = repeat(x_T, "b c h w -> (b f) c h w", f=f)  # the same x_T for every frame

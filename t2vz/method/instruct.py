@@ -38,11 +38,10 @@ from ..sd.attention import CrossFrame, check_cross_frame_mode
 from ..sd.loading import StableDiffusion, load, require_sd15
 from ..sd.schedulers import DDIM, draw_noise
 from ..video_io import load_frames, resize_frames, resized_shape
-from .chunks import check_chunking, eps_by_chunks
+from .chunks import check_chunking, eps_by_chunks, frame_span
 from .fast import FastModes, loop_unet_kwargs
 from .sampling import (
-    TextConditioning, check_size, checked_latents, chunk_frames, ddim_loop, decode_video, encode_prompts,
-    step_counter,
+    TextConditioning, check_size, checked_latents, ddim_loop, decode_video, encode_prompts, step_counter,
 )
 
 
@@ -202,7 +201,7 @@ class VideoInstructPix2Pix:
         attention = CrossFrame(f, cross_frame)  # the 3f rows are three videos of f frames: one per branch
 
         def predict_chunk(x: torch.Tensor, t: torch.Tensor, ids: list[int], frames: CrossFrame) -> torch.Tensor:
-            eps = self.sd.unet(branch_batch(x, chunk_frames(source, ids)), t, context, cross_frame=frames,
+            eps = self.sd.unet(branch_batch(x, source[frame_span(ids)]), t, context, cross_frame=frames,
                                **unet_kwargs(ids))  # a view of E(x): no index tensor to the device per step
             return instruct_guidance(eps, guidance_scale, image_guidance_scale)
 

@@ -38,16 +38,6 @@ def unfold_frames(frames: torch.Tensor, f: int) -> torch.Tensor:
     return rearrange(frames, "(b f) c h w -> b c f h w", f=f)
 
 
-def chunk_frames(frames: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    """frames[ids] for a chunk's frame ids (`chunks.frame_chunks`), frames (f, ...) → (len(ids), ...): a slice
-    (a view) when the ids are consecutive, as the chunks' are, so that no step sends an index tensor to the device;
-    an index (a copy) otherwise."""
-    start = ids[0] if ids else 0
-    if list(ids) == list(range(start, start + len(ids))):
-        return frames[start : start + len(ids)]
-    return frames[list(ids)]
-
-
 def check_size(height: int, width: int, multiple: int = 8) -> None:
     """Image sizes must be whole multiples of the VAE's downsampling factor (8 for SD 1.5)."""
     for name, value in (("height", height), ("width", width)):

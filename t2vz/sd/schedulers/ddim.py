@@ -4,6 +4,8 @@ SD 1.5 settings: "leading" timestep spacing with offset 1 (981, 961, …, 21, 1 
 step, the "previous" ᾱ is ᾱ_0 = alphas_cumprod[0] rather than 1 (diffusers' `set_alpha_to_one=False`).
 
 The arithmetic follows diffusers' `DDIMScheduler.step` operation by operation, so fp32 results are bitwise equal.
+`inverse_step` runs the same update backwards (DDIM inversion, x_{t_prev} → x_t), following diffusers'
+`DDIMInverseScheduler.step` the same way.
 Every schedule quantity is a 0-dim float32 CPU tensor: multiplying a (n, c, h, w) tensor by it keeps the
 tensor's dtype (fp16 stays fp16) and device.
 """
@@ -89,3 +91,39 @@ class DDIM:
         if self.eta > 0:
             x_prev = x_prev + std_dev_t * draw_noise(eps.shape, generator, eps.device, eps.dtype)
         return x_prev, x0_pred
+
+    def inverse_step(self, eps: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DDIM inversion, Eq. 12 run backwards with η = 0: (x_t, x̂_0) from x = x_{t_prev}, t_prev = t − T // steps,
+        and ε̂ = eps evaluated at timestep t (on x_{t_prev}: the inversion's one approximation, ε(x_t, t) being
+        unknown before x_t is). Both (n, c, h, w), any equal shapes.
+
+        x̂_0 = (x_{t_prev} − √(1−ᾱ_prev) ε̂) / √ᾱ_prev
+        x_t = √ᾱ_t x̂_0 + √(1 − ᾱ_t) ε̂
+        For the first step (t_prev < 0) ᾱ_prev is ᾱ_0 = alphas_cumprod[0], the ᾱ the sampler's last step ends at
+        (`final_alpha_cumprod`), so inverting starts exactly where sampling stops (diffusers' `DDIMInverseScheduler`
+        built from SD 1.5's scheduler config, `set_alpha_to_one=False`).
+        """
+        if eps.shape != x.shape:
+            raise ValueError(f"eps shape {tuple(eps.shape)} != x shape {tuple(x.shape)}")
+        t = int(t)
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep t={t}: expected 0 ≤ t < {self.num_train_timesteps}")
+        alpha_prod_t_prev = self.alpha_bar(self.prev_timestep(t))  # where x is
+        alpha_prod_t = self.alpha_bar(t)                           # where the step goes
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+
+        x0_pred = (x - beta_prod_t_prev ** (0.5) * eps) / alpha_prod_t_prev ** (0.5)
+        direction = (1 - alpha_prod_t) ** (0.5) * eps
+        return alpha_prod_t ** (0.5) * x0_pred + direction, x0_pred
+
+    def inversion_timesteps(self, up_to: int | None = None) -> torch.Tensor:
+        """The timesteps DDIM inversion steps to, ascending (the sampling list reversed: 1, 21, …, 981 at 50 steps),
+        those ≤ `up_to` only when given (e.g. T₁: invert an image to where Text2Video-Zero's motion starts)."""
+        ascending = self.timesteps.flip(0)
+        if up_to is None:
+            return ascending
+        if int(up_to) not in self.timesteps.tolist():
+            raise ValueError(f"up_to={int(up_to)} is not one of this schedule's timesteps ({int(ascending[0])}, "
+                             f"{int(ascending[1]) if len(ascending) > 1 else ''}, …, {int(ascending[-1])})")
+        return ascending[ascending <= int(up_to)]

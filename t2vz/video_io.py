@@ -259,6 +259,39 @@ def load_frames(source, name: str = "video", max_frames: int | None = None) -> t
     return frames.cpu()[:max_frames]
 
 
+def load_image(source, name: str = "image") -> torch.Tensor:
+    """A pipeline's image input → float tensor (h, w, 3) in [0, 1] on the CPU.
+
+    `source`: an image file (.png, .jpg, … anything pillow reads; an alpha channel is dropped), a PIL image, or
+    an (h, w, 3) uint8 or float (in [0, 1]) array or tensor. ValueError (a `VideoIOError` for files) naming it."""
+    if isinstance(source, (str, os.PathLike)):
+        import imageio.v3 as iio
+
+        path = Path(source)
+        if not path.is_file():
+            raise VideoIOError(f"cannot read {name} {path}: no such file")
+        try:
+            source = iio.imread(path, plugin="pillow", mode="RGB")
+        except (OSError, ValueError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VideoIOError(f"cannot read {name} {path}: not an image ({reason})") from None
+        if source.ndim != 3:  # an animated file: its first frame
+            source = source[0]
+    elif hasattr(source, "convert") and hasattr(source, "size"):  # a PIL image
+        source = np.array(source.convert("RGB"))  # a writable copy
+    if not isinstance(source, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"{name} must be an image file, a PIL image or an (H, W, 3) array; got "
+                         f"{type(source).__name__}")
+    shape = tuple(source.shape)
+    if len(shape) != 3 or shape[-1] != 3 or min(shape) == 0:
+        raise ValueError(f"{name} must have shape (H, W, 3) with H, W > 0, got {shape}")
+    image = _as_frames(source[None])[0]
+    if not (0 <= image.min() and image.max() <= 1):
+        raise ValueError(f"{name} holds floats outside [0, 1] ({image.min():.3g}..{image.max():.3g}); give floats "
+                         "in [0, 1] or uint8 in 0..255")
+    return image.cpu()
+
+
 def resized_shape(h: int, w: int, resolution: int, multiple: int) -> tuple[int, int]:
     """(h, w) scaled so that the long side is `resolution`, each side rounded to the nearest multiple of `multiple`
     (at least one multiple): the Text2Video-Zero authors' `prepare_video` with multiple=64."""

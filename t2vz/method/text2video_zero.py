@@ -10,9 +10,14 @@ Algorithm 1 of the paper (docs/method.md), one named function per step, called i
   6. `sampling.decode_video`    VAE decode of every frame, [−1, 1] → [0, 1]
 For long videos step 5 runs the UNet on a chunk of frames at a time (`chunks.eps_by_chunks`). Background
 smoothing (Sec. 3.3) lives in `smoothing.py`; the options, their defaults and their checks in `VideoOptions`.
+
+Image-to-video (t2vz's extension, not in the paper): with `image=`, steps 1 and 2 become `invert_first_frame`,
+the picture encoded by the VAE and DDIM-inverted (`inversion.py`) up to T₁, keeping x_{T₀}¹ on the way; steps 3 to
+6 run unchanged from there, so frame 1 regenerates the picture and the later frames are the picture, moved.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -25,7 +30,9 @@ from ..sd.attention import CrossFrame, check_cross_frame_levels, check_cross_fra
 from ..sd.loading import StableDiffusion, load
 from ..sd.schedulers import DDIM, DDPM, draw_noise
 from .chunks import check_chunking, eps_by_chunks
+from ..video_io import load_image, resize_frames
 from .fast import FastModes
+from .inversion import ddim_invert
 from .motion import translation_path, warp_latents
 from .sampling import (
     TextConditioning, chain, check_size, checked_latents, ddim_denoise, ddim_loop, decode_video, encode_prompts,
@@ -36,6 +43,7 @@ from .smoothing import (
 )
 
 DDPM_MARGINALS = ("exact", "reference")
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- the six steps
@@ -172,6 +180,7 @@ class VideoOptions:
     original_size: Sequence[int] | None = None          # SDXL's micro-conditioning (h, w); None: (height, width)
     crops_coords_top_left: Sequence[int] | None = None  #   (y, x); None: (0, 0)
     target_size: Sequence[int] | None = None            #   (h, w); None: (height, width)
+    inversion_guidance_scale: float = 1.0    # image-to-video: the guidance frame 1's picture is inverted with
 
     @classmethod
     def of(cls, options: dict) -> VideoOptions:
@@ -218,6 +227,10 @@ class VideoOptions:
         motion_timesteps(DDIM(o.num_inference_steps).timesteps, o.t0, o.t1)  # t0, t1 in range
         check_micro_conditioning(o, sd.family)
         FastModes.of(o, sd.unet.config)
+        g = o.inversion_guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise ValueError(f"inversion_guidance_scale={g!r} must be a finite number >= 0 (1: no guidance, the "
+                             "usual choice for DDIM inversion)")
         return o
 
     def time_ids(self) -> torch.Tensor:
@@ -262,6 +275,7 @@ class TextToVideoZero:
         negative_prompt_2: str | Sequence[str] | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        image=None,
         **options,
     ) -> torch.Tensor:
         """Generate videos: frames (F, H, W, 3) float in [0, 1] for one prompt and one video, else (B, F, H, W, 3)
@@ -284,8 +298,22 @@ class TextToVideoZero:
         `negative_pooled_prompt_embeds` beside the embeddings, and the options `original_size`,
         `crops_coords_top_left`, `target_size` (SDXL's micro-conditioning, `VideoOptions.time_ids`), all as
         diffusers' `TextToVideoZeroSDXLPipeline`; an SD 1.5 model refuses them.
+
+        `image` (an image file, a PIL image, or an (H, W, 3) array or tensor; t2vz's extension, not the paper's):
+        frame 1 is that picture, the video moves it (`invert_first_frame` in place of steps 1 and 2). It is resized
+        to height × width where its size differs (one logged line says so), encoded by the VAE, and DDIM-inverted
+        with the prompt up to T₁ (guidance `inversion_guidance_scale`, 1 by default), each video of a batch from the
+        same picture. `latents` and `motion_dynamics=False` are refused with it (the picture takes x_T's place, and
+        reaches the other frames only through the motion dynamics).
         """
         o = VideoOptions.of(options).resolve(self.sd)
+        if image is not None:
+            for name, given in (("latents", latents is not None), ("motion_dynamics=False", not o.motion_dynamics)):
+                if given:
+                    raise ValueError(f"{name} cannot be used with image=: the picture is frame 1's x_0, inverted to "
+                                     "T₁ in place of drawn noise, and reaches the other frames through the motion "
+                                     "dynamics; drop one of them")
+            picture = self.image_latents(image, o.height, o.width)
         fast = FastModes.of(o)
         merging = fast.token_merging(generator, self.sd.device)  # forked before the first draw from `generator`
         sd, f = self.sd, int(o.num_frames)
@@ -306,12 +334,17 @@ class TextToVideoZero:
         on_step = step_counter(callback)
         path = o.frame_path()
 
-        x_T = (draw_first_frame_noise(shape, generator, sd.device, sd.dtype)                    # 1. x_T¹
-               if latents is None else checked_latents(sd, latents, shape))
+        if image is not None:  # image-to-video: frame 1's trajectory inverted from the picture
+            first = self.invert_first_frame(picture.expand(b, -1, -1, -1), scheduler, o.t0, o.t1, text,
+                                            o.inversion_guidance_scale, o.time_ids(), progress)
+        else:
+            x_T = (draw_first_frame_noise(shape, generator, sd.device, sd.dtype)                # 1. x_T¹
+                   if latents is None else checked_latents(sd, latents, shape))
         if o.motion_dynamics:
-            first = self.first_frame_trajectory(x_T, scheduler, o.t0, o.t1, context, o.guidance_scale,
-                                                generator, on_step, progress, fast.cache, merging,
-                                                added_cond)                                        # 2. T → T₁ → T₀
+            if image is None:
+                first = self.first_frame_trajectory(x_T, scheduler, o.t0, o.t1, context, o.guidance_scale,
+                                                    generator, on_step, progress, fast.cache, merging,
+                                                    added_cond)                                    # 2. T → T₁ → T₀
             warped = self.warp_first_frame(first.x_T0, path)                                     # 3. W_k(x_{T₀}¹)
             x_T1 = self.noise_to_T1(first, warped, generator, o.ddpm_marginal)                   # 4. T₀ → T₁
             timesteps = scheduler.timesteps[-o.t1 - 1 :]
@@ -339,6 +372,31 @@ class TextToVideoZero:
         x_T0 = ddim_denoise(self.sd, x_T1, scheduler, ts[-t1 - 1 : -t0 - 1], context, guidance_scale, generator,
                             step_callback=callback, desc="DDIM (frame 1, T1→T0)", progress=progress, **fast)
         return FirstFrameTrajectory(x_T1=x_T1, x_T0=x_T0, T1=T1, T0=T0)
+
+    def image_latents(self, image, height: int, width: int) -> torch.Tensor:
+        """Image-to-video: the picture (`video_io.load_image`), resized to height × width where it differs (logged),
+        → its scaled VAE latent (1, c, h, w): the posterior's mode × scaling_factor, in the UNet's dtype."""
+        picture = load_image(image, "image")
+        if tuple(picture.shape[:2]) != (height, width):
+            log.warning("image of %d×%d resized to %d×%d (height × width of the video)", *picture.shape[:2],
+                        height, width)
+            picture = resize_frames(picture[None], (height, width))[0]
+        pixels = picture.permute(2, 0, 1)[None].to(self.sd.device) * 2 - 1  # [0, 1] → [−1, 1]
+        x_0 = self.sd.vae.posterior(pixels).mode() * self.sd.vae.config.scaling_factor
+        return x_0.to(self.sd.dtype)
+
+    def invert_first_frame(self, x_0: torch.Tensor, scheduler: DDIM, t0: int, t1: int, text: TextConditioning,
+                           guidance_scale: float, time_ids: torch.Tensor, progress: bool) -> FirstFrameTrajectory:
+        """Image-to-video's steps 1 and 2: frame 1's latents x_0 (b, c, h, w) DDIM-inverted (`ddim_invert`) with
+        the prompts up to T₁, keeping x_{T₀}¹ on the way: the trajectory step 2 would have reached, from the
+        picture instead of from noise. Guidance ≤ 1 inverts with the text branch alone."""
+        T1, T0 = motion_timesteps(scheduler.timesteps, t0, t1)
+        if guidance_scale <= 1.0:
+            text = TextConditioning(text.text, None, text.prompts, text.pooled, None)
+        inverted = ddim_invert(self.sd, x_0, text.context, scheduler, scheduler.inversion_timesteps(up_to=T1),
+                               guidance_scale, added_cond=text.added_cond(time_ids), progress=progress,
+                               desc="DDIM inversion (frame 1, 0→T1)")
+        return FirstFrameTrajectory(x_T1=inverted.at(T1), x_T0=inverted.at(T0), T1=T1, T0=T0)
 
     @staticmethod
     def warp_first_frame(x_T0: torch.Tensor, path: torch.Tensor) -> torch.Tensor:

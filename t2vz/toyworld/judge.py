@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .world import (BACKGROUND_TONES, NUM_TONES, OBJECT_COLOURS, SHAPES, TONES, parse_caption, pixel_grid,
-                    shape_mask)
+from .world import (BACKGROUND_KIND_TONES, BACKGROUND_TONES, NUM_TONES, OBJECT_COLOURS, SHAPES, TONES, parse_caption,
+                    pixel_grid, shape_mask)
 
 # RGB distance beyond which a pixel is no object colour (each object tone is ≥ 85 from every other palette colour)
 MAX_DISTANCE = 80.0
@@ -262,3 +262,37 @@ def judge_video(frames, text: str, requested: tuple[float, float] | None = None)
     if requested is not None and len(frames_u8) > 1:
         out.update(motion_scores(motion_errors(frames_u8, requested)))
     return out
+
+
+def background_kind(image) -> str | None:
+    """The background kind ("grass", "sand", "snow", "wall", "floor") whose own tones (`world.BACKGROUND_KIND_TONES`)
+    are nearest to the most pixels (within MAX_DISTANCE) of the image (h, w, 3); None when no pixel is."""
+    px = as_uint8(image).astype(np.float64).reshape(-1, 3)
+    kinds = list(BACKGROUND_KIND_TONES)
+    tones = np.array([t for k in kinds for t in BACKGROUND_KIND_TONES[k]], dtype=np.float64)
+    owner = np.array([i for i, k in enumerate(kinds) for _ in BACKGROUND_KIND_TONES[k]])
+    dist = np.linalg.norm(px[:, None, :] - np.concatenate([tones, PALETTE]), axis=-1)
+    nearest = dist.argmin(-1)
+    own = nearest < len(tones)  # nearer to a kind's own tone than to any other palette colour
+    counts = np.bincount(owner[nearest[own & (dist.min(-1) <= MAX_DISTANCE)]], minlength=len(kinds))
+    return kinds[int(counts.argmax())] if counts.sum() else None
+
+
+def object_track(frames, colour: str) -> np.ndarray:
+    """The centroid (y, x) in pixels of the `colour` object in each frame (f, h, w, 3) → (f, 2) float64, NaN in a
+    frame where the judge sees no such object (`look_for`)."""
+    centres = []
+    for frame in as_uint8(frames):
+        seen = look_for(frame, colour)
+        centres.append(np.argwhere(seen.region).mean(0) if seen.shape is not None else np.full(2, np.nan))
+    return np.array(centres, dtype=np.float64)
+
+
+def object_motion_error(frames, colour: str, velocity: tuple[float, float]) -> float:
+    """How far the `colour` object's motion is from `velocity` = (vx, vy) pixels a frame: the mean over consecutive
+    frame pairs where both frames show it of |Δcentroid − velocity| (pixels); NaN when no pair does."""
+    track = object_track(frames, colour)
+    steps = track[1:] - track[:-1] - np.array([velocity[1], velocity[0]], dtype=np.float64)  # (dy, dx)
+    distance = np.linalg.norm(steps, axis=1)
+    distance = distance[np.isfinite(distance)]
+    return float(distance.mean()) if len(distance) else float("nan")

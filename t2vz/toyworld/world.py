@@ -279,3 +279,21 @@ def render(scene: Scene, size: int = SIZE) -> np.ndarray:
     s = SUPERSAMPLE
     img = img.reshape(size, s, size, s, 3).mean(axis=(1, 3))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def render_video(scene: Scene, num_frames: int, velocity: tuple[float, float], size: int = SIZE) -> np.ndarray:
+    """A video of `scene` whose objects move by `velocity` = (vx, vy) pixels a frame over the still background:
+    frame k (0-based) draws each object at (cx + k·vx, cy + k·vy), (f, h, w, 3) uint8. The source of the editing
+    measurements (Tune-A-Video, docs/toy_model.md): a known motion that an edit should keep."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames={num_frames!r} must be an integer >= 1")
+    vx, vy = (float(v) for v in velocity)
+    return np.stack([render(dataclasses.replace(scene, things=tuple(
+        dataclasses.replace(t, cx=t.cx + k * vx, cy=t.cy + k * vy) for t in scene.things)), size)
+        for k in range(num_frames)])
+
+
+BACKGROUND_KIND_TONES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "grass": GROUND["grass"], "sand": GROUND["sand"], "snow": (*GROUND["snow"], *SNOW_SKY),
+    "wall": (*WALL_TONES, WALL_FLOOR), "floor": FLOOR_TONES,
+}  # the tones only that kind of background paints (the sky above grass and sand is shared, so left out)

@@ -2,7 +2,8 @@
 
 Compose (`t2vz.experiment.config`, checked before any model loads) → build and run
 (`t2vz.experiment.run.generate_from_config`) → write the video, `config.yaml` and `run.json` into Hydra's output
-folder (outputs/DATE/TIME/, or hydra.run.dir=PATH).
+folder (outputs/DATE/TIME/, or hydra.run.dir=PATH). With `image=FILE` (image-to-video) it also prints frame 1's
+error against the picture (`run.image_metrics`, recorded in run.json).
 `python -m t2vz --help` lists the options; `-m key=a,b` sweeps. Bad input ends with one line,
 `t2vz: error: ...`, and exit code 2; in a sweep a failed point writes its error to `error.txt` in its folder and
 the sweep goes on, ending with exit code 2 only if every point failed (`run.SweepFailures`).
@@ -19,7 +20,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from .experiment.config import to_generate_config
-from .experiment.run import USER_ERRORS, check_model_folders, generate_from_config, record_failure, write_run
+from .experiment.run import (
+    USER_ERRORS, check_model_folders, generate_from_config, image_metrics, image_summary, record_failure, write_run,
+)
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
@@ -31,6 +34,7 @@ def main(cfg: DictConfig) -> str:
         config = to_generate_config(cfg)
         frames = generate_from_config(config)
         names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start)
+        summary = image_summary(image_metrics(frames, config))
     except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__
         if HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -39,6 +43,8 @@ def main(cfg: DictConfig) -> str:
         record_failure(run_dir, message)  # a sweep goes on; it fails at the end if every point failed
         print(f"t2vz: error: job {Path(run_dir).name} failed: {message}", file=sys.stderr)
         return None
+    if summary:
+        print(f"t2vz: {summary}")
     print(f"t2vz: wrote {', '.join(names)} to {run_dir}")
     return run_dir
 

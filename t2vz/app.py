@@ -67,8 +67,8 @@ class Field:
 
     key: str
     label: str
-    kind: str = "number"  # number | int | text | list | prompt | choice | bool | slider | pair | video | model |
-    #                       controlnet (list: comma-separated entries, e.g. LoRA files)
+    kind: str = "number"  # number | int | text | list | prompt | choice | bool | slider | pair | video | image |
+    #                       model | controlnet (list: comma-separated entries, e.g. LoRA files)
     info: str = ""
     choices: tuple = ()
     bounds: tuple[float, float, float] = (0.0, 1.0, 0.05)  # slider: minimum, maximum, step
@@ -116,7 +116,9 @@ LORA = Field("lora", "LoRA files", "list", "FILE or FILE:SCALE, comma-separated:
 TEXT_TO_VIDEO_JOB = Job(
     "Text-to-video", "generate", ("t2vz",), t2v_config.GenerateConfig, TEXT_TO_VIDEO,
     main=(Field("prompt", "prompt", "prompt"), Field("model", "model", "model"),
-          Field("video.num_frames", "frames", "int", "video length"), SEED),
+          Field("video.num_frames", "frames", "int", "video length"), SEED,
+          Field("image", "image (optional): frame 1", "image", "image-to-video: frame 1 is this picture, the other "
+                "frames it moved; resized to the video's size (empty: text-to-video)")),
     advanced=(
         Field("method.motion_strength", "λ (motion strength)", "number"),
         Field("method.direction", "δ = [δx, δy]", "pair", t2v_config.KEY_OPTIONS["method.direction"]),
@@ -130,6 +132,8 @@ TEXT_TO_VIDEO_JOB = Job(
         Field("method.smooth_bg", "background smoothing", "bool", "Sec. 3.3: blend the background towards the "
               "warped first frame"),
         Field("method.alpha", "α (background smoothing weight)", "slider", bounds=(0.0, 1.0, 0.05)),
+        Field("method.inversion_guidance_scale", "inversion guidance scale", "number",
+              t2v_config.KEY_OPTIONS["method.inversion_guidance_scale"]),
         DTYPE, *FAST, LORA,
         Field("output.fps", "frames per second", "number"),
     ))
@@ -305,10 +309,29 @@ def new_run_folder(outputs: Path) -> Path:
     return folder
 
 
+def keep_image(image: Any, stem: Path) -> Any:
+    """An image input kept in the run folder, so that the command line shown names a file that stays: a file is
+    copied as it is (`{stem}{suffix}`); an (H, W, 3) array (gradio's upload) or a PIL image is saved losslessly as
+    `{stem}.png`. Returns the kept file's absolute path; a path that names no file is returned as given, for the
+    config's check to name. A file that is not a picture is a VideoIOError naming it."""
+    from .video_io import load_image, write_image
+
+    if isinstance(image, (str, os.PathLike)):
+        source = Path(image)
+        if not source.is_file():
+            return image
+        load_image(source, "image")  # not a picture: named here, as the user gave it, not as its copy
+        target = stem.with_suffix(source.suffix)
+        shutil.copyfile(source, target)
+        return str(target.resolve())
+    return str(write_image(stem.with_suffix(".png"), load_image(image, "image")).resolve())
+
+
 def run_job(job: Job, values: dict[str, Any], outputs: str | os.PathLike) -> Result:
     """Generate what the widget `values` ask for, as `job`'s command line does, into a new folder under `outputs`:
-    seed -1 is replaced by a random seed; a video input is copied into the run folder first (the command line
-    shown then names a file that stays). A bad value returns the command line's one-line error."""
+    seed -1 is replaced by a random seed; a video or image input is copied (an uploaded picture saved as PNG) into
+    the run folder first (the command line shown then names a file that stays). A bad value returns the command
+    line's one-line error."""
     values = dict(values)
     seed = normalized(values.get("seed", 0), 0, numeric=True)
     if seed == -1:
@@ -321,6 +344,12 @@ def run_job(job: Job, values: dict[str, Any], outputs: str | os.PathLike) -> Res
             target = folder / f"{f.key.split('.')[0]}{source.suffix}"
             (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
             values[f.key] = str(target.resolve())
+        if f.kind == "image" and values.get(f.key) is not None:
+            try:
+                values[f.key] = keep_image(values[f.key], folder / f.key.split(".")[-1])
+            except config_errors() as e:
+                shutil.rmtree(folder, ignore_errors=True)
+                return Result("", seed if isinstance(seed, int) else 0, error=one_line(e))
     args = overrides(job, values)
     result = Result(command_line(job, args), seed if isinstance(seed, int) else 0)
     start = time.perf_counter()
@@ -494,6 +523,9 @@ def widget(gr, f: Field, default: Any, found: dict[str, list[str]], video_folder
                            elem_id=f"{elem_id}-pick", allow_custom_value=True)
         pick.focus(lambda: gr.Dropdown(choices=scan_videos(video_folders)), outputs=pick)  # new outputs listed
         return [gr.Video(label=f"{f.label}: upload", sources=["upload"], elem_id=elem_id), pick]
+    if f.kind == "image":  # an array: run_job saves it as a PNG in the run folder, which the command line names
+        return [gr.Image(label=f.label, type="numpy", image_mode="RGB", sources=["upload", "clipboard"],
+                         placeholder=info, elem_id=elem_id, height=200)]
     if f.kind == "pair":
         with gr.Row():
             return [gr.Number(value=v, label=f"{f.label} {name}", elem_id=f"{elem_id}-{i}", info=info if i else None)

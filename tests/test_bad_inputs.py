@@ -24,7 +24,7 @@ from sdxl_fixtures import OPEN_CLIP, tiny_sdxl_checkpoint
 
 from t2vz.sd.controlnet import ControlNet, ControlNetConfig
 from t2vz.sd.model_folder import write_controlnet_folder
-from t2vz.video_io import write_video
+from t2vz.video_io import write_image, write_video
 from weights_convert.convert import convert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +107,8 @@ def files(tmp_path_factory) -> Path:
     (root / "a_file.txt").write_text("not a folder")
     (root / "no_frames").mkdir()
     (root / "garbage.mp4").write_bytes(os.urandom(2048))
+    (root / "notes.png").write_text("not a picture")  # image-to-video: a text file named like a picture
+    write_image(root / "picture.png", frames[0])
     return root
 
 
@@ -194,6 +196,12 @@ CASES = {
                             "does not match the model: 1 of its layers name no module of it, e.g. "
                             "lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight"),
     "t2vz-lora-misshaped": (t2vz("lora=[{root}/lora_misshaped.safetensors:0.5]"), "(4, 48)"),
+    "t2vz-image-missing": (t2vz("image={root}/nothing.png"), "cannot read image {root}/nothing.png: no such file"),
+    "t2vz-image-not-an-image": (t2vz("image={root}/notes.png"), "cannot read image {root}/notes.png: not an image"),
+    "t2vz-image-without-motion-dynamics": (t2vz("image={root}/picture.png", "method.motion_dynamics=false"),
+                                           "image={root}/picture.png cannot be used with method.motion_dynamics"),
+    "t2vz-inversion-guidance-nan": (t2vz("image={root}/picture.png", "method.inversion_guidance_scale=nan"),
+                                    "method.inversion_guidance_scale=nan"),
     # experiments/run.py
     "run-unknown-headline": (RUN + ["prompt=x", "model={root}/model", *SMALL, "metrics.headline=nope",
                                     "hydra.run.dir={out}/r"], "metrics.headline='nope'"),
@@ -201,6 +209,8 @@ CASES = {
                           "nothing does not exist"),
     "run-lora-folder": (RUN + ["prompt=x", "model={root}/model", *SMALL, "lora=[{root}/model]",
                                "hydra.run.dir={out}/r"], "LoRA file {root}/model is a folder"),
+    "run-image-not-an-image": (RUN + ["prompt=x", "model={root}/model", *SMALL, "image={root}/notes.png",
+                                      "hydra.run.dir={out}/r"], "cannot read image {root}/notes.png: not an image"),
     # experiments/control_video.py
     "control-missing-video": (control(video="{root}/missing.mp4"), "missing.mp4"),
     "control-unreadable-video": (control(video="{root}/garbage.mp4"), "garbage.mp4"),

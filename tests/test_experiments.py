@@ -178,3 +178,35 @@ def test_a_sweep_waits_for_an_unreachable_wandb_once(tiny_model, tmp_path):
         assert json.loads((sweep / job / "metrics.json").read_text())["status"] == "ok"
         assert list((sweep / job / "wandb").glob("offline-run-*")), f"job {job} has no offline run"
     assert wall < 120, f"the sweep took {wall:.0f} s: W&B's wait was not bounded"
+
+
+def test_image_to_video_sweeps_over_pictures_and_logs_frame_1s_error(tmp_path):
+    """`image=a.png,b.png -m` on the toy model: one job per picture (b.png of another size, resized), each with
+    `first_frame_error`/`first_frame_psnr` in metrics.json, summary.csv and W&B, the keys in W&B's config and the
+    picture among its images."""
+    import numpy as np
+    from PIL import Image
+
+    from t2vz.toyworld.world import render, sample_scene
+    from wandb_records import read_offline_run
+
+    scene = sample_scene(np.random.default_rng(0), background="grass", things=[("red", "circle")])
+    Image.fromarray(render(scene)).save(tmp_path / "a.png")
+    Image.fromarray(render(scene)).resize((48, 40)).save(tmp_path / "b.png")
+    sweep = tmp_path / "sweep"
+    proc = run_sweep(None, sweep, *TOY["ablate_speed"], f"image={tmp_path / 'a.png'},{tmp_path / 'b.png'}",
+                     "method.inversion_guidance_scale=2.0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png"] and all(r["status"] == "ok" for r in rows)
+    for job in ("0", "1"):
+        record = json.loads((sweep / job / "metrics.json").read_text())
+        assert record["first_frame_error"] < 15 and record["first_frame_psnr"] > 18, record  # measured 8.6, 23.4 dB
+        run = json.loads((sweep / job / "run.json").read_text())
+        assert run["first_frame_error"] == pytest.approx(record["first_frame_error"])
+        logged = read_offline_run(sweep / job)
+        assert logged["config"]["method"]["inversion_guidance_scale"] == 2.0
+        assert Path(logged["config"]["image"]).name == ("a.png", "b.png")[int(job)]
+        assert logged["summary"]["first_frame_error"] == pytest.approx(record["first_frame_error"])
+        assert any(name.startswith("media/images/image_") for name in logged["files"]), logged["files"]  # the picture
+    assert "frame 1 vs image: mean |error|" in proc.stdout

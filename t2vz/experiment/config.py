@@ -3,21 +3,23 @@
 Field names equal the arguments they feed: every field of `video`, `sampler`, `method` and `fast` (and
 `output.progress`) is an argument of `TextToVideoZero.__call__` of the same name; `model`, `device`, `dtype` feed
 `TextToVideoZero.from_pretrained`, and so does `lora` (LoRA files merged into the model, `FILE:SCALE` entries,
-`sd.lora`); `seed` seeds the `torch.Generator`; `output` feeds `video_io.write_outputs`.
+`sd.lora`); `seed` seeds the `torch.Generator`; `output` feeds `video_io.write_outputs`; `image` (a picture file:
+image-to-video, frame 1 is the picture) is `__call__`'s `image=`.
 
-    prompt  model=toyworld  lora=[]  seed=0  device=auto  dtype=fp32
+    prompt  image=null  model=toyworld  lora=[]  seed=0  device=auto  dtype=fp32
     video:   num_frames=8  height=null  width=null  chunk_size=null  num_videos_per_prompt=1
     sampler: num_inference_steps=50  guidance_scale=7.5  eta=0.0  negative_prompt=null
     method:  motion_strength=null  direction=[1.0, 1.0]  t0=null  t1=null  ddpm_marginal=exact  cross_frame=first
              cross_frame_levels=null  motion_dynamics=true  smooth_bg=false  alpha=0.6  smoothing=paper
-             mask_tokens=null
+             mask_tokens=null  inversion_guidance_scale=1.0
     fast:    merging_ratio=0.0  merging_max_downsample=1  merging_options={}  cache_interval=1  cache_branch=0
     output:  fps=4.0  formats=[mp4, gif]  stem=video  progress=true
 
 `video`, `sampler`, `method`, `fast` and `output` are config groups with one option each, `default`; YAML files in
 `conf/` add options and experiments. Hydra checks key names and types at composition (`method.lamda=3` and
 `video.num_frames=abc` fail there); `__post_init__` checks values (`dtype=fp64`, `video.height=36`, t0 > t1) and
-runs when `to_generate_config` turns the composed config into these dataclasses, before any model is loaded.
+runs when `to_generate_config` turns the composed config into these dataclasses, before any model is loaded; it
+also reads `image` (`check_image`: a missing file or one that is not an image is named there).
 `method.motion_strength`, `method.t0` and `method.t1` left null are the model's own, filled in from its folder's
 `t2vz_model.json` (`fill_method_defaults`; the paper's 12, 44, 47 unless the folder sets others), so the saved
 config and the W&B run show the values the video was made with.
@@ -37,7 +39,7 @@ from ..sd.attention import CROSS_FRAME_MODES, check_cross_frame_levels
 from ..sd.loading import DTYPES
 from ..sd.lora import parse_lora_entries
 from ..sd.model_folder import PAPER_METHOD, model_method_defaults
-from ..video_io import VIDEO_FORMATS
+from ..video_io import VIDEO_FORMATS, load_image
 from .tracking import LoggerConfig
 
 # the enum-like options and their allowed values, from the modules that define them
@@ -56,6 +58,13 @@ def check_choice(key: str, value: Any, choices: dict[str, tuple] = CHOICES) -> N
 def check_int(key: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key}={value!r} must be an integer >= {low}")
+
+
+def check_image(key: str, value: Optional[str]) -> None:
+    """A picture file that pillow reads, or None: `video_io.load_image`'s VideoIOError (a ValueError) naming `key`
+    and the file otherwise ("cannot read image x.png: no such file" / ": not an image (...)")."""
+    if value is not None:
+        load_image(value, key)
 
 
 @dataclass
@@ -116,6 +125,7 @@ class MethodConfig:
     alpha: float = 0.6
     smoothing: str = "paper"
     mask_tokens: Optional[str] = None
+    inversion_guidance_scale: float = 1.0  # image-to-video (`image=`): the guidance the picture is inverted with
 
     def __post_init__(self):
         if self.motion_strength is not None and not math.isfinite(self.motion_strength):
@@ -143,6 +153,10 @@ class MethodConfig:
         check_choice("method.smoothing", self.smoothing)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"method.alpha={self.alpha!r} must lie in [0, 1]")
+        g = self.inversion_guidance_scale
+        if not math.isfinite(g) or g < 0:
+            raise ValueError(f"method.inversion_guidance_scale={g!r} must be a finite number >= 0 (1: no guidance, "
+                             "the usual choice for DDIM inversion)")
 
 
 @dataclass
@@ -199,6 +213,7 @@ class GenerateConfig:
         "_self_", *({group: "default"} for group in GROUPS), {"hydra/job": "t2vz"},
         {"override hydra/callbacks": "t2vz"}, {"override hydra/help": "t2vz"}])
     prompt: str = MISSING
+    image: Optional[str] = None  # image-to-video: frame 1 is this picture (a file pillow reads), DDIM-inverted to T₁
     model: str = "toyworld"  # a t2vz model folder (`python -m weights_convert` writes them) or a shipped model
     lora: list[str] = field(default_factory=list)  # LoRA files merged into the model: FILE or FILE:SCALE entries
     seed: int = 0
@@ -214,6 +229,11 @@ class GenerateConfig:
     def __post_init__(self):
         check_choice("dtype", self.dtype)
         parse_lora_entries(self.lora)
+        check_image("image", self.image)
+        if self.image is not None and not self.method.motion_dynamics:
+            raise ValueError(f"image={self.image} cannot be used with method.motion_dynamics=false: the picture is "
+                             "frame 1, and reaches the other frames only through the motion dynamics; drop one of "
+                             "them")
         if self.method.t1 is not None and self.method.t1 > self.sampler.num_inference_steps - 1:
             raise ValueError(
                 f"method.t1={self.method.t1} needs more than sampler.num_inference_steps="
@@ -281,6 +301,8 @@ MODEL_OWN_KEYS = ("method.motion_strength", "method.t0")  # their texts quote ea
 # key → what it does: `--help` lists these with their defaults and, from CHOICES, their allowed values
 KEY_OPTIONS = {
     "prompt": "required: the video's text",
+    "image": "image-to-video: frame 1 is this picture file, resized to the video's size; the others are it moved "
+             "(null: text-to-video)",
     "model": "toyworld (ships with t2vz) or a t2vz model folder (python -m weights_convert CHECKPOINT FOLDER)",
     "lora": "LoRA files merged into the model's weights: [FILE:SCALE,...], SCALE 1.0 if left out (docs/lora.md)",
     "seed": "seeds every random draw: same seed, same video",
@@ -307,6 +329,7 @@ KEY_OPTIONS = {
     "method.smooth_bg": "background smoothing (Sec. 3.3) with weight method.alpha",
     "method.smoothing": "paper: every step; authors: once, at T1",
     "method.mask_tokens": "words of the prompt that give the foreground mask (null: all)",
+    "method.inversion_guidance_scale": "with image=: the guidance the picture is DDIM-inverted with (1: none)",
     "fast.merging_ratio": "token merging: this fraction of the tokens merged before self-attention (0: exact)",
     "fast.cache_interval": "feature caching: a full UNet pass every N steps, the shallow branch between (1: exact)",
     "fast.cache_branch": "feature caching: the skip branch that runs on cached steps (0: the shallowest)",
@@ -367,6 +390,7 @@ Key options, with their defaults (every key of the config below can be set with 
 
 Examples:
   python -m t2vz prompt="a red circle on grass" method.direction=[0,1]
+  python -m t2vz prompt="a red circle on grass" image=scene.png       (image-to-video: frame 1 is scene.png)
   python -m t2vz prompt="a horse galloping on the street" model=models/sd15
   python -m t2vz prompt="a horse galloping on the street" model=models/sd15 lora=[loras/style.safetensors:0.8]
   python -m t2vz -m prompt="a panda surfing on a wave" model=models/sd15 method.motion_strength=0,12,24
@@ -374,7 +398,8 @@ Examples:
 Outputs go to Hydra's run folder outputs/DATE/TIME/ (a sweep: multirun/DATE/TIME/JOB_NUMBER/; choose it with
 hydra.run.dir=PATH, or hydra.sweep.dir=PATH with -m): video.mp4, video.gif, video_sheet.png (video_0.*, video_1.*,
 ... for several videos per prompt), config.yaml (the resolved config) and run.json (versions, device, dtype, seed,
-the LoRAs' files, sha256 and scales, wall time, file names).
+the LoRAs' files, sha256 and scales, the image's file and sha256 and frame 1's error against it, wall time, file
+names).
 
 {HYDRA_HELP_TAIL}"""
 

@@ -1,11 +1,13 @@
 """What the ablations measure: CLIP text score and frame consistency (docs/method.md), and model-free
-temporal metrics (phase-correlation motion, motion-compensated warp error) that need no CLIP weights.
+temporal metrics (phase-correlation motion, motion-compensated warp error) that need no CLIP weights; for
+image-to-video, frame 1 against the picture it started from (`first_frame_error`, with its PSNR).
 
 Frames are float tensors (f, h, w, 3) in [0, 1]. Metrics over frame pairs are means over an empty set for a
 single frame and return NaN (no pair exists to measure); a video of one frame is neither consistent nor not.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -235,3 +237,21 @@ def video_metrics(frames: torch.Tensor, prompt: str, scorer: ClipScorer | None =
         metrics["clip_text_score"] = scorer.text_score(frames, prompt)
         metrics.update(scorer.frame_consistency(frames))
     return metrics
+
+
+def first_frame_error(frames: torch.Tensor, image: torch.Tensor) -> dict[str, float]:
+    """Image-to-video: how closely frame 1 reproduces the picture it was inverted from. `frames` (f, h, w, 3), or
+    (b, f, h, w, 3) for a batch (frame 1 of every video, pooled), and the picture `image` (H, W, 3), floats in
+    [0, 1]; the picture is resized to h × w as the pipeline resizes it (`video_io.resize_frames`). Returns
+    `first_frame_error`, the mean |frame 1 − picture| on the 0..255 scale, and `first_frame_psnr`, the PSNR in dB,
+    10 · log10(255² / MSE) (inf for identical images)."""
+    from t2vz.video_io import resize_frames
+
+    first = _check_frames(frames[:, 0] if frames.ndim == 5 else frames[:1]).double()
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be (h, w, 3) floats in [0, 1], got shape {tuple(image.shape)}")
+    picture = resize_frames(image[None].float(), tuple(first.shape[1:3]))[0].double().to(first.device)
+    difference = (first - picture) * 255.0
+    mse = difference.square().mean().item()
+    return {"first_frame_error": difference.abs().mean().item(),
+            "first_frame_psnr": 10.0 * math.log10(255.0**2 / mse) if mse > 0 else float("inf")}

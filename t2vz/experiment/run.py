@@ -4,6 +4,9 @@
     config = GenerateConfig(prompt="a horse galloping on the street", model="models/sd15")   # checks its values
     frames = generate_from_config(config)                  # (f, h, w, 3), or (b, f, h, w, 3) for a batch
     write_run("out", frames, config, config_yaml, start)   # config_yaml: the composed config, as YAML
+
+With `config.image` (image-to-video), `image_metrics` measures frame 1 against the picture; `write_run` records the
+picture's file and sha256 and those errors in run.json.
 """
 from __future__ import annotations
 
@@ -26,9 +29,9 @@ from hydra.experimental.callback import Callback
 from .. import __version__
 from ..method.text2video_zero import TextToVideoZero
 from ..sd.loading import DTYPES
-from ..sd.lora import lora_records, parse_lora_entries
+from ..sd.lora import file_sha256, lora_records, parse_lora_entries
 from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
-from ..video_io import VideoIOError, to_uint8, write_outputs, write_text
+from ..video_io import VideoIOError, load_image, to_uint8, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
 
 # Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
@@ -59,19 +62,41 @@ def pipeline_kwargs(config: GenerateConfig) -> dict:
 
 def generate_from_config(config: GenerateConfig, pipe: TextToVideoZero | None = None) -> torch.Tensor:
     """Load `config.model` (unless `pipe` is given) and generate: frames (f, h, w, 3) float in [0, 1], or
-    (b, f, h, w, 3) when `video.num_videos_per_prompt` > 1. The seed fixes every random draw."""
+    (b, f, h, w, 3) when `video.num_videos_per_prompt` > 1. The seed fixes every random draw. With `config.image`,
+    frame 1 is that picture (image-to-video, the pipeline's `image=`)."""
     if pipe is None:
         pipe = load_pipeline(config.model, config.device, config.dtype, config.compile, tuple(config.lora))
     kwargs = pipeline_kwargs(config)
-    return pipe(config.prompt, generator=torch.Generator().manual_seed(config.seed), **kwargs)
+    return pipe(config.prompt, generator=torch.Generator().manual_seed(config.seed), image=config.image, **kwargs)
+
+
+def image_metrics(frames: torch.Tensor, config) -> dict[str, float]:
+    """Image-to-video (`config.image`): frame 1 of the video (of every video of a batch) against the picture, resized
+    to the video's size as the pipeline resizes it (`metrics.first_frame_error`: `first_frame_error`, mean |error| on
+    the 0..255 scale, and `first_frame_psnr` in dB); {} for a config without an image."""
+    image = getattr(config, "image", None)
+    if image is None:
+        return {}
+    from .metrics import first_frame_error
+
+    return first_frame_error(frames, load_image(image, "image"))
+
+
+def image_summary(metrics: dict[str, float]) -> str | None:
+    """The line the job prints after an image-to-video run, e.g. `frame 1 vs image: mean |error| 5.1/255, PSNR
+    31.2 dB`; None without those metrics."""
+    if "first_frame_error" not in metrics:
+        return None
+    return (f"frame 1 vs image: mean |error| {metrics['first_frame_error']:.1f}/255, "
+            f"PSNR {metrics['first_frame_psnr']:.1f} dB")
 
 
 def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateConfig, config_yaml: str,
               start: float) -> list[str]:
     """Write a run folder: the video(s) (`{stem}.mp4`, `.gif`, `_sheet.png`; `{stem}_0.*`, `{stem}_1.*`, … for a
     batch (b, f, h, w, 3)), `config.yaml` (`config_yaml`, the resolved config) and `run.json` (versions, device,
-    dtype, seed, each LoRA's file, sha256 and scale, seconds since `start`, a `time.perf_counter()`, and the video
-    files' names). Every file is
+    dtype, seed, each LoRA's file, sha256 and scale, the image's file and sha256 and `image_metrics` for an
+    image-to-video run, seconds since `start`, a `time.perf_counter()`, and the video files' names). Every file is
     written atomically. Returns the names of the files written, in that order."""
     folder, out = Path(folder), config.output
     videos = [frames] if frames.ndim == 4 else list(frames)
@@ -88,6 +113,9 @@ def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateC
     }
     if getattr(config, "lora", None):
         info["lora"] = lora_records(parse_lora_entries(config.lora))
+    if getattr(config, "image", None) is not None:  # image-to-video: the picture, and frame 1's error against it
+        info["image"] = {"file": str(config.image), "sha256": file_sha256(config.image)}
+        info.update(image_metrics(frames, config))
     if hasattr(config, "method"):  # text-to-video: the λ, t0, t1 used (the model's own where none was given)
         info["method"] = {k: getattr(config.method, k) for k in ("motion_strength", "t0", "t1")}
     write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
@@ -182,7 +210,7 @@ def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None
     """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3), with the CLIP text
     score against `text` (default: `config.prompt`); on the toy model (`toyworld`) also its judge's metrics
     (`toyworld.judge.judge_video`): text faithfulness, appearance consistency, motion error against what λ and δ
-    ask for."""
+    ask for; with `config.image` (image-to-video) also frame 1's error against the picture (`image_metrics`)."""
     from .metrics import video_metrics
 
     scorer = cached_scorer(clip_model, config.device) if clip_model else None
@@ -197,7 +225,8 @@ def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None
         requested = requested_motion(config.method.motion_strength, config.method.direction, h, w)
         for m, video in zip(per_video, videos):
             m.update(judge_video(video, config.prompt, requested))
-    return {key: sum(m[key] for m in per_video) / len(per_video) for key in per_video[0]}
+    means = {key: sum(m[key] for m in per_video) / len(per_video) for key in per_video[0]}
+    return {**means, **image_metrics(frames, config)}  # frame 1 of every video, pooled, as run.json has it
 
 
 @dataclass(frozen=True)
@@ -270,6 +299,8 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             if f"{stem}.mp4" in names:
                 tracker.log_video(run_dir / f"{stem}.mp4")
             tracker.log_image("contact_sheet", run_dir / f"{stem}_sheet.png")
+            if getattr(config, "image", None) is not None:  # image-to-video: the picture frame 1 started from
+                tracker.log_image("image", config.image)
             headline = metrics[config.metrics.headline]
         except USER_ERRORS as e:
             record.update(status="failed", error=" ".join(str(e).split()) or type(e).__name__)
@@ -277,6 +308,8 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             print(f"t2vz: job {run_dir.name} failed: {record['error']}", file=sys.stderr)
     write_text(run_dir / "metrics.json", json.dumps(record, indent=2) + "\n")
     if record["status"] == "ok":
+        if image_summary(record):
+            print(f"t2vz: job {run_dir.name}: {image_summary(record)}")
         print(f"t2vz: job {run_dir.name} ok, {cfg.metrics.headline}={headline:.4g}; results in {run_dir}")
     elif hydra_cfg.mode == RunMode.RUN:  # a single job that failed: exit 2, so a script can tell
         sys.exit(2)

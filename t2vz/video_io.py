@@ -269,7 +269,8 @@ def load_image(source, name: str = "image") -> torch.Tensor:
 
         path = Path(source)
         if not path.is_file():
-            raise VideoIOError(f"cannot read {name} {path}: no such file")
+            what = "a folder, not an image file" if path.is_dir() else "no such file"
+            raise VideoIOError(f"cannot read {name} {path}: {what}")
         try:
             source = iio.imread(path, plugin="pillow", mode="RGB")
         except (OSError, ValueError, RuntimeError) as e:

@@ -109,6 +109,8 @@ def test_a_file_that_is_not_an_image_is_refused(tiny, tmp_path):
     fake.write_text("not a picture")
     with pytest.raises(VideoIOError, match=f"cannot read image {fake}: not an image"):
         tiny("a cat", image=fake, **OPTIONS)
+    with pytest.raises(VideoIOError, match=f"cannot read image {tmp_path}: a folder, not an image file"):
+        tiny("a cat", image=tmp_path, **OPTIONS)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

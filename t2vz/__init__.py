@@ -34,6 +34,7 @@ _EXPORTS = {
     "TextToVideoZero": "t2vz.method.text2video_zero", "VideoOptions": "t2vz.method.text2video_zero",
     "ControlVideo": "t2vz.method.controlvideo",
     "VideoInstructPix2Pix": "t2vz.method.instruct",
+    "TuneAVideo": "t2vz.method.tune_a_video",
     "canny_edges": "t2vz.method.canny",
 }
 _SUBPACKAGES = ("sd", "method", "experiment", "toyworld", "video_io")

@@ -247,6 +247,10 @@ class BasicTransformerBlock(nn.Module):
     tokens. Under cross-frame attention every frame is merged with its own matching (on one partition), so all
     frames have n − r tokens and frame 1's keys and values come from its merged tokens, as in tomesd patched into
     diffusers' TextToVideoZeroPipeline.
+
+    `temporal`: None, or Tune-A-Video's temporal attention over the frames (`sd.temporal.inflate` sets it, with the
+    `norm_temp` and `attn_temp` layers it uses): `temporal(block, x, cross_frame)` after the feed-forward, on all
+    n tokens (after the unmerge, with token merging). None leaves the block, and its state dict, the image model's.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int):
@@ -257,14 +261,17 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.temporal = None  # Tune-A-Video's temporal attention, where `sd.temporal.inflate` adds it
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None = None,
                 merging: TokenMerging | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
         if merging is not None:
-            return self.merged_forward(x, context, cross_frame, merging, grid)
-        x = x + self.attn1(self.norm1(x), cross_frame=cross_frame)
-        x = x + self.attn2(self.norm2(x), context=context)
-        return x + self.ff(self.norm3(x))
+            x = self.merged_forward(x, context, cross_frame, merging, grid)
+        else:
+            x = x + self.attn1(self.norm1(x), cross_frame=cross_frame)
+            x = x + self.attn2(self.norm2(x), context=context)
+            x = x + self.ff(self.norm3(x))
+        return x if self.temporal is None else self.temporal(self, x, cross_frame)
 
     def merged_forward(self, x: torch.Tensor, context: torch.Tensor, cross_frame: CrossFrame | None,
                        merging: TokenMerging, grid: tuple[int, int]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .model_folder import (
 )
 from .model_folder import method_defaults as folder_method_defaults
 from .onednn import note_reduced_precision, onednn_supports, prepack_convolutions
+from .temporal import load_tuned
 from .text_encoder import (
     SDXLTextEncoders, TextEncoder, build_clip_text_model, canonical_clip_state_dict, clip_state_dict_for,
     load_sdxl_tokenizer_2, load_tokenizer,
@@ -141,20 +142,28 @@ def prepare_for_device(module: nn.Module, device: str | torch.device, dtype: tor
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         vae_dtype: torch.dtype | None = None, lora=None) -> StableDiffusion:
+         vae_dtype: torch.dtype | None = None, lora=None, tuned: str | os.PathLike | None = None) -> StableDiffusion:
     """Read a t2vz model folder (written by `python -m weights_convert`, or a shipped model's name such as
     "toyworld") onto `device` in `dtype`, in eval mode. The VAE runs in `vae_dtype`, by default
     `vae_dtype_for(dtype)` (float32 under float16); latents are cast to it at the VAE's door.
 
     `lora`: [(file, scale), ...], LoRA files merged into the UNet and text encoder weights in float32 before the
     cast to `dtype`, W ← W + scale·(α/r)·up·down, several adding (`lora.py`; docs/lora.md). A LoRA that does not
-    fit the model is refused with a LoraError (a ValueError) naming it."""
+    fit the model is refused with a LoraError (a ValueError) naming it.
+
+    `tuned`: a Tune-A-Video weights file (`method.tune_a_video.save_tuned`): the UNet is inflated with temporal
+    attention (`temporal.inflate`) and the file's tensors replace its own, before the cast to `dtype`. A file tuned
+    from another base model (its base's unet.safetensors sha256 differs from this folder's) or that does not fit is
+    refused with a TunedWeightsError (a ValueError) naming both (`temporal.load_tuned`). The file's metadata is
+    `config["tuned"]` (its base, trainable modules, frame count and prompt)."""
     loras = as_loras(lora)
     path = resolve_model_path(path)
     meta = read_model_config(path)
     records = lora_records(loras)  # a missing LoRA file fails here, before any weights are read
     weights = folder_weights(path, meta, loras)
     unet = build_loaded(UNet, UNetConfig(**meta["unet"]), weights("unet"), f"{path}/unet.safetensors")
+    if tuned is not None:  # in float32 (lossless for a folder stored in fp16), so the tuned tensors stay exact
+        meta = {**meta, "tuned": {"file": str(tuned), **load_tuned(unet.float(), tuned, path)}}
     vae = build_loaded(AutoencoderKL, VAEConfig(**meta["vae"]), weights("vae"), f"{path}/vae.safetensors")
     text_encoder = build_text_encoder(path, meta, weights)
     for module, module_dtype in ((unet, dtype), (vae, vae_dtype or vae_dtype_for(dtype)), (text_encoder, dtype)):

@@ -255,6 +255,24 @@ TEXT_TO_VIDEO = Task(to_generate_config, _generate_text_to_video, _measure_text_
                      load=lambda c: cached_pipeline(c.model, c.device, c.dtype, c.compile, tuple(c.lora)))
 
 
+def job_start(cfg):
+    """What every experiment job starts from: (its run folder, its metrics.json record so far, its W&B settings).
+    The record holds the job's overrides and status "ok"; an invalid logger config gives W&B off here, and the job
+    then fails on it with its other checks."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from .tracking import LoggerConfig
+
+    hydra_cfg = HydraConfig.get()
+    record: dict = {"overrides": list(hydra_cfg.overrides.task), "status": "ok"}
+    try:
+        logger = OmegaConf.to_object(cfg.logger)
+    except Exception:  # an invalid logger config fails the job below, with the other checks
+        logger = LoggerConfig(enabled=False)
+    return Path(hydra_cfg.runtime.output_dir), record, logger
+
+
 def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     """One Hydra job of `experiments/run.py` (or of another `task`'s entry point): generate, write the run folder,
     measure, log to W&B.
@@ -266,18 +284,13 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from .tracking import LoggerConfig, Tracker
+    from .tracking import Tracker
 
     start = time.perf_counter()
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    record: dict = {"overrides": list(hydra_cfg.overrides.task), "status": "ok"}
+    run_dir, record, logger = job_start(cfg)
     fill_method_defaults(cfg)  # the model's own λ, t0, t1 where null, so config.yaml and W&B show what ran
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    try:
-        logger = OmegaConf.to_object(cfg.logger)
-    except Exception:  # an invalid logger config fails the job below, with the other checks
-        logger = LoggerConfig(enabled=False)
     headline = float("nan")
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name) as tracker:
         try:

@@ -39,7 +39,7 @@ from ..method.tune_a_video import TRAINABLE, TuneAVideo
 from ..video_io import load_frames, write_outputs, write_text
 from .conditional_runs import check_resolution, to_config
 from .config import HYDRA_HELP_TAIL, OutputConfig, SamplerConfig, check_int, option_lines
-from .run import USER_ERRORS, check_model_folders, resolve_device
+from .run import USER_ERRORS, check_model_folders, job_start, resolve_device
 from .tracking import LoggerConfig, Tracker
 
 TUNED_FILE = "tuned.safetensors"
@@ -184,13 +184,8 @@ def run_tune_experiment(cfg: DictConfig) -> float:
 
     start = time.perf_counter()
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    record: dict = {"overrides": list(hydra_cfg.overrides.task), "status": "ok"}
+    run_dir, record, logger = job_start(cfg)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    try:
-        logger = OmegaConf.to_object(cfg.logger)
-    except Exception:  # an invalid logger config fails the job below, with the other checks
-        logger = LoggerConfig(enabled=False)
     headline = float("nan")
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name,
                  job_type="tune") as tracker:

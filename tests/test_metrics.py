@@ -186,7 +186,7 @@ def test_static_video_has_zero_warp_error_and_frame_difference():
 
 def test_video_metrics_keys_with_and_without_scorer(scorer):
     frames = torch.stack([torch.roll(texture(32, 48, seed=5), shifts=(0, k), dims=(0, 1)) for k in range(3)])
-    temporal = {"warp_error", "frame_difference", "motion_dx_mean", "motion_dy_mean"}
+    temporal = {"warp_error", "flow_warp_error", "frame_difference", "motion_dx_mean", "motion_dy_mean"}
     clip = {"clip_text_score", "frame_consistency_all_pairs", "frame_consistency_consecutive"}
     without = video_metrics(frames, PROMPT, None)
     assert set(without) == temporal

@@ -1,5 +1,6 @@
 """What the ablations measure: CLIP text score and frame consistency (docs/method.md), and model-free
-temporal metrics (phase-correlation motion, motion-compensated warp error) that need no CLIP weights; for
+temporal metrics (phase-correlation motion, motion-compensated warp error by one global translation, and Lai et
+al.'s optical-flow warp error, `flow.py`) that need no CLIP weights; for
 image-to-video, frame 1 against the picture it started from (`first_frame_error`, with its PSNR).
 
 Frames are float tensors (f, h, w, 3) in [0, 1]. Metrics over frame pairs are means over an empty set for a
@@ -11,6 +12,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from .flow import flow_warp_error
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
@@ -223,12 +226,14 @@ def warp_error(frames: torch.Tensor) -> float:
 
 
 def video_metrics(frames: torch.Tensor, prompt: str, scorer: ClipScorer | None = None) -> dict[str, float]:
-    """Every metric in one flat dict: the model-free ones always, the CLIP ones only when a scorer is given."""
+    """Every metric in one flat dict: the model-free ones always (`warp_error` by one global translation,
+    `flow_warp_error` by optical flow), the CLIP ones only when a scorer is given."""
     frames = _check_frames(frames)
     motion = measured_motion(frames)
     nan = float("nan")
     metrics = {
         "warp_error": warp_error(frames),
+        "flow_warp_error": flow_warp_error(frames),  # Lai et al.'s, with DIS optical flow (`flow.py`)
         "frame_difference": frame_difference(frames),
         "motion_dy_mean": motion[:, 0].mean().item() if len(motion) else nan,
         "motion_dx_mean": motion[:, 1].mean().item() if len(motion) else nan,

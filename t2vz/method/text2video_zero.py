@@ -21,7 +21,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from einops import rearrange, repeat
@@ -392,7 +392,7 @@ class TextToVideoZero:
         picture instead of from noise. Guidance ≤ 1 inverts with the text branch alone."""
         T1, T0 = motion_timesteps(scheduler.timesteps, t0, t1)
         if guidance_scale <= 1.0:
-            text = TextConditioning(text.text, None, text.prompts, text.pooled, None)
+            text = replace(text, uncond=None, uncond_pooled=None)  # the text branch alone
         inverted = ddim_invert(self.sd, x_0, text.context, scheduler, scheduler.inversion_timesteps(up_to=T1),
                                guidance_scale, added_cond=text.added_cond(time_ids), progress=progress,
                                desc="DDIM inversion (frame 1, 0→T1)")

@@ -62,6 +62,15 @@ class DDIM:
             raise ValueError(f"timestep t={t}: expected t < num_train_timesteps={self.num_train_timesteps}")
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
+    def checked_step(self, eps: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> int:
+        """A step's arguments checked (eps and x of one shape, 0 ≤ t < T): t as an int; ValueError naming the bad one."""
+        if eps.shape != x.shape:
+            raise ValueError(f"eps shape {tuple(eps.shape)} != x shape {tuple(x.shape)}")
+        t = int(t)
+        if not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep t={t}: expected 0 ≤ t < {self.num_train_timesteps}")
+        return t
+
     def step(
         self, eps: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +81,7 @@ class DDIM:
         σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)   (Eq. 16)
         z ~ N(0, I) is drawn from `generator` only when η > 0.
         """
-        if eps.shape != x.shape:
-            raise ValueError(f"eps shape {tuple(eps.shape)} != x shape {tuple(x.shape)}")
-        t = int(t)
-        if not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"timestep t={t}: expected 0 ≤ t < {self.num_train_timesteps}")
+        t = self.checked_step(eps, t, x)
         alpha_prod_t = self.alpha_bar(t)
         alpha_prod_t_prev = self.alpha_bar(self.prev_timestep(t))
         beta_prod_t = 1 - alpha_prod_t
@@ -104,11 +109,7 @@ class DDIM:
         (`final_alpha_cumprod`), so inverting starts exactly where sampling stops (diffusers' `DDIMInverseScheduler`
         built from SD 1.5's scheduler config, `set_alpha_to_one=False`).
         """
-        if eps.shape != x.shape:
-            raise ValueError(f"eps shape {tuple(eps.shape)} != x shape {tuple(x.shape)}")
-        t = int(t)
-        if not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"timestep t={t}: expected 0 ≤ t < {self.num_train_timesteps}")
+        t = self.checked_step(eps, t, x)
         alpha_prod_t_prev = self.alpha_bar(self.prev_timestep(t))  # where x is
         alpha_prod_t = self.alpha_bar(t)                           # where the step goes
         beta_prod_t_prev = 1 - alpha_prod_t_prev

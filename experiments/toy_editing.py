@@ -49,8 +49,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import t2vz
-from t2vz.toyworld.judge import (background_kind, judge_image, judge_video, motion_errors, motion_scores,
-                                 object_motion_error, object_track, requested_motion)
+from t2vz.experiment.metrics import first_frame_error
+from t2vz.method.sampling import decode_images
+from t2vz.toyworld.judge import (background_kind, judge_image, judge_video, object_motion_error, object_track,
+                                 requested_motion)
 from t2vz.toyworld.world import SIZE, caption, parse_caption, render, render_video, sample_scene
 from t2vz.video_io import contact_sheet, write_image, write_text
 
@@ -112,18 +114,14 @@ def image_to_video(cfg: ToyEditingConfig) -> tuple[dict, torch.Tensor, np.ndarra
     frames = pipe(scene.caption, image=picture, num_frames=cfg.num_frames, motion_strength=cfg.motion_strength,
                   direction=tuple(cfg.direction), num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed))
-    error = (frames[0] * 255 - torch.from_numpy(picture).float()).abs()
-    mse = float((error ** 2).mean())
-    with torch.no_grad():  # the VAE's round trip alone, the floor of frame 1's error
-        sd = pipe.sd
-        pixels = torch.from_numpy(picture).float().permute(2, 0, 1)[None] / 255 * 2 - 1
-        round_trip = (sd.vae.decode(sd.vae.posterior(pixels).mode()) / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0)
-    vae_error = (round_trip * 255 - torch.from_numpy(picture).float()).abs().mean()
+    picture_01 = torch.from_numpy(picture).float() / 255
+    with torch.no_grad():  # the VAE's round trip alone, through the pipeline's own encoding: frame 1's floor
+        round_trip = decode_images(pipe.sd, pipe.image_latents(picture, SIZE, SIZE))[0].permute(1, 2, 0).float()
     judged = judge_video(frames, scene.caption, (dy, dx))
-    metrics = {"first_frame_error": float(error.mean()), "vae_round_trip_error": float(vae_error),
-               "first_frame_psnr": 10 * math.log10(255 ** 2 / mse) if mse > 0 else float("inf"),
-               "picture_colour_ok": float(judge_image(picture, scene.caption)["colour_ok"]),
-               "picture_shape_ok": float(judge_image(picture, scene.caption)["shape_ok"]),
+    seen = judge_image(picture, scene.caption)
+    metrics = {**first_frame_error(frames, picture_01),
+               "vae_round_trip_error": first_frame_error(round_trip[None], picture_01)["first_frame_error"],
+               "picture_colour_ok": float(seen["colour_ok"]), "picture_shape_ok": float(seen["shape_ok"]),
                "round_trip_shape_ok": float(judge_image(round_trip, scene.caption)["shape_ok"]),
                **{k: judged[k] for k in ("text_colour_ok", "text_shape_ok", "object_same_tone", "object_iou",
                                           "motion_error", "motion_pairs_within_1px")}}
@@ -219,9 +217,7 @@ def main(dict_cfg) -> None:
     metrics, frames, source = image_to_video(cfg) if cfg.task == "image_to_video" else edit(cfg)
     metrics["seconds"] = time.perf_counter() - start
     write_image(out / "frames.png", contact_sheet(frames))
-    write_image(out / "source.png", contact_sheet(torch.from_numpy(np.asarray(source)).float()[None] / 255
-                                                  if np.asarray(source).ndim == 3 else
-                                                  torch.from_numpy(np.asarray(source)).float() / 255))
+    write_image(out / "source.png", contact_sheet(source[None] if source.ndim == 3 else source))  # uint8
     record = {"overrides": list(HydraConfig.get().overrides.task), "status": "ok",
               **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}}
     write_text(out / "metrics.json", json.dumps(record, indent=2) + "\n")

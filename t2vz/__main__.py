@@ -33,8 +33,9 @@ def main(cfg: DictConfig) -> str:
         check_model_folders(cfg)  # the model first: values such as method.t1 are checked against it
         config = to_generate_config(cfg)
         frames = generate_from_config(config)
-        names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start)
-        summary = image_summary(image_metrics(frames, config))
+        errors = image_metrics(frames, config)  # frame 1 against the picture, for image-to-video ({} otherwise)
+        names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start, errors)
+        summary = image_summary(errors)
     except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__
         if HydraConfig.get().mode != RunMode.MULTIRUN:

@@ -82,6 +82,9 @@ def image_metrics(frames: torch.Tensor, config) -> dict[str, float]:
     return first_frame_error(frames, load_image(image, "image"))
 
 
+IMAGE_METRICS = ("first_frame_error", "first_frame_psnr")  # what `image_metrics` returns
+
+
 def image_summary(metrics: dict[str, float]) -> str | None:
     """The line the job prints after an image-to-video run, e.g. `frame 1 vs image: mean |error| 5.1/255, PSNR
     31.2 dB`; None without those metrics."""
@@ -92,12 +95,13 @@ def image_summary(metrics: dict[str, float]) -> str | None:
 
 
 def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateConfig, config_yaml: str,
-              start: float) -> list[str]:
+              start: float, image_errors: dict[str, float] | None = None) -> list[str]:
     """Write a run folder: the video(s) (`{stem}.mp4`, `.gif`, `_sheet.png`; `{stem}_0.*`, `{stem}_1.*`, … for a
     batch (b, f, h, w, 3)), `config.yaml` (`config_yaml`, the resolved config) and `run.json` (versions, device,
     dtype, seed, each LoRA's file, sha256 and scale, the image's file and sha256 and `image_metrics` for an
-    image-to-video run, seconds since `start`, a `time.perf_counter()`, and the video files' names). Every file is
-    written atomically. Returns the names of the files written, in that order."""
+    image-to-video run (`image_errors` where the caller measured them already), seconds since `start`, a
+    `time.perf_counter()`, and the video files' names). Every file is written atomically. Returns the names of the
+    files written, in that order."""
     folder, out = Path(folder), config.output
     videos = [frames] if frames.ndim == 4 else list(frames)
     stems = [out.stem] if frames.ndim == 4 else [f"{out.stem}_{i}" for i in range(len(videos))]
@@ -115,7 +119,7 @@ def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateC
         info["lora"] = lora_records(parse_lora_entries(config.lora))
     if getattr(config, "image", None) is not None:  # image-to-video: the picture, and frame 1's error against it
         info["image"] = {"file": str(config.image), "sha256": file_sha256(config.image)}
-        info.update(image_metrics(frames, config))
+        info.update(image_metrics(frames, config) if image_errors is None else image_errors)
     if hasattr(config, "method"):  # text-to-video: the λ, t0, t1 used (the model's own where none was given)
         info["method"] = {k: getattr(config.method, k) for k in ("motion_strength", "t0", "t1")}
     write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
@@ -304,7 +308,8 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             metrics["generate_s"] = generate_s
             if config.metrics.headline not in metrics:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
-            names = write_run(run_dir, frames, config, config_yaml, start)
+            names = write_run(run_dir, frames, config, config_yaml, start,
+                              {k: metrics[k] for k in IMAGE_METRICS if k in metrics} or None)
             np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
             record.update(metrics)
             tracker.log_metrics(metrics)

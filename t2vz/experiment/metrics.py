@@ -1,4 +1,5 @@
-"""What the ablations measure: CLIP text score and frame consistency (docs/method.md), and model-free
+"""What the ablations measure: the literature's CLIP score, textual faithfulness and frame consistency (`ClipScorer`,
+computed as torchmetrics and Tune-A-Video compute them; docs/experiments.md), and model-free
 temporal metrics (phase-correlation motion, motion-compensated warp error by one global translation, and Lai et
 al.'s optical-flow warp error, `flow.py`) that need no CLIP weights; for
 image-to-video, frame 1 against the picture it started from (`first_frame_error`, with its PSNR).
@@ -33,50 +34,80 @@ def _check_frames(frames: torch.Tensor) -> torch.Tensor:
     return frames
 
 
-class ClipScorer:
-    """A `transformers.CLIPModel` with its tokenizer and CLIP's image preprocessing done in torch.
+def toy_clip_dir() -> Path:
+    """The toy CLIP's folder inside the package (`metrics.clip=toyworld`; trained by experiments/train_toy_clip.py)."""
+    from importlib import resources
 
-    `name` records which CLIP model produced the numbers (record which CLIP model was used).
+    return Path(str(resources.files("t2vz") / "data" / "clip" / "toyworld"))
+
+
+def clip_image_processor(folder: str | Path | None, image_size: int):
+    """CLIP's image preprocessing as the field computes it: transformers' PIL-based `CLIPImageProcessor` (resize the
+    short side to `size` with PIL's bicubic filter, center crop, rescale by 1/255, normalise with CLIP's mean and
+    std). It is what torchmetrics' `CLIPScore` calls through `CLIPProcessor`, and what transformers 4 used for every
+    published CLIP score; transformers 5 calls it `CLIPImageProcessorPil` and would otherwise pick a torchvision
+    backend whenever torchvision is installed, which resamples differently. The folder's own
+    `preprocessor_config.json` where it has one, else CLIP's defaults at the model's `image_size`."""
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as Processor
+    if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
+        return Processor.from_pretrained(str(folder))
+    return Processor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                     image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+
+
+class ClipScorer:
+    """A `transformers.CLIPModel` with its tokenizer and image processor: CLIP score, textual faithfulness and frame
+    consistency of a video, computed as the literature computes them (docs/experiments.md, "Metrics").
+
+    - `clip_score(frames, prompt)`: torchmetrics' `CLIPScore` (Hessel et al. 2021's scale) of the video's frames
+      against the prompt, max(100 · mean_k cos(E_I(frame k), E_T(prompt)), 0): the text-to-video papers' "CLIP score"
+      (Text2Video-Zero: 31.19 against CogVideo's 29.63, 25 prompts). tests/test_clip_score.py checks it equals
+      torchmetrics' on the same frames;
+    - `textual_faithfulness(frames, edit_prompt)`: the same score against the edited prompt (Tune-A-Video's
+      "textual faithfulness", Wu et al. 2023);
+    - `frame_consistency(frames)`: 100 · the mean cosine between CLIP image embeddings of all pairs of frames
+      (Tune-A-Video's "frame consistency"), and of consecutive pairs (FateZero's evaluation, Qi et al. 2023).
+
+    Frames are scored as the uint8 pictures a video file holds (`video_io.to_uint8`), as a user scoring the written
+    video would. `name` is recorded with every number (the CLIP model used).
     """
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, name: str, batch_size: int = 32):
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, name: str, processor=None, batch_size: int = 32):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.image_size = model.config.vision_config.image_size
+        self.processor = processor if processor is not None else clip_image_processor(None, self.image_size)
         self.max_tokens = min(MAX_TOKENS, model.config.text_config.max_position_embeddings)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu") -> "ClipScorer":
-        """Load a CLIPModel folder (or hub id); its own tokenizer if the folder has one, else t2vz's shipped one."""
-        model = CLIPModel.from_pretrained(str(name_or_path)).to(device)
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device = "cpu",
+                        name: str | None = None) -> "ClipScorer":
+        """Load a CLIPModel folder (or hub id) in fp32: its own tokenizer if the folder has one, else t2vz's shipped
+        one; its own preprocessor_config.json if it has one, else CLIP's defaults. `name` (default: the path) is
+        what metrics.json and reports record."""
+        model = CLIPModel.from_pretrained(str(name_or_path)).float().to(device)
         folder = Path(name_or_path)
         has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
         tokenizer = load_tokenizer(folder if has_tokenizer else None)
-        return cls(model, tokenizer, name=str(name_or_path))
+        processor = clip_image_processor(folder if folder.is_dir() else None, model.config.vision_config.image_size)
+        return cls(model, tokenizer, name=name or str(name_or_path), processor=processor)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        """CLIP's image transform in torch: (f, h, w, 3) in [0, 1] → pixel values (f, 3, s, s), s = image_size.
+        """(f, h, w, 3) floats in [0, 1] → pixel values (f, 3, s, s): the frames as uint8 pictures (round(255 · x)),
+        through the image processor (`clip_image_processor`)."""
+        from t2vz.video_io import to_uint8
 
-        Resize the short side to s (bicubic, antialiased; long side int(s · long / short) as CLIP's Resize),
-        center crop s × s, normalise with CLIP's mean and std.
-        """
-        x = _check_frames(frames).permute(0, 3, 1, 2).float()
-        _, _, h, w = x.shape
-        s = self.image_size
-        size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-        if size != (h, w):
-            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-        top, left = round((size[0] - s) / 2), round((size[1] - s) / 2)
-        x = x[:, :, top:top + s, left:left + s]
-        mean = x.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(CLIP_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        pictures = list(to_uint8(_check_frames(frames)))
+        return self.processor(images=pictures, return_tensors="pt")["pixel_values"]
 
     @staticmethod
     def _pooled(out) -> torch.Tensor:
@@ -88,33 +119,42 @@ class ClipScorer:
         """(f, h, w, 3) in [0, 1] → L2-normalised CLIP image embeddings (f, d), in batches of `batch_size`."""
         chunks = []
         for batch in _check_frames(frames).split(self.batch_size):
-            pixels = self.preprocess(batch.to(self.device)).to(self.model.dtype)
+            pixels = self.preprocess(batch).to(self.device, self.model.dtype)
             chunks.append(self._pooled(self.model.get_image_features(pixel_values=pixels)).float())
         return F.normalize(torch.cat(chunks), dim=-1)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str] | str) -> torch.Tensor:
-        """n prompts → L2-normalised CLIP text embeddings (n, d) (padded to 77 tokens, truncated)."""
+        """n prompts → L2-normalised CLIP text embeddings (n, d): padded to the longest of a batch with an attention
+        mask and truncated to the model's positions, as `CLIPProcessor(text=..., padding=True)` does."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         chunks = []
         for i in range(0, len(prompts), self.batch_size):
-            tokens = self.tokenizer(prompts[i:i + self.batch_size], padding="max_length",
-                                    max_length=self.max_tokens, truncation=True, return_tensors="pt")
-            ids = tokens.input_ids.to(self.device)
-            chunks.append(self._pooled(self.model.get_text_features(input_ids=ids)).float())
+            tokens = self.tokenizer(prompts[i:i + self.batch_size], padding=True, max_length=self.max_tokens,
+                                    truncation=True, return_tensors="pt")
+            out = self.model.get_text_features(input_ids=tokens.input_ids.to(self.device),
+                                               attention_mask=tokens.attention_mask.to(self.device))
+            chunks.append(self._pooled(out).float())
         return F.normalize(torch.cat(chunks), dim=-1)
 
-    def text_score(self, frames: torch.Tensor, prompt: str) -> float:
-        """CLIP text score: 100 · cos(text embedding, frame embedding), averaged over the f frames
-        (T2V-Zero's quantitative comparison: 31.19 for T2V-Zero, 29.63 for CogVideo, 25 prompts)."""
-        image = self.image_embeddings(frames)
-        text = self.text_embeddings([prompt])
-        return 100.0 * (image @ text.T).mean().item()
+    def frame_scores(self, frames: torch.Tensor, prompt: str) -> torch.Tensor:
+        """100 · cos(E_I(frame k), E_T(prompt)) of every frame: (f, h, w, 3) → (f,), unclamped."""
+        return 100.0 * (self.image_embeddings(frames) @ self.text_embeddings([prompt]).T)[:, 0]
+
+    def clip_score(self, frames: torch.Tensor, prompt: str) -> float:
+        """max(mean_k 100 · cos(E_I(frame k), E_T(prompt)), 0): torchmetrics' `CLIPScore` updated with the f frames,
+        each paired with the prompt (it clamps the mean, not each frame)."""
+        return max(self.frame_scores(frames, prompt).mean().item(), 0.0)
+
+    def textual_faithfulness(self, frames: torch.Tensor, edit_prompt: str) -> float:
+        """Tune-A-Video's textual faithfulness: the CLIP score of all frames of the edited video against the edited
+        prompt (`clip_score`)."""
+        return self.clip_score(frames, edit_prompt)
 
     def frame_consistency(self, frames: torch.Tensor) -> dict[str, float]:
-        """Mean cosine between CLIP image embeddings of frame pairs, (f, h, w, 3) → two floats:
+        """100 · the mean cosine between CLIP image embeddings of frame pairs, (f, h, w, 3) → two floats:
 
-        - `frame_consistency_all_pairs`: over all pairs i < j (Tune-A-Video, Wu et al. 2023);
+        - `frame_consistency`: over all pairs i < j (Tune-A-Video, Wu et al. 2023; 92.40 for theirs);
         - `frame_consistency_consecutive`: over pairs (i, i+1) (FateZero's evaluation script, Qi et al. 2023).
 
         A single frame has no pairs: both are NaN.
@@ -124,8 +164,8 @@ class ClipScorer:
         i, j = torch.triu_indices(len(e), len(e), offset=1)
         nan = float("nan")
         return {
-            "frame_consistency_all_pairs": cos[i, j].mean().item() if len(e) > 1 else nan,
-            "frame_consistency_consecutive": cos.diagonal(offset=1).mean().item() if len(e) > 1 else nan,
+            "frame_consistency": 100.0 * cos[i, j].mean().item() if len(e) > 1 else nan,
+            "frame_consistency_consecutive": 100.0 * cos.diagonal(offset=1).mean().item() if len(e) > 1 else nan,
         }
 
 
@@ -239,7 +279,7 @@ def video_metrics(frames: torch.Tensor, prompt: str, scorer: ClipScorer | None =
         "motion_dx_mean": motion[:, 1].mean().item() if len(motion) else nan,
     }
     if scorer is not None:
-        metrics["clip_text_score"] = scorer.text_score(frames, prompt)
+        metrics["clip_score"] = scorer.clip_score(frames, prompt)
         metrics.update(scorer.frame_consistency(frames))
     return metrics
 

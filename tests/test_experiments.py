@@ -19,7 +19,11 @@ from weights_convert.random_model import write_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+OTHER_ENTRY_POINTS = {"paper_editing"}  # conf/experiment files of experiments/paper_editing.py, not run.py
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem not in OTHER_ENTRY_POINTS)
+ABLATIONS = ["ablate_alpha", "ablate_components", "ablate_components_sd15", "ablate_delta_t", "ablate_lambda",
+             "ablate_speed"]
+PAPER = ["paper_t2v", "toy_clip_agreement"]  # prompt file × seeds (× the paper's rows), scored by the toy CLIP
 SMALL = ["video.num_frames=3", "video.height=32", "video.width=32", "sampler.num_inference_steps=6",
          "method.t0=1", "method.t1=3", "output.progress=false", "output.formats=[mp4]"]
 # per ablation: two points of its swept key (the command line replaces the experiment's own sweep of that key)
@@ -30,11 +34,15 @@ TWO_POINTS = {
     "ablate_components": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
     "ablate_components_sd15": ["method.motion_dynamics=true,false", "method.cross_frame=first"],
     "ablate_speed": ["fast.merging_ratio=0.0,0.5", "fast.cache_interval=2"],
+    "paper_t2v": ["+ablation=t2v_zero,no_cross_frame_attention"],
+    "toy_clip_agreement": ['prompt="a red circle on grass","a purple circle on grass"'],
 }
 # the toy ablation runs on the shipped toy model with a prompt its judge reads; the others on a random tiny model
 TOY = {name: ["model=toyworld", "prompt=a red circle on grass", "video.height=64", "video.width=64"]
        for name in ("ablate_components", "ablate_speed")}
-HEADLINES = {"ablate_components": "object_same_tone", "ablate_speed": "text_all_ok"}
+TOY["toy_clip_agreement"] = ["model=toyworld", "video.height=64", "video.width=64"]
+HEADLINES = {"ablate_components": "object_same_tone", "ablate_speed": "text_all_ok", "paper_t2v": "clip_score",
+             "toy_clip_agreement": "clip_score"}
 
 
 def compose_experiment(overrides: list[str], hydra: bool = False):
@@ -43,9 +51,8 @@ def compose_experiment(overrides: list[str], hydra: bool = False):
         return compose("experiment_config", overrides=overrides, return_hydra_config=hydra)
 
 
-def test_every_ablation_is_covered():
-    assert sorted(TWO_POINTS) == EXPERIMENTS == ["ablate_alpha", "ablate_components", "ablate_components_sd15",
-                                                 "ablate_delta_t", "ablate_lambda", "ablate_speed"]
+def test_every_experiment_is_covered():
+    assert sorted(TWO_POINTS) == EXPERIMENTS == sorted(ABLATIONS + PAPER)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -56,13 +63,15 @@ def test_every_experiment_and_group_composes(experiment, logger):
     assert config.name == experiment and config.metrics.headline == HEADLINES.get(experiment, "warp_error")
     assert config.logger.enabled == (logger != "disabled")
     swept = compose_experiment(overrides, hydra=True).hydra.sweeper.params
-    assert {"prompt", "seed"} <= set(swept) and any(key.startswith(("method.", "fast.")) for key in swept)
+    assert {"prompt", "seed"} <= set(swept)
+    if experiment in ABLATIONS:
+        assert any(key.startswith(("method.", "fast.")) for key in swept)
 
 
 def test_experiment_files_declare_their_sweeps():
     import yaml
 
-    for name in EXPERIMENTS:
+    for name in ABLATIONS:
         text = (CONF / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_")
         params = yaml.safe_load(text)["hydra"]["sweeper"]["params"]
@@ -70,6 +79,57 @@ def test_experiment_files_declare_their_sweeps():
         assert len(next(v for k, v in params.items() if k.startswith(("method.", "fast."))).split(",")) >= 2, name
         assert max(len(str(v).split(",")) for k, v in params.items() if k.startswith(("method.", "fast."))) >= 4 \
             or name.startswith("ablate_components"), name
+
+
+def test_paper_sweeps_take_their_prompts_from_the_prompt_file():
+    """paper_t2v: the prompt file's 10 prompts × 3 seeds × the paper's three rows; toy_clip_agreement: 16 prompts
+    (8 held out) × 13 seeds = 208 videos. The resolver reads the file the config names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from t2vz.experiment.config import read_prompts
+    from t2vz.toyworld.world import HELD_OUT, caption, parse_caption
+
+    def sweep_values(name):
+        params = compose_experiment([f"+experiment={name}", "model=m"], hydra=True).hydra.sweeper.params
+        parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+        return {o.get_key_element(): [getattr(v, "text", str(v)) for v in o.sweep_iterator()] for o in parsed}
+
+    t2v = sweep_values("paper_t2v")
+    assert t2v["+ablation"] == ["t2v_zero", "no_cross_frame_attention", "no_motion_dynamics"]
+    assert len(t2v["prompt"]) == 10 and t2v["seed"] == ["0", "1", "2"]
+    assert t2v["prompt"][0] == "a red circle on grass"
+    agreement = sweep_values("toy_clip_agreement")
+    assert len(agreement["prompt"]) == 16 and len(agreement["seed"]) == 13
+    held = {caption(bg, [(c, s)]) for c, s, bg in HELD_OUT}
+    assert sum(p in held for p in agreement["prompt"]) == 8
+    assert all(parse_caption(p)[0] for p in agreement["prompt"])
+    assert read_prompts(str(REPO / "experiments/prompts/toyworld.txt")).count('","') == 9
+
+
+def test_read_prompts_quotes_for_the_override_parser(tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from t2vz.experiment.config import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    lines = ["a cat, running", 'say "hi" \\ bye', 'a \\"quoted\\" path\\']
+    path.write_text("# a comment\n\n" + "\n".join(f"  {line} " for line in lines) + "\n", encoding="utf-8")
+    override = OverridesParser.create().parse_override(f"prompt={read_prompts(str(path))}")
+    assert [v.text for v in override.sweep_iterator()] == lines
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        read_prompts(str(tmp_path / "empty.txt"))
+    with pytest.raises(ValueError, match="no such file"):
+        read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_a_missing_prompt_file_ends_the_sweep_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "-m", "+experiment=paper_t2v",
+                           f"prompts={tmp_path / 'missing.txt'}", "logger=disabled",
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"t2vz: error: prompts={tmp_path / 'missing.txt'}: no such file; give a text file " \
+                                  "with one prompt a line"
 
 
 def test_typos_fail_at_composition():

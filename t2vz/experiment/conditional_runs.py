@@ -160,7 +160,7 @@ def generate_control_video(config: ControlExperimentConfig):
 CONTROL_VIDEO = Task(
     to_config=lambda cfg: to_config(cfg, ("prompt", "model", "controlnet", "control.video")),
     generate=generate_control_video,
-    measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_model),
+    measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_name),
     load=lambda c: cached_control_video(c.model, c.controlnet, c.device, c.dtype, c.compile, tuple(c.lora)),
 )
 
@@ -236,7 +236,7 @@ def generate_instruct_video(config: InstructExperimentConfig):
 INSTRUCT_VIDEO = Task(
     to_config=lambda cfg: to_config(cfg, ("instruction", "model", "source.video")),
     generate=generate_instruct_video,
-    measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_model, text=config.instruction),
+    measure=lambda frames, config, sd: measure(frames, config, config.metrics.clip_name, text=config.instruction),
     load=lambda c: cached_instruct_video(c.model, c.device, c.dtype, c.compile, tuple(c.lora)),
 )
 

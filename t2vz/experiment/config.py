@@ -27,6 +27,9 @@ config and the W&B run show the values the video was made with.
 from __future__ import annotations
 
 import math
+import re
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -242,12 +245,31 @@ class GenerateConfig:
                 "method.t0/method.t1 unset (null) to use the model's own, moved to this step count")
 
 
+TOY_CLIP = "toyworld"  # metrics.clip's default: the toy CLIP that ships with t2vz (t2vz/data/clip/toyworld)
+
+
 @dataclass
 class MetricsConfig:
-    """What `metrics.video_metrics` measures for every job, and which value the job returns to a sweeper."""
+    """What `metrics.video_metrics` measures for every job, and which value the job returns to a sweeper.
 
-    clip_model: Optional[str] = None  # a transformers CLIPModel folder or hub id; None: model-free metrics only
+    `clip` names the CLIP model of the CLIP score and frame consistency: `toyworld` (the default) is the toy CLIP
+    that ships with t2vz, trained on the toy world's captioned renders, so that every sweep has a text-alignment
+    number offline; its scores rank toy-world videos but are not comparable with published CLIP scores. For those,
+    name a transformers CLIPModel folder (e.g. a saved openai/clip-vit-large-patch14, what torchmetrics' CLIPScore
+    uses by default); null: no CLIP metrics. The name is recorded in every metrics.json and report."""
+
+    clip: Optional[str] = TOY_CLIP
+    clip_model: Optional[str] = None  # the former name of `clip`, kept working: when set, it is used instead
     headline: str = "warp_error"  # the metric the job returns (lower is better for warp_error)
+
+    def __post_init__(self):
+        if isinstance(self.clip, str) and self.clip.lower() in ("none", "null", "off", ""):
+            self.clip = None
+
+    @property
+    def clip_name(self) -> Optional[str]:
+        """The CLIP model the job scores with: `clip_model` where given, else `clip` (None: no CLIP metrics)."""
+        return self.clip_model or self.clip
 
 
 EXPERIMENT_GROUPS = {**GROUPS, "logger": LoggerConfig, "metrics": MetricsConfig}
@@ -262,8 +284,58 @@ class ExperimentConfig(GenerateConfig):
         "_self_", *({group: "default"} for group in EXPERIMENT_GROUPS), {"hydra/job": "t2vz"},
         {"override hydra/callbacks": "experiment"}, {"override hydra/help": "t2vz"}])
     name: str = "t2vz"  # the experiment's name: W&B group prefix and the sweep folder's name
+    # A prompt file (one prompt a line; blank lines and lines starting with # skipped) that a sweep's `prompt`
+    # takes its values from: `hydra.sweeper.params.prompt: ${t2vz_prompts:${prompts}}` (`read_prompts`)
+    prompts: Optional[str] = None
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def prompt_file(path: str) -> Path:
+    """A prompt file's path: as given when it exists (relative to the working folder), else relative to the
+    repository, so that `prompts=experiments/prompts/toyworld.txt` works from any folder of a clone."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    in_repo = Path(__file__).resolve().parents[2] / path
+    if not given.is_absolute() and in_repo.is_file():
+        return in_repo
+    raise ValueError(f"prompts={path}: no such file; give a text file with one prompt a line")
+
+
+def read_prompts(path: str | None) -> str:
+    """The prompts of a prompt file (`prompt_file`) as the values of one sweep override: `"p1","p2",…` (each
+    `quote_override`d). Blank lines and lines starting with # are skipped."""
+    if path is None:
+        raise ValueError("this sweep takes its prompts from a file: set prompts=FILE (one prompt a line)")
+    lines = [line.strip() for line in prompt_file(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts={path} holds no prompt; write one prompt a line")
+    return ",".join(quote_override(p) for p in prompts)
+
+
+def quote_override(text: str) -> str:
+    """`text` as a double-quoted value of Hydra's override grammar: a double quote is escaped, and so are the
+    backslashes right before one or at the end (Hydra reads every other backslash as itself)."""
+    escaped = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', text)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f'"{escaped}"'
+
+
+
+def _sweep_prompts(path: str | None) -> str:
+    """`read_prompts` as the resolver `${t2vz_prompts:FILE}` that a sweep's params use: Hydra resolves it while it
+    builds the sweep, where a raised error would print a traceback, so a bad file ends the command with one line
+    and exit status 2 instead."""
+    try:
+        return read_prompts(path)
+    except (ValueError, OSError) as e:
+        print(f"t2vz: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+OmegaConf.register_new_resolver("t2vz_prompts", _sweep_prompts, replace=True)
 
 
 def fill_method_defaults(cfg: DictConfig) -> DictConfig:

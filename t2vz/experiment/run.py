@@ -204,15 +204,23 @@ def cached_pipeline(model: str, device: str, dtype: str, compile_unet: bool = Fa
 
 @functools.lru_cache(maxsize=1)
 def cached_scorer(name: str, device: str):
-    from .metrics import ClipScorer
+    """The CLIP scorer of `metrics.clip`: `toyworld`, the toy CLIP that ships with t2vz (`metrics.toy_clip_dir`),
+    else a transformers CLIPModel folder or hub id; loaded once per process (a sweep's jobs share it)."""
+    from .config import TOY_CLIP
+    from .metrics import ClipScorer, toy_clip_dir
 
-    return ClipScorer.from_pretrained(name, device=resolve_device(device))
+    path = toy_clip_dir() if name == TOY_CLIP else name
+    if name != TOY_CLIP and not Path(name).exists() and (Path(name).is_absolute() or name.startswith(".")):
+        raise ValueError(f"metrics.clip={name} is not a folder; name a transformers CLIPModel folder, "
+                         f"metrics.clip={TOY_CLIP} (the toy CLIP that ships with t2vz) or metrics.clip=null")
+    return ClipScorer.from_pretrained(path, device=resolve_device(device), name=name)
 
 
 def measure(frames: torch.Tensor, config: GenerateConfig, clip_model: str | None, toyworld: bool = False,
             text: str | None = None) -> dict[str, float]:
-    """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3), with the CLIP text
-    score against `text` (default: `config.prompt`); on the toy model (`toyworld`) also its judge's metrics
+    """`metrics.video_metrics` of one video (f, h, w, 3), or the mean over a batch (b, f, h, w, 3), with the CLIP
+    score against `text` (default: `config.prompt`) by the CLIP model `clip_model` (`cached_scorer`; None: no CLIP
+    metrics); on the toy model (`toyworld`) also its judge's metrics
     (`toyworld.judge.judge_video`): text faithfulness, appearance consistency, motion error against what λ and δ
     ask for; with `config.image` (image-to-video) also frame 1's error against the picture (`image_metrics`)."""
     from .metrics import video_metrics
@@ -252,7 +260,7 @@ def _generate_text_to_video(config: GenerateConfig) -> tuple[torch.Tensor, Any]:
 
 
 def _measure_text_to_video(frames: torch.Tensor, config, sd) -> dict[str, float]:
-    return measure(frames, config, config.metrics.clip_model, sd.config.get("variant") == "toyworld")
+    return measure(frames, config, config.metrics.clip_name, sd.config.get("variant") == "toyworld")
 
 
 TEXT_TO_VIDEO = Task(to_generate_config, _generate_text_to_video, _measure_text_to_video,
@@ -306,6 +314,8 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             generate_s = time.perf_counter() - generate_start  # the sweep's speed axis (ablate_speed)
             metrics = task.measure(frames, config, sd)  # before writing: a job that fails leaves no video
             metrics["generate_s"] = generate_s
+            if getattr(config, "metrics", None) is not None and config.metrics.clip_name:
+                record["clip_model"] = config.metrics.clip_name  # which CLIP model the CLIP metrics are from
             if config.metrics.headline not in metrics:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
             names = write_run(run_dir, frames, config, config_yaml, start,

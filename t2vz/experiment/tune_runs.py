@@ -15,7 +15,9 @@ model (with `tuned` weights, if given), tunes (`method.tune_a_video.tune`, the l
 edits the video once per edit prompt, and only then writes, each file atomically, into its Hydra folder:
 `tuned.safetensors` (the trained tensors, the base model's name and hash; not when `tuned` was given),
 `video_0.mp4`, `video_0.gif`, `video_0_sheet.png`, … (one video per edit prompt, in their order), `config.yaml`,
-`run.json` (versions, device, seed, the losses, the edit prompts and their files) and `metrics.json`. Bad input
+`run.json` (versions, device, seed, the losses, the edit prompts and their files) and `metrics.json` (the losses,
+the seconds, and Tune-A-Video's textual faithfulness and frame consistency of the edits by `metrics.clip`, its
+name as `clip_model`: `edit_metrics`). Bad input
 (a video that is not one or is too short, weights of another base model, an unknown trainable module, a bad
 number) ends the job with one line, `t2vz: error: ...`, and exit code 2, with no video or weights written.
 """
@@ -38,7 +40,7 @@ from .. import __version__
 from ..method.tune_a_video import TRAINABLE, TuneAVideo
 from ..video_io import load_frames, write_outputs, write_text
 from .conditional_runs import check_resolution, to_config
-from .config import HYDRA_HELP_TAIL, OutputConfig, SamplerConfig, check_int, option_lines
+from .config import HYDRA_HELP_TAIL, MetricsConfig, OutputConfig, SamplerConfig, check_int, option_lines
 from .run import USER_ERRORS, check_model_folders, job_start, resolve_device
 from .tracking import LoggerConfig, Tracker
 
@@ -86,7 +88,7 @@ class TuneExperimentConfig:
 
     defaults: list[Any] = field(default_factory=lambda: [
         "_self_", {"tune": "default"}, {"sampler": "tune"}, {"output": "default"}, {"logger": "default"},
-        {"hydra/job": "t2vz"}, {"override hydra/callbacks": "experiment"}, {"override hydra/help": "t2vz_tune"}])
+        {"metrics": "default"}, {"hydra/job": "t2vz"}, {"override hydra/callbacks": "experiment"}, {"override hydra/help": "t2vz_tune"}])
     source_video: str = MISSING  # the video to tune on and edit: a video file or a folder of frames
     prompt: Optional[str] = None  # what the source video shows; required unless `tuned` is given
     edit_prompts: list[str] = field(default_factory=list)  # one video each; empty: the prompt itself
@@ -102,6 +104,7 @@ class TuneExperimentConfig:
     sampler: TuneSamplerConfig = field(default_factory=TuneSamplerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # metrics.clip: the CLIP of `edit_metrics`
 
     def __post_init__(self):
         check_int("num_frames", self.num_frames, 1)
@@ -154,6 +157,21 @@ def tune_and_edit(config: TuneExperimentConfig, tracker: Tracker) -> tuple[TuneA
     return pipe, info, videos
 
 
+def edit_metrics(videos: torch.Tensor, prompts: list[str], config: TuneExperimentConfig) -> dict[str, float]:
+    """Tune-A-Video's own two numbers for the edited videos (P, f, H, W, 3), averaged over the P edits:
+    `textual_faithfulness` (the CLIP score of each video's frames against its edit prompt) and `frame_consistency`
+    (100 · mean cosine of CLIP image embeddings over all pairs of frames), plus `frame_consistency_consecutive`;
+    by `metrics.clip` (the toy CLIP by default); {} with metrics.clip=null."""
+    if not config.metrics.clip_name:
+        return {}
+    from .run import cached_scorer
+
+    scorer = cached_scorer(config.metrics.clip_name, config.device)
+    per_edit = [{"textual_faithfulness": scorer.textual_faithfulness(video, prompt), **scorer.frame_consistency(video)}
+                for video, prompt in zip(videos, prompts)]
+    return {key: sum(m[key] for m in per_edit) / len(per_edit) for key in per_edit[0]}
+
+
 def write_tune_run(folder: Path, pipe: TuneAVideo, info: dict, videos: torch.Tensor, config: TuneExperimentConfig,
                    config_yaml: str, start: float) -> list[str]:
     """Write the job's files (module docstring), each atomically; returns their names."""
@@ -194,7 +212,9 @@ def run_tune_experiment(cfg: DictConfig) -> float:
             config = to_config(cfg, ("source_video",))
             pipe, info, videos = tune_and_edit(config, tracker)
             names = write_tune_run(run_dir, pipe, info, videos, config, config_yaml, start)
-            metrics = {"edit_s": info["edit_s"]}
+            metrics = {"edit_s": info["edit_s"], **edit_metrics(videos, info["prompts"], config)}
+            if config.metrics.clip_name:
+                record["clip_model"] = config.metrics.clip_name
             if "tune" in info:  # tuned here, not loaded
                 losses = info["tune"]["losses"]
                 metrics.update(loss_final=losses[-1], loss_mean=sum(losses) / len(losses),

@@ -33,7 +33,6 @@ and, for edits, source.png.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
@@ -49,23 +48,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import t2vz
+from t2vz.experiment.editing_runs import EDITS, edit_caption, judge_edit, release_config_group, source_scene
 from t2vz.experiment.metrics import first_frame_error
 from t2vz.method.sampling import decode_images
-from t2vz.toyworld.judge import (background_kind, judge_image, judge_video, object_motion_error, object_track,
-                                 requested_motion)
-from t2vz.toyworld.world import SIZE, caption, parse_caption, render, render_video, sample_scene
+from t2vz.toyworld.judge import judge_image, judge_video, requested_motion
+from t2vz.toyworld.world import SIZE, render, render_video
 from t2vz.video_io import contact_sheet, write_image, write_text
 
+release_config_group("method")  # `method` is this script's plain key, not t2vz's method config group
 TASKS = ("image_to_video", "edit")
 METHODS = ("tune_a_video", "inversion", "t2v_zero")
-EDITS = ("colour", "shape", "background")
-# the source scenes, one per seed (cycled): (colour, shape, background)
-SOURCES = (("red", "circle", "grass"), ("blue", "square", "sand"), ("yellow", "triangle", "wall"),
-           ("green", "diamond", "floor"), ("purple", "square", "snow"))
-# what each edit turns a source attribute into
-NEW_COLOUR = {"red": "blue", "blue": "yellow", "yellow": "purple", "green": "red", "purple": "green"}
-NEW_SHAPE = {"circle": "square", "square": "circle", "triangle": "diamond", "diamond": "triangle"}
-NEW_BACKGROUND = {"grass": "snow", "sand": "floor", "wall": "grass", "floor": "sand", "snow": "wall"}
 
 
 @dataclass
@@ -95,17 +87,6 @@ class ToyEditingConfig:
 ConfigStore.instance().store(name="toy_editing", node=ToyEditingConfig)
 
 
-def source_scene(seed: int, travel: float):
-    """The seed's scene (`SOURCES`, cycled), its object moved so that `travel` pixels to the right keep it in view
-    (negative: to the left)."""
-    colour, shape, background = SOURCES[seed % len(SOURCES)]
-    scene = sample_scene(np.random.default_rng(1000 + seed), seed=1000 + seed, background=background,
-                         things=[(colour, shape)])
-    thing = scene.things[0]
-    cx = thing.r + 2 if travel >= 0 else SIZE - thing.r - 2  # the path's start: the side it moves away from
-    return dataclasses.replace(scene, things=(dataclasses.replace(thing, cx=float(cx)),))
-
-
 def image_to_video(cfg: ToyEditingConfig) -> tuple[dict, torch.Tensor, np.ndarray]:
     dy, dx = requested_motion(cfg.motion_strength, cfg.direction, SIZE, SIZE)
     scene = source_scene(cfg.seed, dx * (cfg.num_frames - 1))
@@ -126,32 +107,6 @@ def image_to_video(cfg: ToyEditingConfig) -> tuple[dict, torch.Tensor, np.ndarra
                **{k: judged[k] for k in ("text_colour_ok", "text_shape_ok", "object_same_tone", "object_iou",
                                           "motion_error", "motion_pairs_within_1px")}}
     return metrics, frames, picture
-
-
-def edit_caption(colour: str, shape: str, background: str, edit: str) -> str:
-    if edit == "colour":
-        colour = NEW_COLOUR[colour]
-    elif edit == "shape":
-        shape = NEW_SHAPE[shape]
-    else:
-        background = NEW_BACKGROUND[background]
-    return caption(background, [(colour, shape)])
-
-
-def judge_edit(frames, text: str, edit: str, velocity: float) -> dict:
-    [(colour, _)], background = parse_caption(text)
-    verdicts = [judge_image(f, text) for f in frames]
-    colour_ok = np.array([v["colour_ok"] for v in verdicts], dtype=float)
-    shape_ok = np.array([v["shape_ok"] for v in verdicts], dtype=float)
-    background_ok = np.array([background_kind(f) == background for f in np.asarray(frames)], dtype=float)
-    edit_ok = {"colour": colour_ok, "shape": shape_ok, "background": background_ok}[edit]
-    track = object_track(frames, colour)
-    speed = np.nanmean(track[1:, 1] - track[:-1, 1]) if np.isfinite(track).all(1).sum() > 1 else float("nan")
-    return {"edit_ok": float(edit_ok.mean()), "colour_ok": float(colour_ok.mean()),
-            "shape_ok": float(shape_ok.mean()), "background_ok": float(background_ok.mean()),
-            "all_ok": float((shape_ok * background_ok).mean()),
-            "object_motion_error": object_motion_error(frames, colour, (velocity, 0.0)),
-            "object_speed": float(speed)}
 
 
 def edit(cfg: ToyEditingConfig) -> tuple[dict, torch.Tensor, np.ndarray]:

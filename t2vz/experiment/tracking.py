@@ -38,6 +38,7 @@ from ..video_io import write_text
 WANDB_MODES = ("online", "offline", "disabled")
 UNREACHABLE_MODES = ("offline", "disabled")
 LOGIN_TIMEOUT_S = 30  # online without a stored login, W&B asks on a terminal: an unattended job must not wait
+SKIPPED = "skipped"  # a job's status when its method cannot run on the models given: neither ok nor failed
 UNREACHABLE_FILE = ".wandb_unreachable"  # in a sweep folder: W&B could not be reached, the other jobs skip trying
 _unreachable = False  # this process could not reach W&B: later runs go straight to `on_unreachable`
 
@@ -289,9 +290,10 @@ def write_summary_csv(path: Path, rows: list[dict[str, Any]], last: tuple[str, .
 class MultirunSummary(Callback):
     """Hydra callback: at the end of a multirun, `summary.csv` in the sweep folder (one row per job: overrides,
     metrics, status, error) and one W&B run (job_type "summary", the jobs' group) whose history key "jobs" is the
-    same table as a `wandb.Table`, and whose summary holds jobs_ok / jobs_failed. W&B settings come from the
-    composed config's `logger_key` node (a `LoggerConfig`; defaults where the config has none). When every job
-    failed, it exits with status 2 after writing them."""
+    same table as a `wandb.Table`, and whose summary holds jobs_ok / jobs_skipped / jobs_failed. W&B settings come
+    from the composed config's `logger_key` node (a `LoggerConfig`; defaults where the config has none). A job with
+    status "skipped" (a method that cannot run on the models given) is neither ok nor failed. When no job is ok and
+    some failed (every job that was not skipped), it exits with status 2 after writing them."""
 
     def __init__(self, logger_key: str = "logger"):
         self.logger_key = logger_key
@@ -307,8 +309,11 @@ class MultirunSummary(Callback):
         with Tracker(logger, sweep_dir, run_config, name=f"{group}-summary", job_type="summary", group=group) as t:
             t.log_table("jobs", columns, [[row.get(c) for c in columns] for row in rows])
             ok = sum(row["status"] == "ok" for row in rows)
-            t.log_metrics({"jobs_ok": ok, "jobs_failed": len(rows) - ok})
-        if rows and ok == 0:  # a sweep in which nothing ran: fail it, as a single failed job does
-            print(f"t2vz: all {len(rows)} jobs of the sweep failed; their errors are in {sweep_dir / 'summary.csv'}",
-                  file=sys.stderr)
+            skipped = sum(row["status"] == SKIPPED for row in rows)
+            failed = len(rows) - ok - skipped
+            t.log_metrics({"jobs_ok": ok, "jobs_skipped": skipped, "jobs_failed": failed})
+        if ok == 0 and failed:  # a sweep in which nothing ran: fail it, as a single failed job does
+            what = f"all {failed} jobs of the sweep failed" if not skipped else \
+                f"no job of the sweep ran: {failed} failed, {skipped} skipped"
+            print(f"t2vz: {what}; their errors are in {sweep_dir / 'summary.csv'}", file=sys.stderr)
             sys.exit(2)

@@ -182,8 +182,14 @@ def test_two_point_sweep_runs_and_logs_to_wandb_offline(tiny_model, tmp_path, ex
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     written = {p.name for p in write_report(sweep, tmp_path / "report")}
     assert {"report.csv", "report.md", "report_by_setting.csv", "frames_by_setting.png"} <= written
-    assert any(name.startswith("plot_warp_error_vs_") for name in written), written
-    assert "plot_warp_error_vs_generate_s.png" in written  # quality against generation time, one point per setting
+    if experiment != "toy_clip_agreement":  # its two points differ by prompt only: no setting to plot against
+        assert any(name.startswith("plot_warp_error_vs_") for name in written), written
+        assert "plot_warp_error_vs_generate_s.png" in written  # quality against generation time, a point a setting
+    records = [json.loads((job / "metrics.json").read_text()) for job in jobs]
+    assert all(r["clip_model"] == "toyworld" and 0 <= r["clip_score"] <= 100 for r in records)  # the default CLIP
+    if experiment in PAPER:  # the papers' table, its CLIP model named under it
+        paper = (tmp_path / "report" / "report_paper.md").read_text()
+        assert "CLIP score" in paper and "toyworld (t2vz's toy CLIP" in paper
     assert all(json.loads((job / "metrics.json").read_text())["generate_s"] > 0 for job in jobs)
 
 

@@ -63,3 +63,25 @@ class OpNames(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(func.name())
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: bitwise-reproducible reductions between two runs that a test compares."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_clip_config():
+    """A tiny CLIPConfig (t2vz's tokenizer's 49408 tokens, 32-pixel images) for random-weight CLIP scorers."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )

@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel
+from conftest import tiny_clip_config
+from transformers import CLIPModel
 
 from t2vz.experiment.metrics import ClipScorer, clip_image_processor
 from t2vz.sd.text_encoder import load_tokenizer
@@ -31,13 +32,7 @@ def clip_dir(tmp_path_factory):
     clamp to 0. So both towers' last LayerNorm get one shared bias and both projections the same matrix: the
     embeddings share a component and the cosines are positive (about 0.3–0.7), varying with the frames and text."""
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
+    config = tiny_clip_config()
     model = CLIPModel(config)
     with torch.no_grad():
         shared = torch.randn(32)

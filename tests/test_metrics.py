@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel
+from conftest import tiny_clip_config
+from transformers import CLIPModel
 
 from t2vz.experiment.metrics import (CLIP_MEAN, CLIP_STD, ClipScorer, frame_difference, global_translation, measured_motion,
                           video_metrics, warp_error)
@@ -20,13 +21,7 @@ PROMPT = "a horse galloping on a street"
 def clip_dir(tmp_path_factory):
     """A tiny random CLIPModel saved without a tokenizer (the scorer falls back to t2vz's shipped one)."""
     torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
+    config = tiny_clip_config()
     folder = tmp_path_factory.mktemp("clip")
     CLIPModel(config).save_pretrained(folder)
     return folder

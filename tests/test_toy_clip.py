@@ -41,12 +41,7 @@ def tiny(tmp: Path, name: str, steps: int = 4, **changes) -> ClipTrainConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-reproducible reductions between the runs compared below
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: bitwise-reproducible runs to compare
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------------

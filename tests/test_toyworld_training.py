@@ -30,12 +30,7 @@ def tiny(tmp: Path, name: str, vae_steps: int = 4, unet_steps: int = 4, grow_ste
         text=TextTrainConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-reproducible reductions between the runs compared below
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: bitwise-reproducible runs to compare
 
 
 def test_the_exported_folder_is_a_t2vz_model_with_its_recipe(tmp_path):

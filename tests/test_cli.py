@@ -307,6 +307,42 @@ def test_t0_t1_for_steps_lands_on_the_nearest_timesteps():
     assert t0_t1_for_steps(44, 60, 20) == (44, 60)  # not steps of the 50-step list: left for the error to name
 
 
+@pytest.mark.parametrize("own", [(8, 8), (44, 47)])  # the toy model's own t0, t1 and SD 1.5's (the paper's)
+def test_the_models_own_t0_t1_are_valid_at_every_step_count(own):
+    """Moved to any step count DDIM accepts from 2 (at most 999 with SD 1.5's offset 1), a model's own t0 ≤ t1
+    stay valid: 1 ≤ t1 ≤ steps − 1 (the last step denoises every frame), 0 ≤ t0 ≤ t1, and Δt = 0 stays 0. The toy
+    model's step 8 (T = 161) is nearest the last step at 2 and 3 steps: t1 = 1 there."""
+    from t2vz.method.text2video_zero import t0_t1_for_steps
+
+    for steps in range(2, 1000):
+        t0, t1 = t0_t1_for_steps(*own, steps)
+        assert 1 <= t1 <= steps - 1 and 0 <= t0 <= t1, (steps, t0, t1)
+        assert t0 == t1 or own[0] != own[1], (steps, t0, t1)  # Δt = 0 stays 0
+    assert t0_t1_for_steps(8, 8, 2) == (1, 1) == t0_t1_for_steps(8, 8, 3)
+    assert t0_t1_for_steps(44, 47, 2) == (1, 1) and t0_t1_for_steps(44, 47, 3) == (2, 2)  # 667: nearest 881, 941
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_the_toy_model_runs_at_two_and_three_steps_on_its_own_defaults(tmp_path, steps):
+    (proc,) = run_t2vz([f"prompt=a red circle on grass", f"sampler.num_inference_steps={steps}", "video.num_frames=2",
+                        "output.progress=false", "output.formats=[gif]", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["method"] == {
+        "motion_strength": 32.0, "t0": 1, "t1": 1}
+
+
+@pytest.mark.parametrize("model", ["toyworld", "tiny"])  # the toy model's own t0, t1; SD 1.5's (a random SD 1.5)
+@pytest.mark.parametrize("bad,named", [("method.cross_frame=bogus", "method.cross_frame='bogus'"),
+                                       ("dtype=fp8", "dtype='fp8'"), ("method.smoothing=blur", "method.smoothing")])
+def test_a_bad_option_is_named_at_two_steps(tiny_model, bad, named, model):
+    """At 2 steps the model's own t0, t1 are valid, so the bad option on the same line is what the error names."""
+    proc = subprocess.run([sys.executable, "-m", "t2vz", "prompt=x", f"model={tiny_model if model == 'tiny' else model}",
+                           "sampler.num_inference_steps=2", bad], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
+    assert "method.t1" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_pipeline_t0_t1_follow_the_step_count(tiny_model):
     """TextToVideoZero without t0/t1 at 20 steps equals the call with the chosen t0=18, t1=19 given."""
     pipe = TextToVideoZero.from_pretrained(tiny_model)

@@ -131,6 +131,11 @@ class MethodConfig:
     inversion_guidance_scale: float = 1.0  # image-to-video (`image=`): the guidance the picture is inverted with
 
     def __post_init__(self):
+        # the options with a fixed set of values first: a typo is named before any number (perhaps the model's
+        # own, filled in) is checked
+        check_choice("method.ddpm_marginal", self.ddpm_marginal)
+        check_choice("method.cross_frame", self.cross_frame)
+        check_choice("method.smoothing", self.smoothing)
         if self.motion_strength is not None and not math.isfinite(self.motion_strength):
             raise ValueError(f"method.motion_strength={self.motion_strength!r} must be a finite number")
         if len(self.direction) != 2 or not all(math.isfinite(d) for d in self.direction):
@@ -150,10 +155,7 @@ class MethodConfig:
         if self.t0 is not None and self.t1 is not None and self.t0 > self.t1:
             raise ValueError(f"method.t0={self.t0} must not exceed method.t1={self.t1} "
                              f"(t1 - t0 DDIM steps of motion; the paper uses t0=44 t1=47)")
-        check_choice("method.ddpm_marginal", self.ddpm_marginal)
-        check_choice("method.cross_frame", self.cross_frame)
         check_cross_frame_levels(self.cross_frame_levels, self.cross_frame, prefix="method.")
-        check_choice("method.smoothing", self.smoothing)
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"method.alpha={self.alpha!r} must lie in [0, 1]")
         g = self.inversion_guidance_scale

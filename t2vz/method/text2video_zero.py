@@ -85,19 +85,24 @@ def t0_t1_for_steps(t0: int, t1: int, num_inference_steps: int) -> tuple[int, in
     """A model's own t0, t1, given at 50 steps, at another step count: the positions (from the end) of the
     timesteps nearest the ones they name at 50 steps, so that the motion is injected at the same noise levels.
     SD 1.5's t0 = 44, t1 = 47 name T₀ = 881, T₁ = 941; at 20 steps the nearest are 901 and 951, t0 = 18, t1 = 19.
-    Unchanged at 50 steps, and where t0, t1 do not name steps of the 50-step schedule or the step count is not
-    one (the checks that follow say why)."""
+    The result is always valid where any is (2 steps or more): t1 is kept within 1…steps − 1, so that at least the
+    last step denoises all frames (the toy model's step 8, T = 161, is nearest the last step, t = 0, at 2 and 3
+    steps: t1 = 1), and t0 within 0…t1, equal to t1 where the model's own are equal (Δt = 0 stays 0). Unchanged at
+    50 steps, and where t0, t1 do not name steps of the 50-step schedule or the step count is not one (the checks
+    that follow say why)."""
     steps_ok = isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool) \
-        and 1 <= num_inference_steps <= DDIM(REFERENCE_STEPS).num_train_timesteps
+        and 2 <= num_inference_steps <= DDIM(REFERENCE_STEPS).num_train_timesteps
     if not steps_ok or num_inference_steps == REFERENCE_STEPS or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < REFERENCE_STEPS for v in (t0, t1)):
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < REFERENCE_STEPS for v in (t0, t1)) \
+            or t0 > t1:
         return t0, t1
     reference, timesteps = DDIM(REFERENCE_STEPS).timesteps, DDIM(num_inference_steps).timesteps
 
     def nearest(t: int) -> int:
         index = int(torch.argmin((timesteps - reference[-t - 1]).abs()))  # a tie takes the noisier one
         return len(timesteps) - 1 - index
-    return nearest(t0), nearest(t1)
+    moved_t1 = min(max(nearest(t1), 1), num_inference_steps - 1)
+    return (moved_t1 if t0 == t1 else min(nearest(t0), moved_t1)), moved_t1
 
 
 def motion_path(frame_ids: Sequence[int], motion_strength: float, direction: Sequence[float]) -> torch.Tensor:

@@ -106,6 +106,15 @@ def test_paper_sweeps_take_their_prompts_from_the_prompt_file():
     assert read_prompts(str(REPO / "experiments/prompts/toyworld.txt")).count('","') == 9
 
 
+def test_paper_editing_under_run_py_names_its_script(tmp_path):
+    """conf/experiment/paper_editing.yaml belongs to experiments/paper_editing.py: run.py says so in one line."""
+    proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "-m", "+experiment=paper_editing",
+                           "logger=disabled", f"hydra.sweep.dir={tmp_path / 'sweep'}"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("run python experiments/paper_editing.py -m +experiment=paper_editing")
+
+
 def test_read_prompts_quotes_for_the_override_parser(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 

@@ -339,6 +339,24 @@ def _sweep_prompts(path: str | None) -> str:
 
 OmegaConf.register_new_resolver("t2vz_prompts", _sweep_prompts, replace=True)
 
+NOT_PAPER_EDITING = "not_paper_editing"  # conf/experiment/paper_editing.yaml's `pairs` where the config has none
+
+
+def _sweep_pairs(pairs: str | None) -> str:
+    """The resolver `${t2vz_pair_range:...}` of conf/experiment/paper_editing.yaml: every pair index of the pairs
+    (`editing_runs.pair_range`). Under another entry point, whose config has no `pairs`, one line names the script
+    that runs that sweep, and exit status 2."""
+    if pairs == NOT_PAPER_EDITING:
+        print("t2vz: error: +experiment=paper_editing is the sweep of experiments/paper_editing.py; run "
+              "python experiments/paper_editing.py -m +experiment=paper_editing", file=sys.stderr)
+        raise SystemExit(2)
+    from .editing_runs import pair_range
+
+    return pair_range(pairs)
+
+
+OmegaConf.register_new_resolver("t2vz_pair_range", _sweep_pairs, replace=True)
+
 
 def fill_method_defaults(cfg: DictConfig) -> DictConfig:
     """Replace null `method.motion_strength`, `method.t0`, `method.t1` of a composed config, in place, by its model's

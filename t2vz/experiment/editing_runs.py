@@ -248,8 +248,8 @@ def select_pair(pairs: Optional[str], index: int) -> EditPair:
 
 
 def pair_range(pairs: Optional[str]) -> str:
-    """Every pair index of `pairs` as a sweep's values, `range(0,N)`: the `t2vz_pair_range` resolver of
-    conf/experiment/paper_editing.yaml (`pair: ${t2vz_pair_range:${pairs}}`), so the sweep covers the file.
+    """Every pair index of `pairs` as a sweep's values, `range(0,N)`: what the `t2vz_pair_range` resolver
+    (registered in `config`) gives conf/experiment/paper_editing.yaml's `pair`, so the sweep covers the file.
 
     Hydra resolves it while it sets the sweep up, where a ValueError would reach the user as pages of OmegaConf's
     traceback: a bad pairs file ends the command here instead, with one line and exit status 2."""
@@ -259,8 +259,6 @@ def pair_range(pairs: Optional[str]) -> str:
         print(f"paper_editing: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
-
-OmegaConf.register_new_resolver("t2vz_pair_range", pair_range, replace=True)
 
 # ------------------------------------------------------------------------------------------------ the config
 METHODS = ("video_instruct_pix2pix", "framewise_instruct_pix2pix", "tune_a_video")

@@ -325,7 +325,6 @@ def quote_override(text: str) -> str:
     return f'"{escaped}"'
 
 
-
 def _sweep_prompts(path: str | None) -> str:
     """`read_prompts` as the resolver `${t2vz_prompts:FILE}` that a sweep's params use: Hydra resolves it while it
     builds the sweep, where a raised error would print a traceback, so a bad file ends the command with one line

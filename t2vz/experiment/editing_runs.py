@@ -58,7 +58,7 @@ from ..toyworld.judge import background_kind, judge_image, object_motion_error, 
 from ..toyworld.world import BACKGROUNDS, SIZE, caption, parse_caption, render_video, sample_scene
 from ..video_io import contact_sheet, load_frames, resize_frames, resized_shape, to_uint8, write_image, write_outputs
 from ..video_io import write_text
-from .config import HYDRA_HELP_TAIL, TOY_CLIP, MetricsConfig, OutputConfig, check_choice, check_int, option_lines
+from .config import HYDRA_HELP_TAIL, MetricsConfig, OutputConfig, check_choice, check_int, option_lines
 from .tracking import LoggerConfig
 
 # ------------------------------------------------------------------------------------------- the toy world
@@ -524,19 +524,12 @@ def metric_names(config: PaperEditingConfig, pair: EditPair) -> list[str]:
 
 
 def load_scorer(config: PaperEditingConfig):
-    """The CLIP scorer of `metrics.clip` (`run.cached_scorer`), None for null; the toy CLIP missing from this
-    installation is a ValueError saying what to give instead."""
-    name = config.metrics.clip_name
-    if name is None:
-        return None
-    from .metrics import toy_clip_dir
+    """The CLIP scorer of `metrics.clip` (`run.cached_scorer`: the toy CLIP missing from this installation is a
+    ValueError saying what to give instead), None for null."""
     from .run import cached_scorer
 
-    if name == TOY_CLIP and not (toy_clip_dir() / "config.json").is_file():
-        raise ValueError(f"metrics.clip={TOY_CLIP}: the toy CLIP is not in this installation ({toy_clip_dir()} has "
-                         "no config.json); set metrics.clip=FOLDER (a transformers CLIPModel folder) or "
-                         "metrics.clip=null (no CLIP metrics, with metrics.headline=flow_warp_error)")
-    return cached_scorer(name, config.device)
+    name = config.metrics.clip_name
+    return None if name is None else cached_scorer(name, config.device)
 
 
 def _json_value(value: Any) -> Any:

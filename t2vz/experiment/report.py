@@ -57,7 +57,7 @@ import torch
 
 from ..video_io import contact_sheet, write_image, write_text
 from .config import TOY_CLIP
-from .tracking import collect_jobs, parse_overrides, write_summary_csv
+from .tracking import collect_jobs, job_counts, parse_overrides, write_summary_csv
 
 NOT_SETTINGS = ("seed", "prompt", "pair")  # averaged over: a setting is everything else that was swept
 NOT_METRICS = ("job", "status", "error", "clip_model")  # clip_model: the CLIP model's name, a string
@@ -126,14 +126,6 @@ def clean_names(keys: Iterable[str], taken: Iterable[str] = ()) -> dict[str, str
     names = {k: k.lstrip("+~") for k in keys if k.lstrip("+~") and k.lstrip("+~") != k}
     clean = [n for n in names.values()]
     return {k: n for k, n in names.items() if n not in taken and clean.count(n) == 1}
-
-
-def job_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """{jobs, ok, failed, skipped}: skipped jobs (status "skipped") are neither ok nor failed; every other status
-    but ok (failed, missing, unreadable) counts as failed."""
-    statuses = [row.get("status") for row in rows]
-    ok, skipped = statuses.count("ok"), statuses.count("skipped")
-    return {"jobs": len(statuses), "ok": ok, "failed": len(statuses) - ok - skipped, "skipped": skipped}
 
 
 def counts_text(rows: Iterable[dict[str, Any]]) -> str:

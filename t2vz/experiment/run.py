@@ -202,17 +202,29 @@ def cached_pipeline(model: str, device: str, dtype: str, compile_unet: bool = Fa
     return load_pipeline(model, device, dtype, compile_unet, lora)
 
 
-@functools.lru_cache(maxsize=1)
 def cached_scorer(name: str, device: str):
     """The CLIP scorer of `metrics.clip`: `toyworld`, the toy CLIP that ships with t2vz (`metrics.toy_clip_dir`),
-    else a transformers CLIPModel folder or hub id; loaded once per process (a sweep's jobs share it)."""
+    else a transformers CLIPModel folder or hub id; loaded once per process (a sweep's jobs share it). The toy CLIP
+    missing from this installation, or a path that is not a folder, is a ValueError saying what to give instead."""
+    from .config import TOY_CLIP
+    from .metrics import toy_clip_dir
+
+    if name == TOY_CLIP and not (toy_clip_dir() / "config.json").is_file():
+        raise ValueError(f"metrics.clip={TOY_CLIP}: the toy CLIP is not in this installation ({toy_clip_dir()} has "
+                         "no config.json); set metrics.clip=FOLDER (a transformers CLIPModel folder) or "
+                         "metrics.clip=null (no CLIP metrics, with a metrics.headline that is not one)")
+    if name != TOY_CLIP and not Path(name).exists() and (Path(name).is_absolute() or name.startswith(".")):
+        raise ValueError(f"metrics.clip={name} is not a folder; name a transformers CLIPModel folder, "
+                         f"metrics.clip={TOY_CLIP} (the toy CLIP that ships with t2vz) or metrics.clip=null")
+    return _loaded_scorer(name, device)
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_scorer(name: str, device: str):
     from .config import TOY_CLIP
     from .metrics import ClipScorer, toy_clip_dir
 
     path = toy_clip_dir() if name == TOY_CLIP else name
-    if name != TOY_CLIP and not Path(name).exists() and (Path(name).is_absolute() or name.startswith(".")):
-        raise ValueError(f"metrics.clip={name} is not a folder; name a transformers CLIPModel folder, "
-                         f"metrics.clip={TOY_CLIP} (the toy CLIP that ships with t2vz) or metrics.clip=null")
     return ClipScorer.from_pretrained(path, device=resolve_device(device), name=name)
 
 

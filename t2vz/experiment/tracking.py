@@ -25,7 +25,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -276,6 +276,14 @@ def collect_jobs(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def job_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """{jobs, ok, failed, skipped} of `collect_jobs` rows: skipped jobs (status "skipped") are neither ok nor
+    failed; every other status but ok (failed, missing, unreadable) counts as failed."""
+    statuses = [row.get("status") for row in rows]
+    ok, skipped = statuses.count("ok"), statuses.count(SKIPPED)
+    return {"jobs": len(statuses), "ok": ok, "failed": len(statuses) - ok - skipped, "skipped": skipped}
+
+
 def write_summary_csv(path: Path, rows: list[dict[str, Any]], last: tuple[str, ...] = ("status", "error")) -> list[str]:
     """`rows` as CSV at `path`, written atomically (empty cells for keys a row lacks), the columns `last` at the
     end (always there: a job table shows its status column even when every job is ok). Returns the columns."""
@@ -308,9 +316,8 @@ class MultirunSummary(Callback):
                       "sweep_overrides": list(OmegaConf.select(config, "hydra.overrides.task", default=[]))}
         with Tracker(logger, sweep_dir, run_config, name=f"{group}-summary", job_type="summary", group=group) as t:
             t.log_table("jobs", columns, [[row.get(c) for c in columns] for row in rows])
-            ok = sum(row["status"] == "ok" for row in rows)
-            skipped = sum(row["status"] == SKIPPED for row in rows)
-            failed = len(rows) - ok - skipped
+            counts = job_counts(rows)
+            ok, skipped, failed = counts["ok"], counts["skipped"], counts["failed"]
             t.log_metrics({"jobs_ok": ok, "jobs_skipped": skipped, "jobs_failed": failed})
         if ok == 0 and failed:  # a sweep in which nothing ran: fail it, as a single failed job does
             what = f"all {failed} jobs of the sweep failed" if not skipped else \

@@ -88,7 +88,8 @@ class TuneExperimentConfig:
 
     defaults: list[Any] = field(default_factory=lambda: [
         "_self_", {"tune": "default"}, {"sampler": "tune"}, {"output": "default"}, {"logger": "default"},
-        {"metrics": "default"}, {"hydra/job": "t2vz"}, {"override hydra/callbacks": "experiment"}, {"override hydra/help": "t2vz_tune"}])
+        {"metrics": "default"}, {"hydra/job": "t2vz"}, {"override hydra/callbacks": "experiment"},
+        {"override hydra/help": "t2vz_tune"}])
     source_video: str = MISSING  # the video to tune on and edit: a video file or a folder of frames
     prompt: Optional[str] = None  # what the source video shows; required unless `tuned` is given
     edit_prompts: list[str] = field(default_factory=list)  # one video each; empty: the prompt itself

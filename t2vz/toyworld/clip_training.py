@@ -16,9 +16,10 @@
                renders the training never saw), written into a temporary folder and renamed into place
 
 The scorer (`t2vz.experiment.metrics`) loads the folder with `CLIPModel.from_pretrained(folder).float()` and
-`CLIPImageProcessor.from_pretrained(folder)` and tokenizes with t2vz's shipped CLIP tokenizer; the validation here
-goes through the same calls. Checkpoints go to `workdir` (atomically, every `checkpoint_every` steps) and a re-run
-resumes. Entry point: `experiments/train_toy_clip.py`; the shipped folder: `shipped_clip_dir()`.
+`clip_image_processor(folder)` (the PIL `CLIPImageProcessor` from its preprocessor_config.json) and tokenizes with
+t2vz's shipped CLIP tokenizer; the validation here goes through the same calls. Checkpoints go to `workdir`
+(atomically, every `checkpoint_every` steps) and a re-run resumes. Entry point: `experiments/train_toy_clip.py`; the
+shipped folder: `shipped_clip_dir()`.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..experiment.config import TOY_CLIP
-from ..experiment.metrics import CLIP_MEAN, CLIP_STD, toy_clip_dir
+from ..experiment.metrics import CLIP_MEAN, CLIP_STD, clip_image_processor, toy_clip_dir
 from ..experiment.tracking import LoggerConfig, Tracker
 from ..sd.model_folder import write_atomically
 from ..sd.text_encoder import MAX_TOKENS, load_tokenizer
@@ -507,11 +508,12 @@ def single_object_captions() -> list[Label]:
 
 
 def load_clip(folder: str | Path):
-    """The CLIP folder as the scorer loads it: `CLIPModel.from_pretrained(folder).float()` (eval mode) and
-    `CLIPImageProcessor.from_pretrained(folder)`."""
-    from transformers import CLIPImageProcessor, CLIPModel
+    """The CLIP folder as the scorer loads it: `CLIPModel.from_pretrained(folder).float()` (eval mode) and its
+    preprocessor_config.json through `metrics.clip_image_processor` (transformers' PIL CLIPImageProcessor)."""
+    from transformers import CLIPModel
 
-    return CLIPModel.from_pretrained(str(folder)).float().eval(), CLIPImageProcessor.from_pretrained(str(folder))
+    model = CLIPModel.from_pretrained(str(folder)).float().eval()
+    return model, clip_image_processor(folder, model.config.vision_config.image_size)
 
 
 @torch.no_grad()
@@ -583,23 +585,13 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def image_processor(cfg: ClipVisionConfig):
-    """CLIP's preprocessing at the toy world's size: resize the short side and centre-crop to 64, CLIP's mean
-    and std (its defaults, written out explicitly)."""
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size={"shortest_edge": cfg.image_size},
-                              crop_size={"height": cfg.image_size, "width": cfg.image_size},
-                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-
-
 def export(cfg: ClipTrainConfig, model, recipe: dict) -> Path:
     """Write `cfg.out` atomically: fp16 weights and config, the preprocessor, and t2vz_clip.json with `recipe`
     and the validation of the written weights (measured in the temporary folder, before the rename)."""
     def fill(tmp: Path) -> None:
         start = time.time()
         copy.deepcopy(model).half().save_pretrained(str(tmp))  # a copy: the fp32 model is validated against it
-        image_processor(cfg.vision).save_pretrained(str(tmp))
+        clip_image_processor(None, cfg.vision.image_size).save_pretrained(str(tmp))  # 64 px, CLIP's mean, std
         recipe["validation"] = validate(tmp, model, cfg.eval)
         recipe["seconds"]["export_and_validation_s"] = round(time.time() - start, 1)
         recipe["seconds"]["total_s"] = round(sum(v for k, v in recipe["seconds"].items() if k != "total_s"), 1)

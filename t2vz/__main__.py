@@ -3,7 +3,8 @@
 Compose (`t2vz.experiment.config`, checked before any model loads) → build and run
 (`t2vz.experiment.run.generate_from_config`) → write the video, `config.yaml` and `run.json` into Hydra's output
 folder (outputs/DATE/TIME/, or hydra.run.dir=PATH). With `image=FILE` (image-to-video) it also prints frame 1's
-error against the picture (`run.image_metrics`, recorded in run.json).
+error against the picture (`run.image_metrics`, recorded in run.json). With `trace=true` it also writes `trace.png`
+and `trace/`, the generation's intermediate states decoded and labelled (`method.trace.write_trace`).
 `python -m t2vz --help` lists the options; `-m key=a,b` sweeps. Bad input ends with one line,
 `t2vz: error: ...`, and exit code 2; in a sweep a failed point writes its error to `error.txt` in its folder and
 the sweep goes on, ending with exit code 2 only if every point failed (`run.SweepFailures`).
@@ -23,6 +24,7 @@ from .experiment.config import to_generate_config
 from .experiment.run import (
     USER_ERRORS, check_model_folders, generate_from_config, image_metrics, image_summary, record_failure, write_run,
 )
+from .method.trace import Trace, write_trace
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
@@ -32,9 +34,12 @@ def main(cfg: DictConfig) -> str:
     try:
         check_model_folders(cfg)  # the model first: values such as method.t1 are checked against it
         config = to_generate_config(cfg)
-        frames = generate_from_config(config)
+        trace = Trace() if config.trace else None  # the generation's intermediate states, with trace=true
+        frames = generate_from_config(config, trace=trace)
         errors = image_metrics(frames, config)  # frame 1 against the picture, for image-to-video ({} otherwise)
         names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start, errors)
+        if trace is not None:
+            names += write_trace(run_dir, trace)
         summary = image_summary(errors)
     except USER_ERRORS as e:
         message = " ".join(str(e).split()) or type(e).__name__

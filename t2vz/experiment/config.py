@@ -225,6 +225,7 @@ class GenerateConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     dtype: str = "fp32"
     compile: bool = False  # torch.compile the UNet: the first video pays the compilation, later ones run faster
+    trace: bool = False  # also write trace.png and trace/: the generation's intermediate states (method/trace.py)
     video: VideoConfig = field(default_factory=VideoConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -426,6 +427,7 @@ KEY_OPTIONS = {
     "fast.cache_branch": "feature caching: the skip branch that runs on cached steps (0: the shallowest)",
     "output.formats": "video files; a contact sheet {stem}_sheet.png is always written",
     "output.fps": "frames per second of the video files",
+    "trace": "also write trace.png and trace/: each step of Algorithm 1 decoded and labelled (docs/method.md)",
 }
 
 

@@ -60,13 +60,16 @@ def pipeline_kwargs(config: GenerateConfig) -> dict:
     return kwargs
 
 
-def generate_from_config(config: GenerateConfig, pipe: TextToVideoZero | None = None) -> torch.Tensor:
+def generate_from_config(config: GenerateConfig, pipe: TextToVideoZero | None = None, trace=None) -> torch.Tensor:
     """Load `config.model` (unless `pipe` is given) and generate: frames (f, h, w, 3) float in [0, 1], or
     (b, f, h, w, 3) when `video.num_videos_per_prompt` > 1. The seed fixes every random draw. With `config.image`,
-    frame 1 is that picture (image-to-video, the pipeline's `image=`)."""
+    frame 1 is that picture (image-to-video, the pipeline's `image=`). `trace` (a `method.trace.Trace`) is filled
+    in with the generation's intermediate states; None records nothing."""
     if pipe is None:
         pipe = load_pipeline(config.model, config.device, config.dtype, config.compile, tuple(config.lora))
     kwargs = pipeline_kwargs(config)
+    if trace is not None:
+        kwargs["trace"] = trace
     return pipe(config.prompt, generator=torch.Generator().manual_seed(config.seed), image=config.image, **kwargs)
 
 

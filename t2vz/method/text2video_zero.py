@@ -11,6 +11,9 @@ Algorithm 1 of the paper (docs/method.md), one named function per step, called i
 For long videos step 5 runs the UNet on a chunk of frames at a time (`chunks.eps_by_chunks`). Background
 smoothing (Sec. 3.3) lives in `smoothing.py`; the options, their defaults and their checks in `VideoOptions`.
 
+`trace=True` (or a `trace.Trace`) records the intermediate states of one generation, decoded and labelled with the
+paper's symbols (`trace.py`; `pipe.last_trace`, `trace.write_trace`).
+
 Image-to-video (t2vz's extension, not in the paper): with `image=`, steps 1 and 2 become `invert_first_frame`,
 the picture encoded by the VAE and DDIM-inverted (`inversion.py`) up to T₁, keeping x_{T₀}¹ on the way; steps 3 to
 6 run unchanged from there, so frame 1 regenerates the picture and the later frames are the picture, moved.
@@ -21,6 +24,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -41,6 +45,7 @@ from .sampling import (
 from .smoothing import (
     SMOOTHING_FORMS, CrossAttentionMaps, masks_from_maps, resize_masks, smooth_video, token_positions,
 )
+from .trace import Trace, Tracer, trace_argument
 
 DDPM_MARGINALS = ("exact", "reference")
 log = logging.getLogger(__name__)
@@ -258,6 +263,7 @@ class TextToVideoZero:
 
     def __init__(self, components: StableDiffusion):
         self.sd = components
+        self.last_trace: Trace | None = None  # the trace of the last call, where it was made with `trace`
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device="cpu", dtype=torch.float32,
@@ -281,6 +287,7 @@ class TextToVideoZero:
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
         image=None,
+        trace: bool | Trace | None = None,
         **options,
     ) -> torch.Tensor:
         """Generate videos: frames (F, H, W, 3) float in [0, 1] for one prompt and one video, else (B, F, H, W, 3)
@@ -310,7 +317,16 @@ class TextToVideoZero:
         with the prompt up to T₁ (guidance `inversion_guidance_scale`, 1 by default), each video of a batch from the
         same picture. `latents` and `motion_dynamics=False` are refused with it (the picture takes x_T's place, and
         reaches the other frames only through the motion dynamics).
+
+        `trace` (`trace.py`): True or a `trace.Trace` records, for the first video, the intermediate states of
+        Algorithm 1 (x_T¹, frame 1's x̂₀ at T₁ and T₀, each x̃ᵏ with its δᵏ, each x_{T₁}ᵏ, every frame's x̂₀ at a few
+        steps of the video pass, the decoded frames and their chunks), where one point of frame k attends under
+        cross-frame attention, and the smoothing masks and one blend; latents are decoded with the VAE. The
+        filled-in Trace is the one given, and `self.last_trace` (None after a call without `trace`). Tracing
+        changes no frame; None or False (the default) records nothing.
         """
+        self.last_trace = None
+        traced = trace_argument(trace)  # None, or the Trace to fill in
         o = VideoOptions.of(options).resolve(self.sd)
         if image is not None:
             for name, given in (("latents", latents is not None), ("motion_dynamics=False", not o.motion_dynamics)):
@@ -334,6 +350,8 @@ class TextToVideoZero:
                 raise ValueError("smooth_bg with prompt_embeds needs masks=(B, F, H, W): the attention masks find "
                                  "mask_tokens in the prompt text, which embeddings do not carry")
         scheduler = DDIM(o.num_inference_steps, eta=o.eta)
+        # the trace's recorder; it checks the trace's frame, point and step against the options, before any work
+        tracer = None if traced is None else Tracer(traced, sd, o, text.prompts, b, context, added_cond, scheduler)
         factor = sd.vae.downsample_factor
         shape = (b, sd.unet.config.in_channels, o.height // factor, o.width // factor)
         on_step = step_counter(callback)
@@ -345,6 +363,8 @@ class TextToVideoZero:
         else:
             x_T = (draw_first_frame_noise(shape, generator, sd.device, sd.dtype)                # 1. x_T¹
                    if latents is None else checked_latents(sd, latents, shape))
+            if tracer is not None:
+                tracer.first_noise(x_T, given=latents is not None)
         if o.motion_dynamics:
             if image is None:
                 first = self.first_frame_trajectory(x_T, scheduler, o.t0, o.t1, context, o.guidance_scale,
@@ -353,15 +373,25 @@ class TextToVideoZero:
             warped = self.warp_first_frame(first.x_T0, path)                                     # 3. W_k(x_{T₀}¹)
             x_T1 = self.noise_to_T1(first, warped, generator, o.ddpm_marginal)                   # 4. T₀ → T₁
             timesteps = scheduler.timesteps[-o.t1 - 1 :]
+            if tracer is not None:
+                tracer.first_frame(first)
+                tracer.warped(warped, path)
         else:  # the ablation: independent x_T per frame, all denoised from T
             x_T1, timesteps = self.independent_frames(x_T, f, generator), scheduler.timesteps
+        if tracer is not None:
+            tracer.at_T1(x_T1)
         denoise = dict(scheduler=scheduler, timesteps=timesteps, context=context, guidance_scale=o.guidance_scale,
                        generator=generator, cross_frame=o.cross_frame, cross_frame_levels=o.cross_frame_levels,
                        chunk_size=o.chunk_size, progress=progress, added_cond=added_cond)
-        x_T1, blend = self.background_smoothing(x_T1, path, o, text, denoise)
-        x_0 = self.denoise_frames(x_T1, **denoise, step_callback=chain(blend, on_step),          # 5. T₁ → 0
-                                  cache=fast.cache, merging=merging)
+        x_T1, blend = self.background_smoothing(x_T1, path, o, text, denoise, tracer)
+        if tracer is not None:  # the video pass watched: x̂₀ at a few steps, the self-attention of one
+            denoise = tracer.watch_video_pass(denoise)
+        with nullcontext() if tracer is None else tracer.probing():
+            x_0 = self.denoise_frames(x_T1, **denoise, step_callback=chain(blend, on_step),      # 5. T₁ → 0
+                                      cache=fast.cache, merging=merging)
         video = decode_video(sd, x_0, f)                                                          # 6. decode
+        if tracer is not None:
+            self.last_trace = tracer.finish(x_0, video)
         return video[0] if video.shape[0] == 1 else video
 
     # ---------------------------------------------------------------------------------------------- the steps
@@ -445,9 +475,10 @@ class TextToVideoZero:
 
     # ----------------------------------------------------------------------------------- background smoothing
     def background_smoothing(self, x_T1: torch.Tensor, path: torch.Tensor, o: VideoOptions, text: TextConditioning,
-                             denoise: dict):
+                             denoise: dict, tracer: Tracer | None = None):
         """Sec. 3.3's optional smoothing: (x_T1, blend). The authors' form blends x_T1 once here; the paper's
-        returns `blend(ids)`, a DDIM step callback for the chunk of frames `ids`. (x_T1, None) when off."""
+        returns `blend(ids)`, a DDIM step callback for the chunk of frames `ids`. (x_T1, None) when off. A
+        `tracer` records the masks and one blend (`trace.py`)."""
         if not o.smooth_bg:
             return x_T1, None
         b, _, f, h, w = x_T1.shape
@@ -456,9 +487,17 @@ class TextToVideoZero:
         else:
             positions = [token_positions(self.sd.tokenizer, p, o.mask_tokens) for p in text.prompts]
             foreground = self.attention_masks(x_T1, positions, denoise)
+        if tracer is not None:
+            tracer.smoothing_masks(foreground)
         if o.smoothing == "authors":
-            return smooth_video(x_T1, foreground, path, o.alpha, form="authors"), None
-        return x_T1, self.per_step_smoothing(foreground, path, o.alpha, f)
+            smoothed = smooth_video(x_T1, foreground, path, o.alpha, form="authors")
+            if tracer is not None:
+                tracer.smoothing_blend(x_T1, smoothed, path, int(denoise["timesteps"][0]))
+            return smoothed, None
+        blend = self.per_step_smoothing(foreground, path, o.alpha, f)
+        if tracer is not None:
+            blend = tracer.watched_blend(blend, path, int(denoise["timesteps"][-1]))
+        return x_T1, blend
 
     def attention_masks(self, x_T1, positions, denoise) -> torch.Tensor:
         """Foreground masks (b, f, h, w) from a denoising pass that records cross-attention to the subject tokens,

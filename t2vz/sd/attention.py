@@ -5,6 +5,7 @@ Axis letters: b batch, f frames, n tokens, c channels, h w spatial, d head dim.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -115,17 +116,97 @@ def check_cross_frame_levels(levels, cross_frame: str, attention_levels: tuple[b
                          f"{attended}, so cross-frame attention could not act at the others; choose among those")
 
 
+class SelfAttentionProbe:
+    """Where one frame's self-attention queries look, at one denoising step, in chosen self-attention layers
+    (`attn1`): what a generation's trace (`method/trace.py`) draws as heat maps, a point of frame k attending in
+    frame 1 under cross-frame attention (T2V-Zero Eq. 8, softmax(Qᵏ·(K¹)ᵀ/√d)) and, beside it, within frame k
+    itself (per-frame self-attention, softmax(Qᵏ·(Kᵏ)ᵀ/√d)).
+
+    While entered (`with probe:`) it is the `recorder` of each of `layers`. It keeps nothing until `arm()`; then, at
+    each layer's calls until `disarm()`, it projects, with the layer's own to_q and to_k, the queries Qᵏ of frame
+    `frame` (a 0-based frame id) and the keys K¹ of frame 1 and Kᵏ of that frame, of one video and guidance branch
+    (`group`), each (n, c) in float32. The weights of a query token are computed afterwards (`weights`), so the
+    point can be chosen once the video exists (the subject's centre in the final frame). Only the projections are
+    kept, n·c numbers each, not an n×n map (SD 1.5's finest layer at 512×512: n = 4096, c = 320).
+
+    Which rows: the UNet batch is groups of the chunk's frames, video-major ([uncond videos; text videos] under
+    classifier-free guidance, `group` = the text branch's first video); `chunks` (`method.chunks.frame_chunks`,
+    [all frame ids] when unchunked) are the frames each UNet call of one step holds, in order, so the i-th call of a
+    layer after `arm()` holds chunk i. Frame 1 is in the first chunk only; K¹ is taken there, whatever the
+    cross-frame mode, and serves a frame of a later chunk. Nothing here changes x or the layer's output."""
+
+    def __init__(self, layers, frame: int, chunks, group: int):
+        self.layers = list(layers)
+        self.frame, self.group = int(frame), int(group)
+        self.chunks = [list(ids) for ids in chunks]
+        self.armed = False
+        self.calls: dict[nn.Module, int] = {}
+        self.queries: dict[nn.Module, torch.Tensor] = {}     # Qᵏ (n, c)
+        self.keys_first: dict[nn.Module, torch.Tensor] = {}  # K¹ (n, c)
+        self.keys_own: dict[nn.Module, torch.Tensor] = {}    # Kᵏ (n, c)
+
+    def __enter__(self) -> "SelfAttentionProbe":
+        if any(attn.recorder is not None for attn in self.layers):
+            raise RuntimeError("a self-attention layer is already recording: one SelfAttentionProbe at a time")
+        for attn in self.layers:
+            attn.recorder = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for attn in self.layers:
+            if attn.recorder is self:
+                attn.recorder = None
+        self.armed = False
+
+    def arm(self) -> None:
+        """Record the layers' next calls (one denoising step's: one call per chunk)."""
+        self.armed, self.calls = True, {}
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    @torch.no_grad()
+    def record_self(self, attn: nn.Module, x: torch.Tensor, cross_frame: CrossFrame | None) -> None:
+        """One call of self-attention layer `attn` on x ((g f) n c), the f frames of the call's chunk: Qᵏ and Kᵏ
+        where the chunk holds frame k, K¹ where it holds frame 1."""
+        if not self.armed:
+            return
+        call = self.calls.get(attn, 0)
+        self.calls[attn] = call + 1
+        ids = self.chunks[call % len(self.chunks)]
+        rows = x.reshape(-1, len(ids), *x.shape[1:])[self.group]  # (f, n, c): this video's frames of the chunk
+        if ids[0] == 0:
+            self.keys_first[attn] = attn.to_k(rows[0]).float()
+        if ids[0] <= self.frame < ids[0] + len(ids):
+            own = rows[self.frame - ids[0]]
+            self.queries[attn], self.keys_own[attn] = attn.to_q(own).float(), attn.to_k(own).float()
+
+    def recorded(self, attn: nn.Module) -> bool:
+        """Whether `attn` ran while armed (a layer that feature caching skips at that step did not)."""
+        return attn in self.queries and attn in self.keys_first
+
+    def weights(self, attn: nn.Module, token: int, own: bool = False) -> torch.Tensor:
+        """softmax(q·Kᵀ/√d) of frame k's query token `token`, per head, averaged over the heads: over frame 1's n
+        tokens (K¹, Eq. 8), or over frame k's own (Kᵏ) with `own`. (n,) float32, summing to 1."""
+        keys = (self.keys_own if own else self.keys_first)[attn]
+        q = rearrange(self.queries[attn][token], "(heads d) -> heads 1 d", heads=attn.heads)
+        k = rearrange(keys, "n (heads d) -> heads n d", heads=attn.heads)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1).mean(0)[0]
+
+
 class Attention(nn.Module):
     """Multi-head attention through `scaled_dot_product_attention` (Vaswani et al. 2017).
 
     Self-attention when `context` is None, cross-attention to `context` (text tokens) otherwise.
 
-    `recorder`: None, or an object whose `record(attn, x, context)` sees every cross-attention call's input, set
-    while it records (`method.smoothing.CrossAttentionMaps`, the foreground maps of background smoothing). An
-    attribute the forward consults rather than a forward hook: torch.compile inlines the hooks a module has when it
-    traces it and does not guard on them, so a compiled UNet would keep calling the first recorder's hook; the
-    attribute is guarded (None or not, and the recorder's type), so recording and plain calls each get their graph,
-    and a new recorder reuses it.
+    `recorder`: None, or an object that sees every call's input, set while it records: `record(attn, x, context)`
+    for a cross-attention layer (`method.smoothing.CrossAttentionMaps`, the foreground maps of background
+    smoothing), `record_self(attn, x, cross_frame)` for a self-attention layer (`SelfAttentionProbe`, the attention
+    maps of a generation's trace). An attribute the forward consults rather than a forward hook: torch.compile
+    inlines the hooks a module has when it traces it and does not guard on them, so a compiled UNet would keep
+    calling the first recorder's hook; the attribute is guarded (None or not, and the recorder's type), so
+    recording and plain calls each get their graph, and a new recorder reuses it. None (the default) costs one
+    `is None` test per call and computes nothing.
     """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, bias: bool = False):
@@ -153,6 +234,8 @@ class Attention(nn.Module):
             if self.recorder is not None:
                 self.recorder.record(self, x, context)
             return self.to_out[0](self.text_attention(x, context))
+        if self.recorder is not None:
+            self.recorder.record_self(self, x, cross_frame)
         if cross_frame is None or cross_frame.mode == "off":
             return self.to_out[0](self.attend(self.to_q(x), self.to_k(x), self.to_v(x)))
         if x.shape[0] % cross_frame.num_frames:

@@ -171,6 +171,26 @@ def test_multirun_summary_writes_csv_and_a_summary_run(offline):
                               ["2", 42, None, None, "missing", "no metrics.json"]]
 
 
+def test_a_rerun_sweep_counts_what_it_skipped_and_continues_its_summary_run(offline, capsys):
+    from t2vz.experiment.resume import summary_run_id
+
+    sweep = offline / "sweeps" / "lambda"
+    for job, action in (("0", "skipped"), ("1", "ran"), ("2", "failed")):
+        write_job(sweep / job, {"overrides": [f"method.motion_strength={job}"],
+                                "status": "failed" if action == "failed" else "ok"})
+        (sweep / job / "job.json").write_text(json.dumps({"action": action}))
+    config = OmegaConf.create({"logger": {"mode": "offline"}, "hydra": {"sweep": {"dir": str(sweep)}}})
+    MultirunSummary().on_multirun_end(config)
+    MultirunSummary().on_multirun_end(config)  # the sweep rerun: the same summary run, continued
+    assert "3 points: 1 ran, 1 skipped as complete already, 1 failed" in capsys.readouterr().out
+    assert [r["action"] for r in csv.DictReader((sweep / "summary.csv").open())] == ["skipped", "ran", "failed"]
+    runs = sorted((sweep / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and {f.name for p in runs for f in p.glob("run-*.wandb")} == {
+        f"run-{summary_run_id(sweep)}.wandb"}
+    summary = read_run(runs[-1])["summary"]
+    assert (summary["jobs_ran"], summary["jobs_resumed"], summary["jobs_failed"]) == (1, 1, 1)
+
+
 APP = '''
 import json, sys
 from dataclasses import dataclass, field

@@ -75,6 +75,7 @@ class JobConfig:
     chunk_size: Optional[int] = None
     fast: FastConfig = field(default_factory=FastConfig)  # token merging and feature caching (config.FastConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    resume: bool = True  # a point complete already (same config) is skipped (`resume.Point`); false: run it again
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 

@@ -290,6 +290,8 @@ class ExperimentConfig(GenerateConfig):
     # A prompt file (one prompt a line; blank lines and lines starting with # skipped) that a sweep's `prompt`
     # takes its values from: `hydra.sweeper.params.prompt: ${t2vz_prompts:${prompts}}` (`read_prompts`)
     prompts: Optional[str] = None
+    # a point whose folder holds complete outputs of the same config is skipped (`resume.Point`); false: run it again
+    resume: bool = True
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 

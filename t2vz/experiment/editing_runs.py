@@ -331,6 +331,7 @@ class PaperEditingConfig:
     instruct: InstructSettings = field(default_factory=InstructSettings)
     tune: TuneSettings = field(default_factory=TuneSettings)
     output: OutputConfig = field(default_factory=OutputConfig)
+    resume: bool = True  # a point complete already (same config) is skipped (`resume.Point`); false: run it again
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(headline="textual_faithfulness"))
 
@@ -537,10 +538,11 @@ def _json_value(value: Any) -> Any:
 
 
 def write_job(folder: Path, frames: torch.Tensor, source: torch.Tensor, config: PaperEditingConfig, pair: EditPair,
-              info: dict, config_yaml: str, start: float) -> list[str]:
+              info: dict, config_yaml: str, start: float, extra: dict | None = None) -> list[str]:
     """The job's files, each written atomically: the edited video (`{stem}.mp4`, `.gif`, `_sheet.png`),
     `frames.npz` (uint8), `source_sheet.png`, `config.yaml` and `run.json` (versions, device, seed, method, the pair,
-    the frames' shape, Tune-A-Video's tuned file, wall time, the files). Returns the names written."""
+    the frames' shape, Tune-A-Video's tuned file, wall time, the files, and `extra`: the config hash and Slurm job,
+    `resume.Point.run_info`). Returns the names written."""
     from .run import resolve_device
 
     out = config.output
@@ -554,7 +556,7 @@ def write_job(folder: Path, frames: torch.Tensor, source: torch.Tensor, config: 
            "device": str(resolve_device(config.device)), "seed": config.seed, "method": config.method,
            "pair": {"index": config.pair, **dataclasses.asdict(pair)}, "frames": list(frames.shape),
            **{k: _json_value(v) for k, v in info.items() if k in ("tuned_file", "tune_loss_final")},
-           "wall_s": round(time.perf_counter() - start, 3), "outputs": names}
+           "wall_s": round(time.perf_counter() - start, 3), "outputs": names, **(extra or {})}
     write_text(folder / "run.json", json.dumps(run, indent=2) + "\n")
     return names + ["run.json"]
 
@@ -565,16 +567,24 @@ def run_editing_job(cfg: DictConfig) -> float:
 
     metrics.json in every case: status "ok" (the metrics, `clip_model`), "skipped" or "failed" (with `error`).
     A single job that failed exits 2 after one line; in a sweep it is recorded and the other jobs run. Returns
-    `metrics.headline` (NaN when skipped or failed)."""
+    `metrics.headline` (NaN when skipped or failed). A point complete already is not run again (`resume.Point`, as
+    in `run.run_experiment`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .run import USER_ERRORS, job_start
+    from .resume import Point
+    from .run import USER_ERRORS, finished_headline, job_run_id, job_start
     from .tracking import Tracker
 
     start = time.perf_counter()
     single = HydraConfig.get().mode == RunMode.RUN
     run_dir, record, logger = job_start(cfg)
+    point = Point(cfg, run_dir)
+    finished = point.finished()
+    if finished is not None:  # complete already: skipped, its files untouched
+        return finished_headline(finished, cfg)
+    point.begin()
+    record.update(point.scheduler_record())
     headline = float("nan")
 
     def failed(error: Exception) -> None:
@@ -595,7 +605,7 @@ def run_editing_job(cfg: DictConfig) -> float:
     elif record["status"] == "ok":
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
         with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name,
-                     job_type="edit") as tracker:
+                     job_type="edit", run_id=job_run_id()) as tracker:
             try:
                 names = metric_names(config, pair)
                 if config.metrics.headline not in names:
@@ -607,7 +617,8 @@ def run_editing_job(cfg: DictConfig) -> float:
                 frames, info = edit(config, pair, source)
                 metrics = {**edit_metrics(frames, pair, scorer, config.velocity),
                            **{k: v for k, v in info.items() if k in ("generate_s", "tune_s")}}
-                written = write_job(run_dir, frames, source, config, pair, info, config_yaml, start)
+                written = write_job(run_dir, frames, source, config, pair, info, config_yaml, start,
+                                    point.run_info())
                 if scorer is not None:
                     record["clip_model"] = config.metrics.clip_name
                 record.update({k: _json_value(v) for k, v in metrics.items()})
@@ -620,6 +631,7 @@ def run_editing_job(cfg: DictConfig) -> float:
                 failed(e)
                 tracker.fail(record["error"])
     write_text(run_dir / "metrics.json", json.dumps(record, indent=2) + "\n")
+    point.end(record["status"])
     if record["status"] == "ok":
         print(f"paper_editing: job {run_dir.name} ok, {config.metrics.headline}={headline:.4g}; results in {run_dir}")
     elif record["status"] == "failed" and single:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from .. import __version__
 from ..method.text2video_zero import TextToVideoZero
@@ -33,6 +34,7 @@ from ..sd.lora import file_sha256, lora_records, parse_lora_entries
 from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
 from ..video_io import VideoIOError, load_image, to_uint8, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
+from .resume import Point
 
 # Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
 USER_ERRORS = (ValueError, ModelFolderError, VideoIOError, OSError)
@@ -98,13 +100,14 @@ def image_summary(metrics: dict[str, float]) -> str | None:
 
 
 def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateConfig, config_yaml: str,
-              start: float, image_errors: dict[str, float] | None = None) -> list[str]:
+              start: float, image_errors: dict[str, float] | None = None, extra: dict | None = None) -> list[str]:
     """Write a run folder: the video(s) (`{stem}.mp4`, `.gif`, `_sheet.png`; `{stem}_0.*`, `{stem}_1.*`, … for a
     batch (b, f, h, w, 3)), `config.yaml` (`config_yaml`, the resolved config) and `run.json` (versions, device,
     dtype, seed, each LoRA's file, sha256 and scale, the image's file and sha256 and `image_metrics` for an
     image-to-video run (`image_errors` where the caller measured them already), seconds since `start`, a
-    `time.perf_counter()`, and the video files' names). Every file is written atomically. Returns the names of the
-    files written, in that order."""
+    `time.perf_counter()`, the video files' names, and `extra`: an experiment job's config hash and Slurm job,
+    `resume.Point.run_info`). Every file is written atomically. Returns the names of the files written, in that
+    order."""
     folder, out = Path(folder), config.output
     videos = [frames] if frames.ndim == 4 else list(frames)
     stems = [out.stem] if frames.ndim == 4 else [f"{out.stem}_{i}" for i in range(len(videos))]
@@ -125,6 +128,7 @@ def write_run(folder: str | os.PathLike, frames: torch.Tensor, config: GenerateC
         info.update(image_metrics(frames, config) if image_errors is None else image_errors)
     if hasattr(config, "method"):  # text-to-video: the λ, t0, t1 used (the model's own where none was given)
         info["method"] = {k: getattr(config.method, k) for k in ("motion_strength", "t0", "t1")}
+    info.update(extra or {})
     write_text(folder / "run.json", json.dumps(info, indent=2) + "\n")
     return names + ["config.yaml", "run.json"]
 
@@ -152,8 +156,6 @@ class OutputFolderCheck(Callback):
 def check_model_folders(cfg) -> None:
     """The user's model (and ControlNet) folder, read before any value that depends on it is checked: a missing
     or wrong folder is the mistake to name first (ModelFolderError). No weights are read."""
-    from omegaconf import OmegaConf
-
     model = OmegaConf.select(cfg, "model", default=None, throw_on_missing=False)
     if isinstance(model, str):
         read_model_config(resolve_model_path(model))
@@ -287,7 +289,6 @@ def job_start(cfg):
     The record holds the job's overrides and status "ok"; an invalid logger config gives W&B off here, and the job
     then fails on it with its other checks."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
     from .tracking import LoggerConfig
 
@@ -300,16 +301,37 @@ def job_start(cfg):
     return Path(hydra_cfg.runtime.output_dir), record, logger
 
 
+def job_run_id() -> str:
+    """The running Hydra job's W&B run id (`resume.point_run_id`): from the sweep folder and the job's overrides
+    in a multirun, from the run folder in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from .resume import point_run_id
+    from .tracking import hydra_sweep_dir
+
+    hydra_cfg = HydraConfig.get()
+    return point_run_id(hydra_cfg.runtime.output_dir, hydra_sweep_dir(), list(hydra_cfg.overrides.task))
+
+
+def finished_headline(record: dict, cfg) -> float:
+    """The headline metric a finished point recorded (NaN when it has none)."""
+    value = record.get(OmegaConf.select(cfg, "metrics.headline", default=None))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
 def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     """One Hydra job of `experiments/run.py` (or of another `task`'s entry point): generate, write the run folder,
     measure, log to W&B.
 
     Writes `metrics.json` (metrics, the job's overrides, status "ok"/"failed", error) in every case: a job whose
     input is bad is recorded as failed and returns NaN, so the other points of a sweep still run; a single job
-    (no -m) that failed exits with status 2. A sweep whose jobs all failed exits 2 (`tracking.MultirunSummary`)."""
+    (no -m) that failed exits with status 2. A sweep whose jobs all failed exits 2 (`tracking.MultirunSummary`).
+
+    A point whose folder holds complete outputs of the same config is skipped, its files untouched, and returns its
+    recorded headline (`resume.Point`; `resume=false` runs it again). Its W&B run id is `job_run_id()`, so a
+    rerun, requeued or resumed point continues one W&B run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
     from .tracking import Tracker
 
@@ -317,9 +339,16 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir, record, logger = job_start(cfg)
     fill_method_defaults(cfg)  # the model's own λ, t0, t1 where null, so config.yaml and W&B show what ran
+    point = Point(cfg, run_dir, also=("frames.npz",))
+    finished = point.finished()
+    if finished is not None:  # complete already: skipped, its files untouched
+        return finished_headline(finished, cfg)
+    point.begin()
+    record.update(point.scheduler_record())
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     headline = float("nan")
-    with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name) as tracker:
+    with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name,
+                 run_id=job_run_id()) as tracker:
         try:
             check_model_folders(cfg)
             config = task.to_config(cfg)
@@ -334,7 +363,7 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             if config.metrics.headline not in metrics:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
             names = write_run(run_dir, frames, config, config_yaml, start,
-                              {k: metrics[k] for k in IMAGE_METRICS if k in metrics} or None)
+                              {k: metrics[k] for k in IMAGE_METRICS if k in metrics} or None, point.run_info())
             np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
             record.update(metrics)
             tracker.log_metrics(metrics)
@@ -350,6 +379,7 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             tracker.fail(record["error"])
             print(f"t2vz: job {run_dir.name} failed: {record['error']}", file=sys.stderr)
     write_text(run_dir / "metrics.json", json.dumps(record, indent=2) + "\n")
+    point.end(record["status"])
     if record["status"] == "ok":
         if image_summary(record):
             print(f"t2vz: job {run_dir.name}: {image_summary(record)}")

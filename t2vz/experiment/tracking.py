@@ -34,6 +34,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from ..video_io import write_text
+from .resume import summary_run_id
 
 WANDB_MODES = ("online", "offline", "disabled")
 UNREACHABLE_MODES = ("offline", "disabled")
@@ -98,14 +99,15 @@ def hydra_sweep_group() -> Optional[str]:
 
 class Tracker:
     """One W&B run for one job, as a context manager; `finish` runs on exit with the job's exit code (an exception
-    or a non-zero `SystemExit` marks the run failed). Disabled (`enabled=False` or mode "disabled") or after any W&B
+    or a non-zero `SystemExit` marks the run failed). With `run_id` (`resume.point_run_id`), the run is W&B's run of
+    that id, continued if it exists (`resume="allow"`): a rerun, requeued or resumed point keeps one run. Disabled (`enabled=False` or mode "disabled") or after any W&B
     error, every method does nothing. `run_path` ("entity/project/id") and `run_dir` (W&B's folder for this run,
     holding `run-ID.wandb` and `files/`) are set by `start` (and kept after `finish`); None when no run started."""
 
     def __init__(self, config: LoggerConfig | Mapping | None, run_dir: str | os.PathLike,
                  run_config: Mapping | None = None, name: Optional[str] = None, *, info: Mapping | None = None,
-                 job_type: str = "generate", group: Optional[str] = None):
-        self.config, self.job_dir = as_logger_config(config), Path(run_dir)
+                 job_type: str = "generate", group: Optional[str] = None, run_id: Optional[str] = None):
+        self.config, self.job_dir, self.run_id = as_logger_config(config), Path(run_dir), run_id
         self.run_config = {**(to_dict(run_config) or {}), **({"run": dict(info)} if info else {})}
         self.name, self.job_type, self.group = name, job_type, group or self.config.group
         self.run, self.run_path, self.run_dir, self.failed = None, None, None, False
@@ -155,7 +157,7 @@ class Tracker:
         run = wandb.init(
             project=self.config.project, entity=self.config.entity, mode=mode, dir=str(folder), name=self.name,
             group=self.group or hydra_sweep_group(), job_type=self.job_type, tags=list(self.config.tags),
-            config=self.run_config, reinit="create_new",
+            config=self.run_config, reinit="create_new", id=self.run_id, resume="allow" if self.run_id else None,
             settings=wandb.Settings(init_timeout=float(self.config.init_timeout)))
         return None if run.disabled else run  # W&B turns itself off after a login timeout
 
@@ -272,16 +274,39 @@ def collect_jobs(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
         row = {"job": folder.relative_to(sweep_dir).as_posix(), **parse_overrides(metrics.pop("overrides", []))}
         status, error = metrics.pop("status", "ok"), metrics.pop("error", None)
         row.update({key: scalar(value) for key, value in metrics.items()})
-        rows.append({**row, "status": status, "error": error})
+        action = last_action(folder)
+        rows.append({**row, **({"action": action} if action else {}), "status": status, "error": error})
     return rows
 
 
+def last_action(folder: Path) -> Optional[str]:
+    """What the last invocation did with the job (`resume.JOB_FILE`: ran, skipped as complete, failed, or
+    running if it died); None for a job folder without one (written before resuming existed)."""
+    from .resume import JOB_FILE, read_json
+
+    record = read_json(folder / JOB_FILE)
+    return str(record["action"]) if record and record.get("action") else None
+
+
 def job_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """{jobs, ok, failed, skipped} of `collect_jobs` rows: skipped jobs (status "skipped") are neither ok nor
-    failed; every other status but ok (failed, missing, unreadable) counts as failed."""
+    """{jobs, ok, failed, skipped, resumed, ran} of `collect_jobs` rows: skipped jobs (status "skipped", a method
+    that cannot run on the models given) are neither ok nor failed; every other status but ok (failed, missing,
+    unreadable) counts as failed. Of the ok jobs, `resumed` were skipped by the last invocation as complete
+    already (their job.json action "skipped") and `ran` ran."""
+    rows = list(rows)
     statuses = [row.get("status") for row in rows]
     ok, skipped = statuses.count("ok"), statuses.count(SKIPPED)
-    return {"jobs": len(statuses), "ok": ok, "failed": len(statuses) - ok - skipped, "skipped": skipped}
+    resumed = sum(row.get("status") == "ok" and row.get("action") == "skipped" for row in rows)
+    return {"jobs": len(statuses), "ok": ok, "failed": len(statuses) - ok - skipped, "skipped": skipped,
+            "resumed": resumed, "ran": ok - resumed}
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    """"5 points: 2 ran, 3 skipped as complete already, 0 failed" (and the jobs whose method cannot run)."""
+    text = (f"{counts['jobs']} point{'s' * (counts['jobs'] != 1)}: {counts['ran']} ran, {counts['resumed']} skipped "
+            f"as complete already, {counts['failed']} failed")
+    return text + (f", {counts['skipped']} not run (their method cannot run on the models given)"
+                   if counts["skipped"] else "")
 
 
 def write_summary_csv(path: Path, rows: list[dict[str, Any]], last: tuple[str, ...] = ("status", "error")) -> list[str]:
@@ -297,8 +322,10 @@ def write_summary_csv(path: Path, rows: list[dict[str, Any]], last: tuple[str, .
 
 class MultirunSummary(Callback):
     """Hydra callback: at the end of a multirun, `summary.csv` in the sweep folder (one row per job: overrides,
-    metrics, status, error) and one W&B run (job_type "summary", the jobs' group) whose history key "jobs" is the
-    same table as a `wandb.Table`, and whose summary holds jobs_ok / jobs_skipped / jobs_failed. W&B settings come
+    metrics, what the last invocation did with the job (`action`: ran, skipped as complete, failed), status, error),
+    one line counting them, and one W&B run per sweep folder (job_type "summary", the jobs' group; a rerun continues
+    it) whose history key "jobs" is the same table as a `wandb.Table`, and whose summary holds jobs_ok /
+    jobs_skipped / jobs_failed / jobs_ran / jobs_resumed. W&B settings come
     from the composed config's `logger_key` node (a `LoggerConfig`; defaults where the config has none). A job with
     status "skipped" (a method that cannot run on the models given) is neither ok nor failed. When no job is ok and
     some failed (every job that was not skipped), it exits with status 2 after writing them."""
@@ -310,15 +337,20 @@ class MultirunSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         logger = as_logger_config(OmegaConf.select(config, self.logger_key, default=None))
         rows = collect_jobs(sweep_dir)
-        columns = write_summary_csv(sweep_dir / "summary.csv", rows)
+        resumable = any("action" in row for row in rows)  # jobs that record what was done with them (job.json)
+        columns = write_summary_csv(sweep_dir / "summary.csv", rows,
+                                    last=("action", "status", "error") if resumable else ("status", "error"))
         group = logger.group or sweep_group(sweep_dir)
         run_config = {"sweep_dir": str(sweep_dir), "jobs": len(rows),
                       "sweep_overrides": list(OmegaConf.select(config, "hydra.overrides.task", default=[]))}
-        with Tracker(logger, sweep_dir, run_config, name=f"{group}-summary", job_type="summary", group=group) as t:
+        counts = job_counts(rows)
+        ok, skipped, failed = counts["ok"], counts["skipped"], counts["failed"]
+        with Tracker(logger, sweep_dir, run_config, name=f"{group}-summary", job_type="summary", group=group,
+                     run_id=summary_run_id(sweep_dir)) as t:
             t.log_table("jobs", columns, [[row.get(c) for c in columns] for row in rows])
-            counts = job_counts(rows)
-            ok, skipped, failed = counts["ok"], counts["skipped"], counts["failed"]
-            t.log_metrics({"jobs_ok": ok, "jobs_skipped": skipped, "jobs_failed": failed})
+            t.log_metrics({"jobs_ok": ok, "jobs_skipped": skipped, "jobs_failed": failed,
+                           "jobs_ran": counts["ran"], "jobs_resumed": counts["resumed"]})
+        print(f"t2vz: sweep {sweep_dir}: {counts_line(counts)}; the table is {sweep_dir / 'summary.csv'}")
         if ok == 0 and failed:  # a sweep in which nothing ran: fail it, as a single failed job does
             what = f"all {failed} jobs of the sweep failed" if not skipped else \
                 f"no job of the sweep ran: {failed} failed, {skipped} skipped"

@@ -41,7 +41,8 @@ from ..method.tune_a_video import TRAINABLE, TuneAVideo
 from ..video_io import load_frames, write_outputs, write_text
 from .conditional_runs import check_resolution, to_config
 from .config import HYDRA_HELP_TAIL, MetricsConfig, OutputConfig, SamplerConfig, check_int, option_lines
-from .run import USER_ERRORS, check_model_folders, job_start, resolve_device
+from .resume import Point
+from .run import USER_ERRORS, check_model_folders, job_run_id, job_start, resolve_device
 from .tracking import LoggerConfig, Tracker
 
 TUNED_FILE = "tuned.safetensors"
@@ -104,6 +105,7 @@ class TuneExperimentConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     sampler: TuneSamplerConfig = field(default_factory=TuneSamplerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    resume: bool = True  # a point complete already (same config) is skipped (`resume.Point`); false: run it again
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # metrics.clip: the CLIP of `edit_metrics`
 
@@ -174,8 +176,9 @@ def edit_metrics(videos: torch.Tensor, prompts: list[str], config: TuneExperimen
 
 
 def write_tune_run(folder: Path, pipe: TuneAVideo, info: dict, videos: torch.Tensor, config: TuneExperimentConfig,
-                   config_yaml: str, start: float) -> list[str]:
-    """Write the job's files (module docstring), each atomically; returns their names."""
+                   config_yaml: str, start: float, extra: dict | None = None) -> list[str]:
+    """Write the job's files (module docstring), each atomically, with `extra` in run.json (the config hash and
+    Slurm job, `resume.Point.run_info`); returns their names."""
     out, names = config.output, []
     if config.tuned is None:
         names.append(pipe.save(folder / TUNED_FILE).name)
@@ -188,7 +191,7 @@ def write_tune_run(folder: Path, pipe: TuneAVideo, info: dict, videos: torch.Ten
     run = {"t2vz": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": str(resolve_device(config.device)), "seed": config.seed, "frames": list(videos.shape[1:]),
            "wall_s": round(time.perf_counter() - start, 3), "edits": edits,
-           **{k: v for k, v in info.items() if k != "prompts"}, "outputs": names}
+           **{k: v for k, v in info.items() if k != "prompts"}, "outputs": names, **(extra or {})}
     write_text(folder / "run.json", json.dumps(run, indent=2) + "\n")
     return names + ["config.yaml", "run.json"]
 
@@ -197,22 +200,30 @@ def run_tune_experiment(cfg: DictConfig) -> float:
     """One Hydra job of experiments/tune_a_video.py, logged like `run.run_experiment`: `metrics.json` in every case
     (the final loss, the seconds tuning and editing, or status "failed" and the error). A single job that fails
     prints one line and exits 2; in a sweep it is recorded as failed and the others run. Returns the final loss
-    (NaN without tuning or on failure)."""
+    (NaN without tuning or on failure). A point complete already is skipped (`resume.Point`), as in
+    `run.run_experiment`."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     start = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     run_dir, record, logger = job_start(cfg)
+    point = Point(cfg, run_dir)
+    finished = point.finished()
+    if finished is not None:  # complete already: skipped, its files untouched
+        loss = finished.get("loss_final")
+        return float(loss) if isinstance(loss, (int, float)) else float("nan")
+    point.begin()
+    record.update(point.scheduler_record())
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     headline = float("nan")
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name,
-                 job_type="tune") as tracker:
+                 job_type="tune", run_id=job_run_id()) as tracker:
         try:
             check_model_folders(cfg)
             config = to_config(cfg, ("source_video",))
             pipe, info, videos = tune_and_edit(config, tracker)
-            names = write_tune_run(run_dir, pipe, info, videos, config, config_yaml, start)
+            names = write_tune_run(run_dir, pipe, info, videos, config, config_yaml, start, point.run_info())
             metrics = {"edit_s": info["edit_s"], **edit_metrics(videos, info["prompts"], config)}
             if config.metrics.clip_name:
                 record["clip_model"] = config.metrics.clip_name
@@ -235,6 +246,7 @@ def run_tune_experiment(cfg: DictConfig) -> float:
             print(f"t2vz: error: {'' if single else f'job {run_dir.name} failed: '}{record['error']}",
                   file=sys.stderr)
     write_text(run_dir / "metrics.json", json.dumps(record, indent=2) + "\n")
+    point.end(record["status"])
     if record["status"] == "ok":
         print(f"t2vz: job {run_dir.name} ok, loss_final={headline:.4g}; results in {run_dir}" if "loss_final" in record
               else f"t2vz: job {run_dir.name} ok; results in {run_dir}")

@@ -434,3 +434,12 @@ def test_the_script_counts_skipped_jobs(tmp_path):
     proc = run_script(str(sweep))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == "report: 4 jobs: 1 ok, 1 failed, 2 skipped"
+
+
+def test_the_counts_say_what_the_last_run_skipped_as_complete():
+    from t2vz.experiment.report import counts_text
+
+    rows = [{"status": "ok", "action": "skipped"}, {"status": "ok", "action": "ran"}, {"status": "failed"},
+            {"status": "skipped"}]
+    assert counts_text(rows) == "4 jobs: 2 ok (1 ran, 1 skipped as complete), 1 failed, 1 skipped"
+    assert counts_text(rows[1:]) == "3 jobs: 1 ok, 1 failed, 1 skipped"  # nothing resumed: as before

@@ -60,7 +60,8 @@ from .config import TOY_CLIP
 from .tracking import collect_jobs, job_counts, parse_overrides, write_summary_csv
 
 NOT_SETTINGS = ("seed", "prompt", "pair")  # averaged over: a setting is everything else that was swept
-NOT_METRICS = ("job", "status", "error", "clip_model")  # clip_model: the CLIP model's name, a string
+# clip_model: the CLIP model's name, a string; action, slurm_job, restarts: how the job ran (resume, Slurm)
+NOT_METRICS = ("job", "status", "error", "clip_model", "action", "slurm_job", "restarts")
 CLIP_METRICS = ("clip_score", "frame_consistency", "frame_consistency_consecutive", "textual_faithfulness",
                 "clip_text_score", "frame_consistency_all_pairs")  # the last two: earlier names of the first two
 CONFIDENCE = 0.95  # of the intervals (`t_interval`): the `_ci95` columns, the error bars, report_paper.md
@@ -129,9 +130,12 @@ def clean_names(keys: Iterable[str], taken: Iterable[str] = ()) -> dict[str, str
 
 
 def counts_text(rows: Iterable[dict[str, Any]]) -> str:
-    """"6 jobs: 4 ok, 1 failed, 1 skipped"."""
+    """"6 jobs: 4 ok, 1 failed, 1 skipped", and how many of the ok ones the last run of the sweep ran and how many
+    it skipped as complete already where it skipped some: "4 ok (1 ran, 3 skipped as complete)"."""
     c = job_counts(rows)
-    return f"{c['jobs']} job{'s' * (c['jobs'] != 1)}: {c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped"
+    resumed = f" ({c['ran']} ran, {c['resumed']} skipped as complete)" if c["resumed"] else ""
+    return (f"{c['jobs']} job{'s' * (c['jobs'] != 1)}: {c['ok']} ok{resumed}, {c['failed']} failed, "
+            f"{c['skipped']} skipped")
 
 
 def clip_models(rows: Iterable[dict[str, Any]]) -> list[str]:

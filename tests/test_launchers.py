@@ -1,5 +1,6 @@
 """Sweeps beyond the basic launcher: joblib (parallel processes) and submitit's local executor run a two-point
-sweep of experiments/run.py; the SLURM config composes with one GPU per job."""
+sweep of experiments/run.py; the SLURM configs compose, with one GPU per job or none (tests/test_slurm.py submits
+to a real Slurm)."""
 from __future__ import annotations
 
 import csv
@@ -34,3 +35,13 @@ def test_slurm_config_asks_one_gpu_per_job():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
+
+
+def test_slurm_cpu_config_asks_no_gpu_and_requeues_on_timeouts():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    cfg = compose_experiment(["prompt=p", "model=m", "hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu"],
+                             hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.partition) == (None, 8, "cpu")
+    assert launcher.max_num_timeout == 3

@@ -3,13 +3,16 @@
 Three tabs, one per job of the command line: text-to-video (`t2vz`), ControlVideo
 (`python experiments/control_video.py`, Sec. 3.4) and Video Instruct-Pix2Pix (`python experiments/instruct_video.py`,
 Sec. 3.5). The app holds no option handling of its own: each widget is one config key, its initial value the
-config dataclass's default, and pressing Generate
+config dataclass's default (but "Show how it was made", `trace`, on for the toy model: `start_value`), and pressing
+Generate
 
     widgets → Hydra overrides `key=value` (`overrides`, only the values that differ from the defaults)
             → the same config the command line composes (`compose_config`), checked by the same code
               (`run.check_model_folders`, the job's `Task.to_config`), run by the same job function
               (`Task.load`, `Task.generate`) and written by the same `run.write_run`
-            → the video, its contact sheet, config.yaml, and the command line that reproduces it (`command_line`).
+            → the video, its contact sheet, config.yaml, and the command line that reproduces it (`command_line`);
+              with "Show how it was made" (`trace=true`) also the generation's trace sheet, trace.png, each step of
+              Algorithm 1 decoded and labelled (`method.trace`), in a collapsed "How it was made" section.
 
 Bad values are the command line's one-line `t2vz: error: ...` message, shown in the page. Generations run one at a
 time (one queue for all tabs), so two visitors cannot run the machine out of memory. The app binds 127.0.0.1;
@@ -38,7 +41,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from .experiment import conditional_runs, config as t2v_config
-from .experiment.run import TEXT_TO_VIDEO, USER_ERRORS, Task, check_model_folders, write_run
+from .experiment.run import TEXT_TO_VIDEO, USER_ERRORS, Task, check_model_folders, generate_from_config, write_run
+from .method.trace import Trace, write_trace
 from .sd.model_folder import (
     CONFIG_FILE, CONTROLNET_FORMAT, FORMAT, SHIPPED_MODELS, ModelFolderError, model_method_defaults,
     read_meta, resolve_model_path,
@@ -112,13 +116,15 @@ FAST = (MERGING, MERGING_LEVELS, CACHE, CACHE_BRANCH)
 SEED = Field("seed", "seed", "int", "-1: a random seed (the seed used is shown with the result)")
 LORA = Field("lora", "LoRA files", "list", "FILE or FILE:SCALE, comma-separated: merged into the model's weights "
              "(docs/lora.md)")
+TRACE = Field("trace", "Show how it was made", "bool", "also draw each step of Algorithm 1 of this generation, "
+              "decoded and labelled (trace.png); on by default for the toy model, where it costs about a second")
 
 TEXT_TO_VIDEO_JOB = Job(
     "Text-to-video", "generate", ("t2vz",), t2v_config.GenerateConfig, TEXT_TO_VIDEO,
     main=(Field("prompt", "prompt", "prompt"), Field("model", "model", "model"),
           Field("video.num_frames", "frames", "int", "video length"), SEED,
           Field("image", "image (optional): frame 1", "image", "image-to-video: frame 1 is this picture, the other "
-                "frames it moved; resized to the video's size (empty: text-to-video)")),
+                "frames it moved; resized to the video's size (empty: text-to-video)"), TRACE),
     advanced=(
         Field("method.motion_strength", "λ (motion strength)", "number"),
         Field("method.direction", "δ = [δx, δy]", "pair", t2v_config.KEY_OPTIONS["method.direction"]),
@@ -289,7 +295,7 @@ class Result:
     error: Optional[str] = None
 
     def path(self, suffix: str) -> Optional[str]:
-        """The first file of the run ending with `suffix` (".mp4", "_sheet.png", "config.yaml")."""
+        """The first file of the run ending with `suffix` (".mp4", "_sheet.png", "config.yaml", "trace.png")."""
         name = next((n for n in self.files if n.endswith(suffix)), None)
         return None if name is None else str(self.folder / name)
 
@@ -330,7 +336,9 @@ def keep_image(image: Any, stem: Path) -> Any:
 def run_job(job: Job, values: dict[str, Any], outputs: str | os.PathLike) -> Result:
     """Generate what the widget `values` ask for, as `job`'s command line does, into a new folder under `outputs`:
     seed -1 is replaced by a random seed; a video or image input is copied (an uploaded picture saved as PNG) into
-    the run folder first (the command line shown then names a file that stays). A bad value returns the command
+    the run folder first (the command line shown then names a file that stays). With `trace` (text-to-video's "Show
+    how it was made") the generation is traced and trace.png and trace/ are written beside the video, as
+    `python -m t2vz trace=true` writes them; the frames are the same either way. A bad value returns the command
     line's one-line error."""
     values = dict(values)
     seed = normalized(values.get("seed", 0), 0, numeric=True)
@@ -357,9 +365,13 @@ def run_job(job: Job, values: dict[str, Any], outputs: str | os.PathLike) -> Res
         cfg = compose_config(job, args)
         check_model_folders(cfg)  # the model first: values such as method.t1 are checked against it
         config = job.task.to_config(cfg)
-        job.task.load(config)
-        frames, _ = job.task.generate(config)
+        loaded = job.task.load(config)  # text-to-video's: the pipeline
+        trace = Trace() if getattr(config, "trace", False) else None  # text-to-video's config alone has `trace`
+        frames = (job.task.generate(config)[0] if trace is None
+                  else generate_from_config(config, loaded, trace=trace))  # as `python -m t2vz trace=true`
         result.files = write_run(folder, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start)
+        if trace is not None:
+            result.files += write_trace(folder, trace)
         result.folder = folder
     except config_errors() as e:
         result.error = one_line(e)
@@ -411,6 +423,12 @@ def is_toy(model: str) -> bool:
     return meta.get("variant") == "toyworld"
 
 
+def start_value(f: Field, default: Any, model: Optional[str]) -> Any:
+    """A widget's starting value: the config's default, except "Show how it was made" (`trace`), which starts on
+    for the toy model (tracing it costs about a second, docs/app.md) and off for other models."""
+    return is_toy(model) if f is TRACE and model else default
+
+
 def examples_for(job: Job, model: Optional[str]) -> tuple[str, ...]:
     if job is INSTRUCT_JOB:
         return INSTRUCT_EXAMPLES
@@ -453,7 +471,8 @@ def job_tab(gr, job: Job, found: dict[str, list[str]], video_folders: list[Path]
     with gr.Row():
         with gr.Column():
             for f in job.main:
-                inputs.append((f, widget(gr, f, defaults[f.key], found, video_folders, prefix)))
+                inputs.append((f, widget(gr, f, start_value(f, defaults[f.key], TOY_MODEL), found, video_folders,
+                                         prefix)))
             example = gr.Dropdown(list(examples_for(job, TOY_MODEL)), value=None, label="example prompts",
                                   elem_id=f"{prefix}-examples")
             button = gr.Button("Generate", variant="primary", elem_id=f"{prefix}-generate")
@@ -468,6 +487,18 @@ def job_tab(gr, job: Job, found: dict[str, list[str]], video_folders: list[Path]
                              height=360)
             sheet = gr.Image(label="contact sheet", interactive=False, type="filepath", elem_id=f"{prefix}-sheet",
                              height=240)
+            how = []  # text-to-video: the trace sheet, collapsed below the video, shown after a traced generation
+            if TRACE in job.fields():
+                with gr.Accordion("How it was made", open=False, visible=False,
+                                  elem_id=f"{prefix}-trace-section") as section:
+                    gr.Markdown("Each step of Algorithm 1 in this generation, decoded with the VAE and labelled with "
+                                "the paper's symbols (docs/method.md): frame 1's noise and trajectory, the warped "
+                                "frames, the frames at T₁, every frame's predicted x̂₀ in the video pass, where a "
+                                "point attends under cross-frame attention. The run folder's trace/ holds each "
+                                "image and the tensors.")
+                    trace_sheet = gr.Image(label="trace.png", interactive=False, type="filepath",
+                                           elem_id=f"{prefix}-trace-sheet", buttons=["download", "fullscreen"])
+                how = [section, trace_sheet]
             seed_used = gr.Textbox(label="seed used", interactive=False, elem_id=f"{prefix}-seed-used")
             command = gr.Textbox(label="the same run from the shell", interactive=False, elem_id=f"{prefix}-command",
                                  buttons=["copy"])
@@ -478,12 +509,14 @@ def job_tab(gr, job: Job, found: dict[str, list[str]], video_folders: list[Path]
     example.select(lambda choice: choice, inputs=example, outputs=prompt)
     model = next(cs[0] for f, cs in inputs if f.kind == "model")
     model_fields = {f.key: cs[0] for f, cs in inputs if f.key in ("method.motion_strength", "method.t0", "method.t1")}
+    traced = [cs[0] for f, cs in inputs if f is TRACE]  # "Show how it was made": on for the toy model
     if model_fields:
         def on_model(choice):
             text = model_defaults_text(choice)
             return [gr.Dropdown(choices=list(examples_for(job, choice)), value=None),
-                    *(gr.Textbox(info=text) for _ in model_fields)]
-        model.change(on_model, inputs=model, outputs=[example, *model_fields.values()])
+                    *(gr.Textbox(info=text) for _ in model_fields),
+                    *(gr.Checkbox(value=start_value(TRACE, False, choice)) for _ in traced)]
+        model.change(on_model, inputs=model, outputs=[example, *model_fields.values(), *traced])
 
     def generate(data: dict, progress=gr.Progress(track_tqdm=True)):  # tqdm's DDIM bars drive the page's bar
         values = {}
@@ -491,11 +524,12 @@ def job_tab(gr, job: Job, found: dict[str, list[str]], video_folders: list[Path]
             got = [data[c] for c in cs]
             values[f.key] = got if f.kind == "pair" else (got[0] or got[1]) if f.kind == "video" else got[0]
         result = run_job(job, values, outputs)
-        paths = [result.path(s) for s in (".mp4", "_sheet.png", "config.yaml")]
+        paths = [result.path(s) for s in (".mp4", "_sheet.png", "config.yaml", "trace.png")]
+        shown = (gr.Accordion(visible=paths[3] is not None), paths[3]) if how else ()
         return (result.status(), paths[0], paths[1], "" if result.error else str(result.seed), result.command,
-                [p for p in paths if p] or None)
+                [p for p in paths if p] or None, *shown)
 
-    button.click(generate, inputs=set(components), outputs=[status, video, sheet, seed_used, command, files],
+    button.click(generate, inputs=set(components), outputs=[status, video, sheet, seed_used, command, files, *how],
                  concurrency_limit=1, concurrency_id="generate")
 
 

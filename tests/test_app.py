@@ -2,8 +2,9 @@
 round-trips through Hydra and the shell), the app composes and checks the same config and writes the same frames as
 `python -m t2vz` with the command line it displays, bad values are the command line's one-line error, seed -1 draws
 a seed that is reported, the model picker sorts converted folders by kind, an uploaded image is kept in the run
-folder that the command line names, the conditional tabs run their jobs, and the page queues generations one at a
-time. tests/test_app_browser.py drives the page itself."""
+folder that the command line names, "Show how it was made" writes the generation's trace sheet (and changes no
+frame), the conditional tabs run their jobs, and the page queues generations one at a time.
+tests/test_app_browser.py drives the page itself."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,9 @@ from test_conditional_runs import TINY_CONTROLNET
 
 from t2vz import ControlNet
 from t2vz.app import (
-    CONTROL_JOB, INSTRUCT_JOB, SD_EXAMPLES, TEXT_TO_VIDEO_JOB, TOY_EXAMPLES, TOY_MODEL, command_line, compose_config,
-    defaults_of, examples_for, hydra_value, model_defaults_text, overrides, parse_args, run_job, scan_models,
+    CONTROL_JOB, INSTRUCT_JOB, SD_EXAMPLES, TEXT_TO_VIDEO_JOB, TOY_EXAMPLES, TOY_MODEL, TRACE, command_line,
+    compose_config, defaults_of, examples_for, hydra_value, model_defaults_text, overrides, parse_args, run_job,
+    scan_models, start_value,
 )
 from t2vz.sd.model_folder import write_controlnet_folder
 from t2vz.toyworld.world import parse_caption
@@ -84,6 +86,28 @@ def test_app_frames_equal_the_command_line_it_displays(tmp_path):
     assert (result.folder / "config.yaml").read_text() == (tmp_path / "cli" / "config.yaml").read_text()
 
 
+def test_how_it_was_made_is_the_generations_trace_sheet_and_changes_no_frame(tmp_path):
+    """"Show how it was made" (trace=true): the run folder gets the trace sheet trace.png (and trace/), the command
+    line shown asks for it and writes the same sheet, and the video is the one made without it."""
+    traced = run_job(TEXT_TO_VIDEO_JOB, {**TOY_SMALL, "trace": True}, tmp_path / "app")
+    assert traced.error is None, traced.error
+    assert traced.files[-2:] == ["trace.png", "trace/"] and traced.path("trace.png") == str(traced.folder / "trace.png")
+    assert "trace=true" in shlex.split(traced.command)
+    sheet = np.asarray(Image.open(traced.path("trace.png")))
+    assert sheet.ndim == 3 and sheet.shape[1] > 3 * 160 and sheet.std() > 0  # a row of labelled 160-pixel tiles
+    manifest = json.loads((traced.folder / "trace" / "manifest.json").read_text())
+    assert manifest["info"]["prompt"] == TOY_SMALL["prompt"] and manifest["info"]["num_frames"] == 3
+    assert all((traced.folder / tile["file"]).is_file() for tile in manifest["tiles"])
+    plain = run_job(TEXT_TO_VIDEO_JOB, {**TOY_SMALL, "trace": False}, tmp_path / "app")
+    assert plain.path("trace.png") is None and not any(a.startswith("trace") for a in shlex.split(plain.command))
+    for name in ("video_sheet.png", "video.gif"):  # tracing changes no frame
+        np.testing.assert_array_equal(np.asarray(Image.open(traced.folder / name)),
+                                      np.asarray(Image.open(plain.folder / name)))
+    out = cli(shlex.split(traced.command)[1:], tmp_path / "cli")
+    assert out.returncode == 0, out.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli" / "trace.png")), sheet)
+
+
 def test_bad_values_are_the_command_lines_one_line_error_and_seed_minus_one_is_drawn(tmp_path):
     result = run_job(TEXT_TO_VIDEO_JOB, {**TOY_SMALL, "seed": -1, "video.height": 36}, tmp_path / "app")
     assert result.seed != -1 and f"seed={result.seed}" in shlex.split(result.command)
@@ -129,6 +153,9 @@ def test_model_picker_lists_converted_folders_by_kind(models):
     assert all(parse_caption(p)[0] and parse_caption(p)[1] for p in TOY_EXAMPLES)  # in the toy world's vocabulary
     assert "λ=32, t0=8, t1=8" in model_defaults_text(TOY_MODEL)  # the shipped folder's own
     assert "λ=12, t0=44, t1=47" in model_defaults_text(str(root / "sd"))  # the paper's
+    # "Show how it was made" starts on for the toy model, off for others; the config's default stays off
+    assert start_value(TRACE, False, TOY_MODEL) is True and start_value(TRACE, False, str(root / "sd")) is False
+    assert defaults_of(TEXT_TO_VIDEO_JOB)["trace"] is False
 
 
 def test_conditional_tabs_run_their_jobs(models, tmp_path):
@@ -168,6 +195,15 @@ def test_page_queues_generations_one_at_a_time_and_binds_localhost(models):
     generate = [fn for fn in demo.fns.values() if fn.name == "generate"]
     assert len(generate) == 3  # one per tab, one queue for all
     assert {(fn.concurrency_limit, fn.concurrency_id) for fn in generate} == {(1, "generate")}
+    # text-to-video: "Show how it was made" starts on (the toy model), its section collapsed and hidden until a
+    # generation fills it; Generate updates it
+    blocks = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    assert blocks["generate-trace"].value is True and blocks["generate-trace-section"].open is False
+    assert blocks["generate-trace-section"].visible is False
+    assert "control_experiment-trace-section" not in blocks and "instruct_experiment-trace" not in blocks
+    updated = {tuple(getattr(b, "elem_id", None) for b in fn.outputs) for fn in generate}
+    assert ("generate-status", "generate-output", "generate-sheet", "generate-seed-used", "generate-command",
+            "generate-files", "generate-trace-section", "generate-trace-sheet") in updated
 
 
 def test_image_to_video_tab_keeps_the_picture_and_its_command_line_reproduces_it(tmp_path):

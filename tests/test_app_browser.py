@@ -1,6 +1,7 @@
 """t2vz-app in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright; no browser download)
 opens the page, generates on the toy model, checks that the video plays and the seed shown is the one asked, that
-`python -m t2vz` with the command line the page shows gives the same frames, that a bad value is shown as the
+the "How it was made" section is there, collapsed, and opens on the generation's trace sheet, that `python -m t2vz`
+with the command line the page shows gives the same frames and trace sheet, that a bad value is shown as the
 command line's one-line error, that a screenshot of the page is not blank, and that an uploaded picture is kept in
 the run folder the command line names.
 
@@ -105,6 +106,7 @@ def test_generate_in_the_browser_then_reproduce_and_error(app, page, tmp_path):
     assert page.locator("#generate-seed-used textarea").input_value() == "5"
     command = page.locator("#generate-command textarea").input_value()
     assert command.startswith("t2vz ") and "seed=5" in shlex.split(command)
+    assert "trace=true" in shlex.split(command)  # "Show how it was made" starts on for the toy model
 
     shot = tmp_path / "app.png"
     page.evaluate("window.scrollTo(0, 0)")
@@ -115,13 +117,26 @@ def test_generate_in_the_browser_then_reproduce_and_error(app, page, tmp_path):
         Image.open(shot).convert("P", palette=Image.Palette.ADAPTIVE, colors=128).save(
             os.environ["T2VZ_APP_SCREENSHOT"], optimize=True)
 
-    # the command line the page shows gives the same frames (the contact sheet holds every frame, lossless)
+    # "How it was made": shown after the generation, collapsed (the video stays first), and opened it holds the
+    # generation's trace sheet
     run_dir = Path(status.rsplit(" to ", 1)[1])
+    section = page.locator("#generate-trace-section")
+    assert section.is_visible() and not page.locator("#generate-trace-sheet img").is_visible()
+    section.get_by_text("How it was made").first.click()
+    page.wait_for_function("() => { const i = document.querySelector('#generate-trace-sheet img');"
+                           " return i && i.complete && i.naturalWidth > 0; }")
+    size = page.evaluate("() => { const i = document.querySelector('#generate-trace-sheet img');"
+                         " return [i.naturalWidth, i.naturalHeight]; }")
+    assert tuple(size) == Image.open(run_dir / "trace.png").size
+
+    # the command line the page shows gives the same frames (the contact sheet holds every frame, lossless) and the
+    # same trace sheet
     out = subprocess.run([sys.executable, "-m", "t2vz", *shlex.split(command)[1:], f"hydra.run.dir={tmp_path}/cli"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    np.testing.assert_array_equal(np.asarray(Image.open(run_dir / "video_sheet.png")),
-                                  np.asarray(Image.open(tmp_path / "cli" / "video_sheet.png")))
+    for name in ("video_sheet.png", "trace.png"):
+        np.testing.assert_array_equal(np.asarray(Image.open(run_dir / name)),
+                                      np.asarray(Image.open(tmp_path / "cli" / name)))
 
     # a height that is not a multiple of 8: the command line's one-line message, in the page
     page.locator("#generate-video-height textarea, #generate-video-height input").first.fill("36")

@@ -58,6 +58,9 @@ def test_tracing_changes_no_frame(pipe, one_thread, options):
     assert pipe.last_trace is trace and trace.tiles
     stages = trace.stages()
     assert (trace_module.SMOOTHING in stages) == bool(options.get("smooth_bg"))
+    size = tuple(plain.shape[1:3])
+    assert all(tuple(t.image.shape[:2]) == size for t in trace.tiles if t.stage == trace_module.SMOOTHING), \
+        "every smoothing image (masks, blend) at the frame's size"
     if "chunk_size" in options:
         assert trace.info["chunks"] == [[1, 2, 3], [4]]
         assert trace.tile("frame_4").caption == "frame 4, chunk 2/2"

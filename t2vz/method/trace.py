@@ -369,7 +369,7 @@ class Tracer:
                 latent = tile.tensor[None].to(device=self.sd.device, dtype=self.sd.dtype)
                 tile.image = decode_images(self.sd, latent)[0].permute(1, 2, 0).float().cpu()
             elif tile.image is None:
-                tile.image = mask_image(tile.tensor, tuple(frames.shape[:2]))
+                tile.image = mask_image(tile.tensor, tuple(frames.shape[1:3]))
         if self.probe is not None:
             self.attention_maps(frames)
         return trace

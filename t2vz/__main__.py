@@ -25,6 +25,7 @@ from .experiment.run import (
     USER_ERRORS, check_model_folders, generate_from_config, image_metrics, image_summary, record_failure, write_run,
 )
 from .method.trace import Trace, write_trace
+from .toyworld.judge import subject_region
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
@@ -34,7 +35,8 @@ def main(cfg: DictConfig) -> str:
     try:
         check_model_folders(cfg)  # the model first: values such as method.t1 are checked against it
         config = to_generate_config(cfg)
-        trace = Trace() if config.trace else None  # the generation's intermediate states, with trace=true
+        # with trace=true, the generation's intermediate states; the attention point on the toy world's subject
+        trace = Trace(subject=subject_region) if config.trace else None
         frames = generate_from_config(config, trace=trace)
         errors = image_metrics(frames, config)  # frame 1 against the picture, for image-to-video ({} otherwise)
         names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start, errors)

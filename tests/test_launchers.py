@@ -28,20 +28,13 @@ def test_two_point_sweep(tiny_model, tmp_path, launcher):  # noqa: F811
     assert all((sweep / job / "video.mp4").is_file() for job in ("0", "1"))
 
 
-def test_slurm_config_asks_one_gpu_per_job():
+@pytest.mark.parametrize("config, gpus, cpus", [("slurm_gpu", 1, 8), ("slurm_cpu", None, 8)])
+def test_slurm_configs_ask_their_resources_and_requeue_on_timeouts(config, gpus, cpus):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
-    cfg = compose_experiment(["prompt=p", "model=m", "hydra/launcher=slurm_gpu", "hydra.launcher.partition=gpu"],
+    cfg = compose_experiment(["prompt=p", "model=m", f"hydra/launcher={config}", "hydra.launcher.partition=part"],
                              hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
-
-
-def test_slurm_cpu_config_asks_no_gpu_and_requeues_on_timeouts():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
-    cfg = compose_experiment(["prompt=p", "model=m", "hydra/launcher=slurm_cpu", "hydra.launcher.partition=cpu"],
-                             hydra=True)
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
-    assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.partition) == (None, 8, "cpu")
-    assert launcher.max_num_timeout == 3
+    assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.tasks_per_node, launcher.partition) == (
+        gpus, cpus, 1, "part")
+    assert launcher.max_num_timeout == 3  # a job reaching its time limit is requeued (submitit's default: never)

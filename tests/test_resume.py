@@ -3,7 +3,6 @@ untouched; a killed sweep rerun with the same command runs only the rest; `resum
 each point keeps one W&B run (its id derives from the sweep folder and the point)."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -15,12 +14,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from sweep_files import FINISHED, action, mtimes, summary_rows as rows, wandb_ids
 from t2vz.experiment.resume import config_sha256, incomplete_reason, point_overrides, point_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["model=toyworld", "prompt=a red circle on grass", "video.num_frames=3", "sampler.num_inference_steps=6",
        "metrics.clip=null", "output.progress=false", "output.formats=[mp4]"]
-FINISHED = ("video.mp4", "video_sheet.png", "frames.npz", "config.yaml", "run.json", "metrics.json")
 
 
 def sweep_args(sweep: Path, *overrides: str) -> list[str]:
@@ -36,28 +35,6 @@ def run_sweep(sweep: Path, *overrides: str) -> subprocess.CompletedProcess:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def rows(sweep: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader((sweep / "summary.csv").open()))
-
-
-def mtimes(job: Path) -> dict[str, int]:
-    return {name: (job / name).stat().st_mtime_ns for name in FINISHED}
-
-
-def action(job: Path) -> str | None:
-    try:
-        return json.loads((job / "job.json").read_text())["action"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def wandb_ids(job: Path) -> list[str]:
-    """The run id of every offline W&B run folder of a job, read from its `run-ID.wandb` file (the folder's name,
-    offline-run-DATE_TIME-ID, gets a -1 suffix when two start in the same second)."""
-    return [f.name[len("run-"):-len(".wandb")] for p in sorted((job / "wandb").glob("offline-run-*"))
-            for f in p.glob("run-*.wandb")]
 
 
 # ------------------------------------------------------------------------------------------- the pieces, no model

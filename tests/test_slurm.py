@@ -5,7 +5,6 @@ point keeps exactly one W&B run (offline) through all of it. Skipped, with the r
 slurmd, slurm-client and munge are not installed."""
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import missing_reason, start_cluster, stop_cluster
+from sweep_files import FINISHED, action, summary_rows as summary, wandb_ids
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
@@ -22,7 +22,6 @@ TOY = ["model=toyworld", "prompt=a red circle on grass", "video.num_frames=3", "
        "metrics.clip=null", "output.progress=false", "output.formats=[mp4]"]
 LAUNCHER = ["hydra/launcher=slurm_cpu", "hydra.launcher.partition=t2vz", "hydra.launcher.cpus_per_task=1",
             "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
-FINISHED = ("video.mp4", "video_sheet.png", "frames.npz", "config.yaml", "run.json", "metrics.json")
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +62,8 @@ def wait_for(condition, what: str, slurm, timeout: float = 180.0):
     raise AssertionError(f"timed out waiting for {what}; jobs: {slurm.jobs()}\n{slurm.logs()}")
 
 
-def summary(sweep: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader((sweep / "summary.csv").open()))
-
-
 def metrics(job: Path) -> dict:
     return json.loads((job / "metrics.json").read_text())
-
-
-def action(job: Path) -> str | None:
-    try:
-        return json.loads((job / "job.json").read_text())["action"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def wandb_ids(job: Path) -> list[str]:
-    """The run id of every offline W&B run folder of a job, read from its `run-ID.wandb` file (the folder's name,
-    offline-run-DATE_TIME-ID, gets a -1 suffix when two start in the same second)."""
-    return [f.name[len("run-"):-len(".wandb")] for p in sorted((job / "wandb").glob("offline-run-*"))
-            for f in p.glob("run-*.wandb")]
 
 
 def slurm_job_of(job: Path) -> str:

@@ -19,7 +19,7 @@ from t2vz.method import trace as trace_module
 from t2vz.method.text2video_zero import TextToVideoZero
 from t2vz.method.trace import Trace, ascii_caption, trace_sheet, write_trace
 from t2vz.sd.attention import Attention, SelfAttentionProbe
-from t2vz.toyworld.judge import look_for
+from t2vz.toyworld.judge import look_for, subject_region
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on grass"
@@ -37,10 +37,21 @@ def generate(pipe, seed: int = 1, **kwargs) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def traced(pipe):
-    """Seed 1 at the toy model's defaults (50 DDIM steps, 8 frames; the judge sees the red circle in all 8):
-    (frames, the Trace filled in through `pipe.last_trace`)."""
-    frames = generate(pipe, trace=True)
-    return frames, pipe.last_trace
+    """Seed 1 at the toy model's defaults (50 DDIM steps, 8 frames; the judge sees the red circle in all 8), the
+    point on the judge's subject as `python -m t2vz ... trace=true` places it: (frames, the Trace filled in)."""
+    trace = Trace(subject=subject_region)
+    frames = generate(pipe, trace=trace)
+    assert pipe.last_trace is trace
+    return frames, trace
+
+
+def test_without_a_subject_function_the_point_is_the_image_centre(pipe, one_thread):
+    """The method layer knows nothing of the toy world: `trace=True` places the point at the image centre and
+    measures no mass on a subject."""
+    generate(pipe, num_inference_steps=4, num_frames=2, trace=True)
+    trace = pipe.last_trace
+    assert trace.info["point"] == {"x": 32.0, "y": 32.0, "source": "the image centre"}
+    assert not any("mass_first" in layer for layer in trace.info["attention"])
 
 
 # ------------------------------------------------------------------------------------ tracing changes nothing
@@ -162,6 +173,7 @@ def test_bad_trace_settings_are_named(pipe, trace, match):
     ({"point": (1, 2, 3)}, "trace point=.* must be two finite numbers"),
     ({"frame": 0}, "trace frame=0 must be an integer >= 1"),
     ({"x0_steps": 0}, "trace x0_steps=0 must be an integer >= 1"),
+    ({"subject": "toyworld"}, "trace subject='toyworld' must be a function"),
 ])
 def test_bad_trace_objects_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

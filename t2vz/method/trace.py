@@ -1,9 +1,9 @@
 """A trace of one Text2Video-Zero generation: the intermediate states of Algorithm 1 (docs/method.md, Section 2),
 decoded to images with the VAE and labelled with the paper's symbols and the step they belong to.
 
-    trace = Trace()                                            # or Trace(frame=4, point=(30, 20), ...)
+    trace = Trace(subject=subject_region)     # toyworld.judge's: the point on the subject; or Trace(point=(30, 20))
     frames = pipe("a red circle on grass", trace=trace)        # `TextToVideoZero.__call__` fills it in
-    frames = pipe("a red circle on grass", trace=True)         # the same, the Trace in `pipe.last_trace`
+    frames = pipe("a red circle on grass", trace=True)         # a Trace() (point: the image centre), in pipe.last_trace
     write_trace("out", trace)     # out/trace.png (one labelled sheet), out/trace/*.png, trace.npz, manifest.json
 
 What it records, for the first video of the batch (the text branch of guidance where it looks inside the UNet):
@@ -27,11 +27,13 @@ x̂₀ are the ones its own DDIM steps compute (`RecordingScheduler`). Off (trac
 pipeline runs as before: no probe is set, no state kept, nothing decoded beyond the frames.
 
 Frame k and its point: k counts frames from 1 as the paper does (`frame`, default 2, the first moved frame); the
-point (`point`, (x, y) in image pixels of frame k, x to the right, y down) defaults to the subject's centre: on the
-toy model (`model=toyworld`) the centroid of the judge's object region of the prompt's colour in the final frame k
-(`toyworld.judge.look_for`), elsewhere (or where the judge sees no such object) the image centre. The maps are
-drawn from queries and keys kept at the attention step, so the point is chosen after the video is made. On the toy
-model the trace also measures how much of each map lies in the judge's object region (frame 1's for the
+point (`point`, (x, y) in image pixels of frame k, x to the right, y down) defaults to the subject's centre: the
+centroid of the region `subject(image, prompt)` finds in the final frame k, where a `subject` function is given
+(`python -m t2vz`, the app and docs/method.md's figures give `toyworld.judge.subject_region`, the toy world's judge:
+the object of the prompt's colour), else (or where it finds none) the image centre. The method layer knows nothing
+of the toy world: the function comes from the caller. The maps are
+drawn from queries and keys kept at the attention step, so the point is chosen after the video is made. With a
+`subject` function the trace also measures how much of each map lies in the subject's region (frame 1's for the
 cross-frame map, frame k's for the within-frame one): `Trace.info["attention"]`.
 
 Which layers: one self-attention layer per resolution, finest first: the decoder's last at each level (the one
@@ -107,15 +109,18 @@ class Trace:
     """What to record of one generation, and (filled in by `TextToVideoZero.__call__(trace=...)`) what was.
 
     Settings: `frame`, k counted from 1 (None: 2, the first moved frame; 1 in a one-frame video); `point`, (x, y) in
-    image pixels of frame k (None: the subject's centre, see the module's docstring); `attention_step`, the index
+    image pixels of frame k (None: the subject's centre, see the module's docstring); `subject`, a function
+    (image (H, W, 3) in [0, 1], the prompt) → the subject's region (H, W) bool or None, that places the default
+    point and measures each map's mass on the subject (None: the image centre, no masses); `attention_step`, the index
     of the video pass's DDIM step whose attention is drawn (None: the middle one); `x0_steps`, at how many evenly
     spaced steps of the video pass every frame's x̂₀ is shown (3; the first and the last among them).
     Results: `tiles` (`TraceTile`, in sheet order), `info` (the timesteps, the motion, chunks, the point, and per
-    probed layer its name, grid and, on the toy model, the attention mass on the subject), `arrays` (further raw
+    probed layer its name, grid and, with `subject`, the attention mass on the subject), `arrays` (further raw
     tensors for trace.npz: the probe's queries and keys, δᵏ, the frames)."""
 
     frame: int | None = None
     point: Sequence[float] | None = None
+    subject: Callable[[torch.Tensor, str], np.ndarray | None] | None = None
     attention_step: int | None = None
     x0_steps: int = 3
     tiles: list[TraceTile] = field(default_factory=list)
@@ -133,6 +138,9 @@ class Trace:
             if not ok:
                 raise ValueError(f"trace point={self.point!r} must be two finite numbers (x, y), image pixels of "
                                  "frame k, or None for the subject's centre")
+        if self.subject is not None and not callable(self.subject):
+            raise ValueError(f"trace subject={self.subject!r} must be a function (image, prompt) -> region or None, "
+                             "e.g. t2vz.toyworld.judge.subject_region, or None for the image centre")
         if self.attention_step is not None and (isinstance(self.attention_step, bool)
                                                 or not isinstance(self.attention_step, int)
                                                 or self.attention_step < 0):
@@ -375,22 +383,15 @@ class Tracer:
         return trace
 
     def subject(self, image: torch.Tensor) -> np.ndarray | None:
-        """The judge's object region (H, W) bool of the prompt's first colour in `image`, on the toy model; None
-        elsewhere, for a prompt naming no toy-world object, or where the judge sees none."""
-        if self.sd.config.get("variant") != "toyworld" or not self.prompts:
+        """The subject's region (H, W) bool in `image`, by the trace's `subject` function and the first prompt;
+        None without one, without a prompt (embeddings given), or where it finds none."""
+        if self.trace.subject is None or not self.prompts:
             return None
-        from ..toyworld.judge import look_for
-        from ..toyworld.world import parse_caption
-
-        pairs, _ = parse_caption(self.prompts[0])
-        if not pairs:
-            return None
-        seen = look_for(image, pairs[0][0])
-        return seen.region if seen.shape is not None else None
+        return self.trace.subject(image, self.prompts[0])
 
     def attention_maps(self, frames: torch.Tensor) -> None:
         """Eq. 8's map and the within-frame map of frame k's point at each probed layer, as tiles over the final
-        frames 1 and k; on the toy model, each map's mass on the judge's object region."""
+        frames 1 and k; with a `subject` function, each map's mass on the subject's region."""
         trace, k, (H, W) = self.trace, self.k, tuple(frames.shape[1:3])
         first_region, own_region = self.subject(frames[0]), self.subject(frames[k - 1])
         if trace.point is not None:

@@ -116,6 +116,17 @@ class Seen:
     tone: int | None = None
 
 
+def subject_region(image, prompt: str) -> np.ndarray | None:
+    """The subject of a toy-world prompt in `image`: the region (H, W) bool of the prompt's first object's colour
+    (`look_for`), where the judge sees a shape there; None for a prompt naming no toy-world object, or where it sees
+    none. A generation's trace places its attention point with it (`method.trace.Trace(subject=...)`)."""
+    pairs, _ = parse_caption(prompt)
+    if not pairs:
+        return None
+    seen = look_for(image, pairs[0][0])
+    return seen.region if seen.shape is not None else None
+
+
 def look_for(image, colour: str, labels: np.ndarray | None = None) -> Seen:
     """The largest region of `colour` in the image and the shape it best matches (None when below MIN_AREA).
     `labels`: the image's `colour_labels`, when the caller has them already."""

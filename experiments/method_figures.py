@@ -22,7 +22,6 @@ passes when its size is the same, the mean |difference| over all its values is a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -293,15 +292,11 @@ FIGURES = {  # name: (its runs, its function); docs/method.md gives each run's `
 
 
 def write_png(path: Path, image) -> Path:
-    """A PIL image to `path` as an optimised PNG, atomically: a temporary file beside it, then one rename."""
-    from t2vz.video_io import atomic_path
+    """A PIL image to `path` as an optimised PNG, atomically (`video_io.atomic_file`)."""
+    from t2vz.video_io import atomic_file
 
-    tmp = atomic_path(path)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

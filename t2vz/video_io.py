@@ -57,7 +57,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 @contextmanager
-def _atomic(path: Path):
+def atomic_file(path: Path):
     """Yield a temporary path beside `path`; on success rename it onto `path`; always remove it at the end.
 
     File-system failures (unwritable folder, a folder where the file should be, encoder I/O) become VideoIOError.
@@ -90,12 +90,20 @@ def _as_frames(frames) -> torch.Tensor:
     return frames.float() / 255 if frames.dtype == torch.uint8 else frames.float()
 
 
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], compressed: bool = False) -> Path:
+    """`arrays` into an .npz at `path` (zip-deflated with `compressed`), written atomically."""
+    path = Path(path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        (np.savez_compressed if compressed else np.savez)(fh, **arrays)
+    return path
+
+
 def write_image(path: str | os.PathLike, image: torch.Tensor) -> Path:
     """image (H, W, 3) float in [0, 1] → PNG at `path`, written atomically."""
     import imageio.v3 as iio
 
     path = Path(path)
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         iio.imwrite(tmp, to_uint8(image), extension=".png")
     return path
 
@@ -131,7 +139,7 @@ def write_video(path: str | os.PathLike, frames, fps: float = 4.0) -> Path:
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     video = to_uint8(_as_frames(frames))
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         if fmt == "mp4":
             _, h, w, _ = video.shape
             video = np.pad(video, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")

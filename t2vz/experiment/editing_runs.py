@@ -57,7 +57,7 @@ from ..sd.model_folder import SDXL, model_family, read_model_config, resolve_mod
 from ..toyworld.judge import background_kind, judge_image, object_motion_error, object_track
 from ..toyworld.world import BACKGROUNDS, SIZE, caption, parse_caption, render_video, sample_scene
 from ..video_io import contact_sheet, load_frames, resize_frames, resized_shape, to_uint8, write_image, write_outputs
-from ..video_io import write_text
+from ..video_io import write_npz, write_text
 from .config import HYDRA_HELP_TAIL, MetricsConfig, OutputConfig, check_choice, check_int, option_lines
 from .tracking import LoggerConfig
 
@@ -548,7 +548,7 @@ def write_job(folder: Path, frames: torch.Tensor, source: torch.Tensor, config: 
     out = config.output
     names = [p.name for p in write_outputs(folder, frames, stem=out.stem, fps=out.fps,
                                            formats=tuple(out.formats)).values()]
-    np.savez_compressed(folder / "frames.npz", frames=to_uint8(frames))
+    write_npz(folder / "frames.npz", {"frames": to_uint8(frames)}, compressed=True)
     write_image(folder / "source_sheet.png", contact_sheet(source))
     write_text(folder / "config.yaml", config_yaml)
     names += ["frames.npz", "source_sheet.png", "config.yaml"]

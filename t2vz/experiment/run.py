@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -32,7 +31,7 @@ from ..method.text2video_zero import TextToVideoZero
 from ..sd.loading import DTYPES
 from ..sd.lora import file_sha256, lora_records, parse_lora_entries
 from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
-from ..video_io import VideoIOError, load_image, to_uint8, write_outputs, write_text
+from ..video_io import VideoIOError, load_image, to_uint8, write_npz, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
 from .resume import Point
 
@@ -364,7 +363,7 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
                 raise ValueError(f"metrics.headline={config.metrics.headline!r} is not one of {sorted(metrics)}")
             names = write_run(run_dir, frames, config, config_yaml, start,
                               {k: metrics[k] for k in IMAGE_METRICS if k in metrics} or None, point.run_info())
-            np.savez_compressed(run_dir / "frames.npz", frames=to_uint8(frames))
+            write_npz(run_dir / "frames.npz", {"frames": to_uint8(frames)}, compressed=True)
             record.update(metrics)
             tracker.log_metrics(metrics)
             stem = config.output.stem if frames.ndim == 4 else f"{config.output.stem}_0"

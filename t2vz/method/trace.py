@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sd.attention import SelfAttentionProbe
-from ..video_io import atomic_path, write_image, write_text
+from ..video_io import write_image, write_npz, write_text
 from .chunks import frame_chunks
 from .motion import warp_latents
 from .sampling import decode_images, guided_eps, unfold_frames
@@ -580,18 +580,6 @@ def stage_title(trace: Trace, stage: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- writing
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """`arrays` into an uncompressed .npz at `path` atomically: a temporary file beside it, then one rename."""
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_trace(folder: str | os.PathLike, trace: Trace) -> list[str]:
     """Write a filled-in trace into a run folder: `trace.png` (`trace_sheet`) and `trace/`, holding each tile as
     `{key}.png`, the raw tensors in `trace.npz` (each tile's under its key, beside `keys` and `captions`, the

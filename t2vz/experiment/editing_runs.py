@@ -572,8 +572,8 @@ def run_editing_job(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .resume import Point
-    from .run import USER_ERRORS, finished_headline, job_run_id, job_start
+    from .resume import Point, recorded_number
+    from .run import USER_ERRORS, job_run_id, job_start
     from .tracking import Tracker
 
     start = time.perf_counter()
@@ -582,7 +582,7 @@ def run_editing_job(cfg: DictConfig) -> float:
     point = Point(cfg, run_dir)
     finished = point.finished()
     if finished is not None:  # complete already: skipped, its files untouched
-        return finished_headline(finished, cfg)
+        return recorded_number(finished, OmegaConf.select(cfg, "metrics.headline", default=None))
     point.begin()
     record.update(point.scheduler_record())
     headline = float("nan")

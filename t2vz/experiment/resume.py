@@ -103,6 +103,13 @@ def read_json(path: Path) -> Optional[dict]:
     return value if isinstance(value, dict) else None
 
 
+def recorded_number(record: dict, key: Optional[str]) -> float:
+    """The number a finished point recorded under `key` in its metrics.json (what its job returned to the sweeper
+    then); NaN where it has none."""
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
 def incomplete_reason(run_dir: str | os.PathLike, sha: str, also: tuple[str, ...] = ()) -> Optional[str]:
     """Why the point in `run_dir` must run (None: it is complete for the config whose hash is `sha`)."""
     run_dir = Path(run_dir)

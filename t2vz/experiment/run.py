@@ -33,7 +33,7 @@ from ..sd.lora import file_sha256, lora_records, parse_lora_entries
 from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
 from ..video_io import VideoIOError, load_image, to_uint8, write_npz, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
-from .resume import Point
+from .resume import Point, recorded_number
 
 # Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
 USER_ERRORS = (ValueError, ModelFolderError, VideoIOError, OSError)
@@ -312,12 +312,6 @@ def job_run_id() -> str:
     return point_run_id(hydra_cfg.runtime.output_dir, hydra_sweep_dir(), list(hydra_cfg.overrides.task))
 
 
-def finished_headline(record: dict, cfg) -> float:
-    """The headline metric a finished point recorded (NaN when it has none)."""
-    value = record.get(OmegaConf.select(cfg, "metrics.headline", default=None))
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
-
-
 def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     """One Hydra job of `experiments/run.py` (or of another `task`'s entry point): generate, write the run folder,
     measure, log to W&B.
@@ -341,7 +335,7 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     point = Point(cfg, run_dir, also=("frames.npz",))
     finished = point.finished()
     if finished is not None:  # complete already: skipped, its files untouched
-        return finished_headline(finished, cfg)
+        return recorded_number(finished, OmegaConf.select(cfg, "metrics.headline", default=None))
     point.begin()
     record.update(point.scheduler_record())
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

@@ -34,7 +34,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from ..video_io import write_text
-from .resume import summary_run_id
+from .resume import JOB_FILE, read_json, summary_run_id
 
 WANDB_MODES = ("online", "offline", "disabled")
 UNREACHABLE_MODES = ("offline", "disabled")
@@ -282,8 +282,6 @@ def collect_jobs(sweep_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def last_action(folder: Path) -> Optional[str]:
     """What the last invocation did with the job (`resume.JOB_FILE`: ran, skipped as complete, failed, or
     running if it died); None for a job folder without one (written before resuming existed)."""
-    from .resume import JOB_FILE, read_json
-
     record = read_json(folder / JOB_FILE)
     return str(record["action"]) if record and record.get("action") else None
 

@@ -41,7 +41,7 @@ from ..method.tune_a_video import TRAINABLE, TuneAVideo
 from ..video_io import load_frames, write_outputs, write_text
 from .conditional_runs import check_resolution, to_config
 from .config import HYDRA_HELP_TAIL, MetricsConfig, OutputConfig, SamplerConfig, check_int, option_lines
-from .resume import Point
+from .resume import Point, recorded_number
 from .run import USER_ERRORS, check_model_folders, job_run_id, job_start, resolve_device
 from .tracking import LoggerConfig, Tracker
 
@@ -211,8 +211,7 @@ def run_tune_experiment(cfg: DictConfig) -> float:
     point = Point(cfg, run_dir)
     finished = point.finished()
     if finished is not None:  # complete already: skipped, its files untouched
-        loss = finished.get("loss_final")
-        return float(loss) if isinstance(loss, (int, float)) else float("nan")
+        return recorded_number(finished, "loss_final")
     point.begin()
     record.update(point.scheduler_record())
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)

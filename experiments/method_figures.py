@@ -83,9 +83,7 @@ def generate(runs: list[str]) -> dict[str, tuple[torch.Tensor, object]]:
     from hydra import compose, initialize
 
     from t2vz.experiment.config import to_generate_config
-    from t2vz.experiment.run import generate_from_config, load_pipeline
-    from t2vz.method.trace import Trace
-    from t2vz.toyworld.judge import subject_region
+    from t2vz.experiment.run import config_trace, generate_from_config, load_pipeline
 
     results, pipe = {}, None
     for run in runs:
@@ -93,7 +91,7 @@ def generate(runs: list[str]) -> dict[str, tuple[torch.Tensor, object]]:
             config = to_generate_config(compose("generate", overrides=overrides(run) + ["output.progress=false"]))
         if pipe is None:
             pipe = load_pipeline(config.model, config.device, config.dtype)
-        trace = Trace(subject=subject_region) if config.trace else None  # as python -m t2vz ... trace=true
+        trace = config_trace(config)  # as python -m t2vz ... trace=true
         frames = generate_from_config(config, pipe, trace=trace)
         results[run] = (frames, trace)
     return results

@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from .experiment.config import to_generate_config
 from .experiment.run import (
-    USER_ERRORS, check_model_folders, generate_from_config, image_metrics, image_summary, record_failure, write_run,
+    USER_ERRORS, check_model_folders, config_trace, generate_from_config, image_metrics, image_summary, record_failure,
+    write_run,
 )
-from .method.trace import Trace, write_trace
-from .toyworld.judge import subject_region
+from .method.trace import write_trace
 
 
 @hydra.main(version_base="1.3", config_path=None, config_name="generate")
@@ -35,8 +35,7 @@ def main(cfg: DictConfig) -> str:
     try:
         check_model_folders(cfg)  # the model first: values such as method.t1 are checked against it
         config = to_generate_config(cfg)
-        # with trace=true, the generation's intermediate states; the attention point on the toy world's subject
-        trace = Trace(subject=subject_region) if config.trace else None
+        trace = config_trace(config)  # with trace=true, the generation's intermediate states
         frames = generate_from_config(config, trace=trace)
         errors = image_metrics(frames, config)  # frame 1 against the picture, for image-to-video ({} otherwise)
         names = write_run(run_dir, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start, errors)

@@ -41,9 +41,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from .experiment import conditional_runs, config as t2v_config
-from .experiment.run import TEXT_TO_VIDEO, USER_ERRORS, Task, check_model_folders, generate_from_config, write_run
-from .method.trace import Trace, write_trace
-from .toyworld.judge import subject_region
+from .experiment.run import TEXT_TO_VIDEO, USER_ERRORS, Task, check_model_folders, config_trace, write_run
+from .method.trace import write_trace
 from .sd.model_folder import (
     CONFIG_FILE, CONTROLNET_FORMAT, FORMAT, SHIPPED_MODELS, ModelFolderError, model_method_defaults,
     read_meta, resolve_model_path,
@@ -366,11 +365,9 @@ def run_job(job: Job, values: dict[str, Any], outputs: str | os.PathLike) -> Res
         cfg = compose_config(job, args)
         check_model_folders(cfg)  # the model first: values such as method.t1 are checked against it
         config = job.task.to_config(cfg)
-        loaded = job.task.load(config)  # text-to-video's: the pipeline
-        # text-to-video's config alone has `trace`; the attention point on the subject, as `python -m t2vz` places it
-        trace = Trace(subject=subject_region) if getattr(config, "trace", False) else None
-        frames = (job.task.generate(config)[0] if trace is None
-                  else generate_from_config(config, loaded, trace=trace))  # as `python -m t2vz trace=true`
+        job.task.load(config)
+        trace = config_trace(config)  # text-to-video's "Show how it was made", as `python -m t2vz trace=true`
+        frames, _ = job.task.generate(config) if trace is None else job.task.generate(config, trace=trace)
         result.files = write_run(folder, frames, config, OmegaConf.to_yaml(cfg, resolve=True), start)
         if trace is not None:
             result.files += write_trace(folder, trace)

@@ -262,7 +262,7 @@ class Task:
     """What one experiment job runs: `to_config` turns the composed config into its checked dataclass (ValueError on
     a bad value, before any model loads); `load(config)` loads (or finds cached) what `generate` runs, so that the
     job's `generate_s` metric times the generation alone; `generate(config)` returns frames (f, h, w, 3) or
-    (b, f, h, w, 3) and the loaded components; `measure(frames, config, sd)` returns the job's metrics."""
+    (b, f, h, w, 3) and the loaded components (text-to-video's also takes `trace=`, `config_trace(config)`); `measure(frames, config, sd)` returns the job's metrics."""
 
     to_config: Callable[[Any], Any]
     generate: Callable[[Any], tuple[torch.Tensor, Any]]
@@ -270,9 +270,21 @@ class Task:
     load: Callable[[Any], Any] = lambda config: None
 
 
-def _generate_text_to_video(config: GenerateConfig) -> tuple[torch.Tensor, Any]:
+def config_trace(config):
+    """The `method.trace.Trace` a config's `trace=true` asks for, None without it (a config with no `trace` key,
+    the conditional jobs', too): its attention point on the toy world's subject (`toyworld.judge.subject_region`),
+    as `python -m t2vz`, the app and docs/method.md's figures place it."""
+    if not getattr(config, "trace", False):
+        return None
+    from ..method.trace import Trace
+    from ..toyworld.judge import subject_region
+
+    return Trace(subject=subject_region)
+
+
+def _generate_text_to_video(config: GenerateConfig, trace=None) -> tuple[torch.Tensor, Any]:
     pipe = cached_pipeline(config.model, config.device, config.dtype, config.compile, tuple(config.lora))
-    return generate_from_config(config, pipe), pipe.sd
+    return generate_from_config(config, pipe, trace=trace), pipe.sd
 
 
 def _measure_text_to_video(frames: torch.Tensor, config, sd) -> dict[str, float]:

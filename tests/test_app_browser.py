@@ -109,6 +109,9 @@ def test_generate_in_the_browser_then_reproduce_and_error(app, page, tmp_path):
     assert "trace=true" in shlex.split(command)  # "Show how it was made" starts on for the toy model
 
     shot = tmp_path / "app.png"
+    # a frame of the video decoded (HAVE_CURRENT_DATA), so the player is not still empty when the shot is taken:
+    # metadata alone (readyState 1, above) once left the player blank in the screenshot
+    page.wait_for_function("() => document.querySelector('#generate-output video').readyState >= 2")
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(shot), full_page=False)
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.float32)

@@ -6,9 +6,13 @@ slurmd, slurm-client and munge are not installed."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,6 +66,56 @@ def wait_for(condition, what: str, slurm, timeout: float = 180.0):
     raise AssertionError(f"timed out waiting for {what}; jobs: {slurm.jobs()}\n{slurm.logs()}")
 
 
+def job_processes(slurm_job: str) -> list[int]:
+    """The pids of a Slurm array task's python (`submitit.core._submit`), found through their environment."""
+    array, task = slurm_job.split("_")
+    wanted = {f"SLURM_ARRAY_JOB_ID={array}", f"SLURM_ARRAY_TASK_ID={task}"}
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"submitit.core._submit" in (proc / "cmdline").read_bytes() and \
+                    wanted <= set((proc / "environ").read_bytes().decode(errors="replace").split("\0")):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+@contextmanager
+def held(slurm_job: str):
+    """Keep a running job's python stopped until Slurm has killed it. Slurm ends a job it requeues or cancels with
+    SIGCONT and SIGTERM, then SIGKILL some seconds later; submitit lets the job run on through SIGTERM, so a point
+    with only a few seconds left would finish in that gap (and then rightly be skipped when it starts again).
+    SIGSTOP, sent again every 10 ms against Slurm's SIGCONT, leaves it no such gap whatever the CPU's speed."""
+    pids = job_processes(slurm_job)
+    assert pids, f"no running process of job {slurm_job}"
+    gone = threading.Event()
+
+    def keep_stopped():
+        alive = set(pids)
+        while alive and not gone.wait(0.01):
+            for pid in list(alive):
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    alive.discard(pid)
+        gone.set()
+
+    thread = threading.Thread(target=keep_stopped, daemon=True)
+    thread.start()
+    try:
+        yield
+        assert gone.wait(120), f"job {slurm_job} was not killed within 120 s"
+    finally:
+        gone.set()
+        thread.join()
+        for pid in pids:  # never leave a process stopped behind
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 def metrics(job: Path) -> dict:
     return json.loads((job / "metrics.json").read_text())
 
@@ -106,7 +160,9 @@ def test_a_point_requeued_while_it_runs_restarts_and_finishes_with_one_wandb_run
     try:
         job = sweep / "0"
         wait_for(lambda: action(job) == "running" and wandb_ids(job), "point 0 to run", slurm)
-        slurm.run("scontrol", "requeue", slurm_job_of(job))
+        with held(slurm_job_of(job)):
+            assert action(job) == "running"  # held before it finished
+            slurm.run("scontrol", "requeue", slurm_job_of(job))
         out, _ = proc.communicate(timeout=400)
     finally:
         proc.kill()
@@ -129,7 +185,9 @@ def test_a_cancelled_sweep_resumes_where_it_stopped(slurm, tmp_path):
     try:
         wait_for(lambda: action(sweep / "0") == "ran" and action(sweep / "1") == "running", "point 1 to run", slurm)
         array = slurm_job_of(sweep / "0").split("_")[0]
-        slurm.run("scancel", array)
+        with held(slurm_job_of(sweep / "1")):
+            assert action(sweep / "1") == "running"  # held before it finished
+            slurm.run("scancel", array)
         out, _ = proc.communicate(timeout=300)  # the launcher sees the cancelled jobs and gives up
     finally:
         proc.kill()

@@ -246,3 +246,32 @@ def test_command_line_writes_the_trace(tmp_path):
     with np.load(run / "trace" / "trace.npz") as npz:
         assert list(npz["captions"]) == captions
     assert manifest["info"]["attention"][0]["mass_first"] > 0  # seed 0: measured, whatever the subject
+
+
+def test_an_experiment_job_writes_the_trace_and_needs_it_to_be_complete(tmp_path):
+    """`experiments/run.py trace=true`: the job writes the trace beside its video, and a rerun counts the point
+    complete only with trace.png there (one deleted: the point runs again and writes it back)."""
+    run = tmp_path / "job"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    command = [sys.executable, str(REPO / "experiments" / "run.py"), "model=toyworld", f"prompt={PROMPT}",
+               "trace=true", "video.num_frames=3", "sampler.num_inference_steps=6", "metrics.clip=null",
+               "output.progress=false", "output.formats=[mp4]", f"hydra.run.dir={run}"]
+
+    def job() -> subprocess.CompletedProcess:
+        proc = subprocess.run(command, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc
+
+    job()
+    assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
+    manifest = json.loads((run / "trace" / "manifest.json").read_text())
+    assert any(t["caption"].startswith("Q²·K¹ᵀ over frame 1") for t in manifest["tiles"])
+    assert Image.open(run / "trace.png").size[0] > 0
+    written = (run / "trace.png").stat().st_mtime_ns
+    rerun = job()
+    assert "skipped: complete already" in rerun.stdout + rerun.stderr
+    assert (run / "trace.png").stat().st_mtime_ns == written
+    (run / "trace.png").unlink()
+    again = job()
+    assert "trace.png missing" in again.stdout + again.stderr
+    assert (run / "trace.png").is_file()

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from .. import __version__
 from ..method.text2video_zero import TextToVideoZero
+from ..method.trace import write_trace
 from ..sd.loading import DTYPES
 from ..sd.lora import file_sha256, lora_records, parse_lora_entries
 from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
@@ -344,7 +345,8 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir, record, logger = job_start(cfg)
     fill_method_defaults(cfg)  # the model's own λ, t0, t1 where null, so config.yaml and W&B show what ran
-    point = Point(cfg, run_dir, also=("frames.npz",))
+    traced = bool(OmegaConf.select(cfg, "trace", default=False))  # trace=true: trace.png belongs to the point too
+    point = Point(cfg, run_dir, also=("frames.npz", "trace.png") if traced else ("frames.npz",))
     finished = point.finished()
     if finished is not None:  # complete already: skipped, its files untouched
         return recorded_number(finished, OmegaConf.select(cfg, "metrics.headline", default=None))
@@ -358,9 +360,10 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             check_model_folders(cfg)
             config = task.to_config(cfg)
             task.load(config)
+            trace = config_trace(config)  # trace=true: the generation's intermediate states (text-to-video)
             generate_start = time.perf_counter()
-            frames, sd = task.generate(config)
-            generate_s = time.perf_counter() - generate_start  # the sweep's speed axis (ablate_speed)
+            frames, sd = task.generate(config) if trace is None else task.generate(config, trace=trace)
+            generate_s = time.perf_counter() - generate_start  # the sweep's speed axis (ablate_speed), tracing included
             metrics = task.measure(frames, config, sd)  # before writing: a job that fails leaves no video
             metrics["generate_s"] = generate_s
             if getattr(config, "metrics", None) is not None and config.metrics.clip_name:
@@ -370,6 +373,9 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             names = write_run(run_dir, frames, config, config_yaml, start,
                               {k: metrics[k] for k in IMAGE_METRICS if k in metrics} or None, point.run_info())
             write_npz(run_dir / "frames.npz", {"frames": to_uint8(frames)}, compressed=True)
+            if trace is not None:
+                write_trace(run_dir, trace)
+                tracker.log_image("trace", run_dir / "trace.png")
             record.update(metrics)
             tracker.log_metrics(metrics)
             stem = config.output.stem if frames.ndim == 4 else f"{config.output.stem}_0"

@@ -572,7 +572,7 @@ def run_editing_job(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .resume import Point, recorded_number
+    from .resume import Point
     from .run import USER_ERRORS, job_run_id, job_start
     from .tracking import Tracker
 
@@ -580,11 +580,9 @@ def run_editing_job(cfg: DictConfig) -> float:
     single = HydraConfig.get().mode == RunMode.RUN
     run_dir, record, logger = job_start(cfg)
     point = Point(cfg, run_dir)
-    finished = point.finished()
-    if finished is not None:  # complete already: skipped, its files untouched
-        return recorded_number(finished, OmegaConf.select(cfg, "metrics.headline", default=None))
-    point.begin()
-    record.update(point.scheduler_record())
+    skipped = point.skip_or_begin(record, OmegaConf.select(cfg, "metrics.headline", default=None))
+    if skipped is not None:  # complete already: skipped, its files untouched
+        return skipped
     headline = float("nan")
 
     def failed(error: Exception) -> None:

@@ -154,6 +154,18 @@ class Point:
               "resume=false runs it again")
         return read_json(self.run_dir / "metrics.json")
 
+    def skip_or_begin(self, record: dict, key: Optional[str]) -> Optional[float]:
+        """A job's first step. A complete point (`finished`) gives the number its metrics.json recorded under `key`
+        (`recorded_number`: what the job returns to the sweeper), and the job returns it at once, its files
+        untouched. Otherwise None: the point `begin`s and the job's metrics.json `record` gets the scheduler's
+        fields (`scheduler_record`)."""
+        finished = self.finished()
+        if finished is not None:
+            return recorded_number(finished, key)
+        self.begin()
+        record.update(self.scheduler_record())
+        return None
+
     def begin(self) -> None:
         """The point runs: a metrics.json left by an earlier run is removed first (so a run killed now leaves the
         point incomplete, never "ok" with half-rewritten files), and `job.json` says "running"."""

@@ -34,7 +34,7 @@ from ..sd.lora import file_sha256, lora_records, parse_lora_entries
 from ..sd.model_folder import ModelFolderError, read_controlnet_config, read_model_config, resolve_model_path
 from ..video_io import VideoIOError, load_image, to_uint8, write_npz, write_outputs, write_text
 from .config import GenerateConfig, fill_method_defaults, to_generate_config
-from .resume import Point, recorded_number
+from .resume import Point
 
 # Errors a user's input causes: the entry point reports them in one line (exit code 2), never as a traceback.
 USER_ERRORS = (ValueError, ModelFolderError, VideoIOError, OSError)
@@ -347,11 +347,9 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
     fill_method_defaults(cfg)  # the model's own λ, t0, t1 where null, so config.yaml and W&B show what ran
     traced = bool(OmegaConf.select(cfg, "trace", default=False))  # trace=true: trace.png belongs to the point too
     point = Point(cfg, run_dir, also=("frames.npz", "trace.png") if traced else ("frames.npz",))
-    finished = point.finished()
-    if finished is not None:  # complete already: skipped, its files untouched
-        return recorded_number(finished, OmegaConf.select(cfg, "metrics.headline", default=None))
-    point.begin()
-    record.update(point.scheduler_record())
+    skipped = point.skip_or_begin(record, OmegaConf.select(cfg, "metrics.headline", default=None))
+    if skipped is not None:  # complete already: skipped, its files untouched
+        return skipped
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     headline = float("nan")
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name,

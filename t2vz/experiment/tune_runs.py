@@ -41,7 +41,7 @@ from ..method.tune_a_video import TRAINABLE, TuneAVideo
 from ..video_io import load_frames, write_outputs, write_text
 from .conditional_runs import check_resolution, to_config
 from .config import HYDRA_HELP_TAIL, MetricsConfig, OutputConfig, SamplerConfig, check_int, option_lines
-from .resume import Point, recorded_number
+from .resume import Point
 from .run import USER_ERRORS, check_model_folders, job_run_id, job_start, resolve_device
 from .tracking import LoggerConfig, Tracker
 
@@ -209,11 +209,9 @@ def run_tune_experiment(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir, record, logger = job_start(cfg)
     point = Point(cfg, run_dir)
-    finished = point.finished()
-    if finished is not None:  # complete already: skipped, its files untouched
-        return recorded_number(finished, "loss_final")
-    point.begin()
-    record.update(point.scheduler_record())
+    skipped = point.skip_or_begin(record, "loss_final")
+    if skipped is not None:  # complete already: skipped, its files untouched
+        return skipped
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     headline = float("nan")
     with Tracker(logger, run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir.name,

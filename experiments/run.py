@@ -7,8 +7,9 @@
 Every job writes into its Hydra folder: the video (mp4, gif, contact sheet), `frames.npz` (uint8 frames),
 `config.yaml`, `run.json` and `metrics.json` (the metrics, the job's overrides, `status` ok/failed and the
 error; with `image=`, frame 1's error against the picture, `first_frame_error` and `first_frame_psnr`; with
-`trace=true`, `trace.png` and `trace/`), and logs them to W&B (`logger.mode=offline|online|disabled`, default: WANDB_MODE; the picture too). A failing job is
-recorded as failed and the sweep goes on; the sweep's end writes `summary.csv` and a W&B summary table.
+`trace=true`, `trace.png` and `trace/`), and logs them to W&B (`logger.mode=offline|online|disabled`, default:
+WANDB_MODE; the picture too). A failing job is recorded as failed and the sweep goes on; the sweep's end writes
+`summary.csv` and a W&B summary table.
 The job returns `metrics.headline` (NaN when it failed), for sweepers that optimise.
 """
 from __future__ import annotations

@@ -238,8 +238,8 @@ def test_command_line_writes_the_trace(tmp_path):
     assert Image.open(run / "trace.png").size[0] > 0
     manifest = json.loads((run / "trace" / "manifest.json").read_text())
     captions = [t["caption"] for t in manifest["tiles"]]
-    for symbol in ("x_T¹", "x̂₀¹ at T₁=161", "x̂₀¹ at T₀=161", "x̃², δ²=(32, 32)", "x² at T₁=161", "x̂₀² at t=81",
-                   "frame 8", "Q²·K¹ᵀ over frame 1"):
+    for symbol in ("x_T¹", "x̂₀¹ at T₁=161", "x̂₀¹ at T₀=161", "x̃², δ²=(32, 32)", "x² at T₁=161",
+                   "x̂₀² at t=81", "frame 8", "Q²·K¹ᵀ over frame 1"):
         assert any(c.startswith(symbol) for c in captions), symbol
     for tile in manifest["tiles"]:
         assert (run / tile["file"]).is_file()

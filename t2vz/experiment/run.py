@@ -263,7 +263,8 @@ class Task:
     """What one experiment job runs: `to_config` turns the composed config into its checked dataclass (ValueError on
     a bad value, before any model loads); `load(config)` loads (or finds cached) what `generate` runs, so that the
     job's `generate_s` metric times the generation alone; `generate(config)` returns frames (f, h, w, 3) or
-    (b, f, h, w, 3) and the loaded components (text-to-video's also takes `trace=`, `config_trace(config)`); `measure(frames, config, sd)` returns the job's metrics."""
+    (b, f, h, w, 3) and the loaded components (text-to-video's also takes `trace=`, `config_trace(config)`);
+    `measure(frames, config, sd)` returns the job's metrics."""
 
     to_config: Callable[[Any], Any]
     generate: Callable[[Any], tuple[torch.Tensor, Any]]
@@ -361,7 +362,7 @@ def run_experiment(cfg, task: Task = TEXT_TO_VIDEO) -> float:
             trace = config_trace(config)  # trace=true: the generation's intermediate states (text-to-video)
             generate_start = time.perf_counter()
             frames, sd = task.generate(config) if trace is None else task.generate(config, trace=trace)
-            generate_s = time.perf_counter() - generate_start  # the sweep's speed axis (ablate_speed), tracing included
+            generate_s = time.perf_counter() - generate_start  # the speed axis (ablate_speed); tracing included
             metrics = task.measure(frames, config, sd)  # before writing: a job that fails leaves no video
             metrics["generate_s"] = generate_s
             if getattr(config, "metrics", None) is not None and config.metrics.clip_name:

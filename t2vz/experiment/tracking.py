@@ -100,8 +100,8 @@ def hydra_sweep_group() -> Optional[str]:
 class Tracker:
     """One W&B run for one job, as a context manager; `finish` runs on exit with the job's exit code (an exception
     or a non-zero `SystemExit` marks the run failed). With `run_id` (`resume.point_run_id`), the run is W&B's run of
-    that id, continued if it exists (`resume="allow"`): a rerun, requeued or resumed point keeps one run. Disabled (`enabled=False` or mode "disabled") or after any W&B
-    error, every method does nothing. `run_path` ("entity/project/id") and `run_dir` (W&B's folder for this run,
+    that id, continued if it exists (`resume="allow"`): a rerun, requeued or resumed point keeps one run. Disabled
+    (`enabled=False` or mode "disabled") or after any W&B error, every method does nothing. `run_path` ("entity/project/id") and `run_dir` (W&B's folder for this run,
     holding `run-ID.wandb` and `files/`) are set by `start` (and kept after `finish`); None when no run started."""
 
     def __init__(self, config: LoggerConfig | Mapping | None, run_dir: str | os.PathLike,
